@@ -1,0 +1,174 @@
+//! The model's configuration (`config.json` beside the weights) and the vocabulary layout it implies.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Shape and image geometry of a model. Stored as `config.json` next to `model.safetensors`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Model name, e.g. `kiln-random-20m`.
+    pub name: String,
+    /// Model version, reported with the name.
+    pub version: String,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Attention heads; `d_model` must be a multiple.
+    pub n_heads: usize,
+    /// Hidden width of the MLP.
+    pub d_ff: usize,
+    /// Image tokens in the codebook.
+    pub codebook_size: usize,
+    /// Pixels per side of one image token's square patch.
+    pub patch_size: usize,
+    /// Allowed image sides in pixels (width and height are each one of these).
+    pub sizes: Vec<u32>,
+    /// Side used when a request does not choose one.
+    pub default_size: u32,
+    /// Longest prompt in UTF-8 bytes.
+    pub max_prompt_bytes: usize,
+    /// Epsilon of the RMS norms.
+    #[serde(default = "default_eps")]
+    pub norm_eps: f32,
+}
+
+fn default_eps() -> f32 {
+    1e-5
+}
+
+/// Tokens before the image besides the prompt bytes: BOS, the width token and the height token.
+pub const PREFIX_OVERHEAD_TOKENS: usize = 3;
+
+impl ModelConfig {
+    /// About 20M parameters: the size the foundation benchmarks use.
+    pub fn random_20m() -> Self {
+        ModelConfig {
+            name: "kiln-random-20m".into(),
+            version: "0.1.0".into(),
+            d_model: 512,
+            n_layers: 6,
+            n_heads: 8,
+            d_ff: 2048,
+            codebook_size: 512,
+            patch_size: 8,
+            sizes: vec![64, 128, 256],
+            default_size: 128,
+            max_prompt_bytes: 256,
+            norm_eps: 1e-5,
+        }
+    }
+
+    /// A very small model for tests: fast on one core, same code paths.
+    pub fn tiny() -> Self {
+        ModelConfig {
+            name: "kiln-tiny".into(),
+            version: "0.1.0".into(),
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            d_ff: 128,
+            codebook_size: 64,
+            patch_size: 8,
+            sizes: vec![16, 32, 64],
+            default_size: 32,
+            max_prompt_bytes: 256,
+            norm_eps: 1e-5,
+        }
+    }
+
+    /// Checks the configuration, naming the offending field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.d_model == 0 || self.n_layers == 0 || self.d_ff == 0 || self.codebook_size == 0 {
+            return bad("d_model, n_layers, d_ff and codebook_size must be positive".into());
+        }
+        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+            return bad(format!("n_heads ({}) must divide d_model ({})", self.n_heads, self.d_model));
+        }
+        if self.patch_size == 0 {
+            return bad("patch_size must be positive".into());
+        }
+        if self.sizes.is_empty() {
+            return bad("sizes must list at least one image side".into());
+        }
+        for &s in &self.sizes {
+            if s == 0 || s as usize % self.patch_size != 0 {
+                return bad(format!("size {s} is not a positive multiple of patch_size {}", self.patch_size));
+            }
+        }
+        if !self.sizes.contains(&self.default_size) {
+            return bad(format!("default_size {} is not in sizes", self.default_size));
+        }
+        if self.max_prompt_bytes == 0 {
+            return bad("max_prompt_bytes must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Patches per side of the largest image.
+    pub fn max_grid(&self) -> usize {
+        self.sizes.iter().copied().max().unwrap_or(0) as usize / self.patch_size
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Positions of the text prefix: BOS, prompt bytes, width and height tokens.
+    pub fn max_prefix_tokens(&self) -> usize {
+        self.max_prompt_bytes + PREFIX_OVERHEAD_TOKENS
+    }
+
+    /// Size of the input vocabulary: 256 bytes, BOS, BOI, width and height tokens, then the codes.
+    pub fn vocab_size(&self) -> usize {
+        self.first_code_token() + self.codebook_size
+    }
+
+    /// Token id of the first image code.
+    pub fn first_code_token(&self) -> usize {
+        258 + 2 * self.max_grid()
+    }
+
+    /// Image tokens of a `width` x `height` image.
+    pub fn image_tokens(&self, width: u32, height: u32) -> usize {
+        (width as usize / self.patch_size) * (height as usize / self.patch_size)
+    }
+
+    /// Parameters of the model, for reports.
+    pub fn parameter_count(&self) -> usize {
+        let d = self.d_model;
+        let per_layer = 2 * d + d * 3 * d + d * d + d * self.d_ff + self.d_ff * d;
+        self.vocab_size() * d
+            + self.max_prefix_tokens() * d
+            + 2 * self.max_grid() * d
+            + self.n_layers * per_layer
+            + d
+            + d * self.codebook_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        ModelConfig::random_20m().validate().unwrap();
+        ModelConfig::tiny().validate().unwrap();
+        let n = ModelConfig::random_20m().parameter_count();
+        assert!((18_000_000..24_000_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn rejects_heads_that_do_not_divide() {
+        let mut c = ModelConfig::tiny();
+        c.n_heads = 5;
+        assert!(c.validate().unwrap_err().to_string().contains("n_heads"));
+        let mut c = ModelConfig::tiny();
+        c.default_size = 48;
+        assert!(c.validate().unwrap_err().to_string().contains("default_size"));
+    }
+}

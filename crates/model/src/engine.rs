@@ -1,0 +1,382 @@
+//! The [`Engine`]: what a worker drives. It holds the live sequences of one device (their block
+//! tables, tokens and sampling state) and executes batched prefill and multi-step decode, rendering
+//! each image the moment its last token is sampled. [`CandleEngine`] runs the real transformer.
+
+use std::collections::HashMap;
+
+use crate::kv_cache::{blocks_for, PagedKvCache};
+use crate::sampling::{sample, SamplingParams};
+use crate::tokenizer::{code_token, prefix_tokens, BOI};
+use crate::transformer::{Position, SequenceInput, TokenInput, Transformer};
+use crate::{Image, ModelConfig, ModelError};
+
+/// What an engine serves and how much it can hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineInfo {
+    /// `name@version` of the model.
+    pub model: String,
+    pub device: String,
+    pub kv_blocks_total: usize,
+    pub block_size: usize,
+    pub max_batch: usize,
+    pub sizes: Vec<u32>,
+    pub default_size: u32,
+    pub patch_size: usize,
+    pub max_prompt_bytes: usize,
+}
+
+impl EngineInfo {
+    /// KV blocks a sequence needs for its whole life: prefix plus every image input.
+    pub fn blocks_needed(&self, prompt_bytes: usize, width: u32, height: u32) -> usize {
+        blocks_for(prompt_tokens(prompt_bytes) + self.image_tokens(width, height), self.block_size)
+    }
+
+    /// Image tokens of a `width` x `height` image.
+    pub fn image_tokens(&self, width: u32, height: u32) -> usize {
+        (width as usize / self.patch_size) * (height as usize / self.patch_size)
+    }
+}
+
+/// Tokens of the text prefix for a prompt of `prompt_bytes` bytes.
+pub fn prompt_tokens(prompt_bytes: usize) -> usize {
+    prompt_bytes + crate::config::PREFIX_OVERHEAD_TOKENS
+}
+
+/// A sequence joining the batch.
+#[derive(Clone, Debug)]
+pub struct NewSequence {
+    pub id: u64,
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub sampling: SamplingParams,
+    /// Codes generated before (when resuming elsewhere); they are prefilled, not re-sampled.
+    pub generated: Vec<u32>,
+    /// KV blocks the scheduler reserved; must equal what the engine computes.
+    pub kv_blocks: usize,
+}
+
+/// New codes of one sequence after a call, and its image when it finished.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SequenceOutput {
+    pub id: u64,
+    pub tokens: Vec<u32>,
+    pub image: Option<Image>,
+}
+
+/// A device that holds sequences and advances them in batches.
+pub trait Engine: Send + 'static {
+    fn info(&self) -> EngineInfo;
+    /// KV blocks not reserved by any sequence.
+    fn free_blocks(&self) -> usize;
+    /// Sequences held.
+    fn sequences(&self) -> usize;
+    /// Adds sequences (all or none), runs their prefix and samples each one's next code.
+    fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError>;
+    /// Runs up to `steps` decode steps over `ids` in one batch; finished sequences leave at once.
+    fn decode(&mut self, ids: &[u64], steps: usize) -> Result<Vec<SequenceOutput>, ModelError>;
+    /// Drops sequences and frees their blocks; unknown ids are ignored.
+    fn release(&mut self, ids: &[u64]);
+    /// Ids of every sequence held.
+    fn held_ids(&self) -> Vec<u64>;
+}
+
+struct Sequence {
+    width: u32,
+    height: u32,
+    sampling: SamplingParams,
+    blocks: Vec<u32>,
+    /// Positions in the KV cache.
+    cached: usize,
+    generated: Vec<u32>,
+    total: usize,
+}
+
+/// The transformer on a candle device with its paged KV cache.
+pub struct CandleEngine {
+    model: Transformer,
+    cache: PagedKvCache,
+    max_batch: usize,
+    sequences: HashMap<u64, Sequence>,
+}
+
+impl CandleEngine {
+    pub fn new(model: Transformer, kv_blocks: usize, block_size: usize, max_batch: usize) -> Self {
+        let cfg = model.config();
+        let cache = PagedKvCache::new(cfg.n_layers, kv_blocks, block_size, cfg.d_model);
+        CandleEngine { model, cache, max_batch, sequences: HashMap::new() }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn check(&self, seq: &NewSequence) -> Result<(), ModelError> {
+        let cfg = self.model.config();
+        let bad = |m: String| Err(ModelError::InvalidSequence(format!("sequence {}: {m}", seq.id)));
+        if self.sequences.contains_key(&seq.id) {
+            return bad("id already held".into());
+        }
+        if seq.prompt.len() > cfg.max_prompt_bytes {
+            return bad(format!("prompt of {} bytes exceeds {}", seq.prompt.len(), cfg.max_prompt_bytes));
+        }
+        if !cfg.sizes.contains(&seq.width) || !cfg.sizes.contains(&seq.height) {
+            return bad(format!("size {}x{} not among {:?}", seq.width, seq.height, cfg.sizes));
+        }
+        let total = cfg.image_tokens(seq.width, seq.height);
+        if seq.generated.len() >= total {
+            return bad(format!("{} codes already generated of {total}", seq.generated.len()));
+        }
+        if seq.generated.iter().any(|&c| c as usize >= cfg.codebook_size) {
+            return bad("generated code outside the codebook".into());
+        }
+        let needed = self.info().blocks_needed(seq.prompt.len(), seq.width, seq.height);
+        if seq.kv_blocks != needed {
+            return bad(format!("reserved {} KV blocks, needs {needed}", seq.kv_blocks));
+        }
+        Ok(())
+    }
+
+}
+
+/// The image input at position `index`: BOI or the previous code, at the patch it predicts.
+fn image_input(cfg: &ModelConfig, seq: &Sequence, index: usize) -> TokenInput {
+        let cols = seq.width as usize / cfg.patch_size;
+        let token = if index == 0 { BOI } else { code_token(cfg, seq.generated[index - 1]) };
+        TokenInput { token, position: Position::Image { row: index / cols, col: index % cols } }
+}
+
+impl CandleEngine {
+
+    /// Samples each sequence's next code from its logits; finishes the sequences that are complete.
+    fn advance(&mut self, ids: &[u64], logits: Vec<Vec<f32>>, outputs: &mut HashMap<u64, SequenceOutput>) -> Result<(), ModelError> {
+        for (id, logits) in ids.iter().zip(logits) {
+            let seq = self.sequences.get_mut(id).expect("ids come from the held sequences");
+            let code = sample(&logits, &seq.sampling, seq.generated.len());
+            seq.generated.push(code);
+            let out = outputs.entry(*id).or_insert_with(|| SequenceOutput { id: *id, tokens: Vec::new(), image: None });
+            out.tokens.push(code);
+            if seq.generated.len() == seq.total {
+                let seq = self.sequences.remove(id).expect("present above");
+                out.image = Some(self.model.codebook().render_png(&seq.generated, seq.width, seq.height)?);
+                self.cache.allocator.release(seq.blocks);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine for CandleEngine {
+    fn info(&self) -> EngineInfo {
+        let cfg = self.model.config();
+        EngineInfo {
+            model: format!("{}@{}", cfg.name, cfg.version),
+            device: self.model.device_name(),
+            kv_blocks_total: self.cache.allocator.total(),
+            block_size: self.cache.block_size(),
+            max_batch: self.max_batch,
+            sizes: cfg.sizes.clone(),
+            default_size: cfg.default_size,
+            patch_size: cfg.patch_size,
+            max_prompt_bytes: cfg.max_prompt_bytes,
+        }
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.cache.allocator.free()
+    }
+
+    fn sequences(&self) -> usize {
+        self.sequences.len()
+    }
+
+    fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError> {
+        if self.sequences.len() + seqs.len() > self.max_batch {
+            return Err(ModelError::BatchFull { max_batch: self.max_batch });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for seq in &seqs {
+            self.check(seq)?;
+            if !seen.insert(seq.id) {
+                return Err(ModelError::InvalidSequence(format!("sequence {} listed twice", seq.id)));
+            }
+        }
+        let needed: usize = seqs.iter().map(|s| s.kv_blocks).sum();
+        if needed > self.cache.allocator.free() {
+            return Err(ModelError::OutOfBlocks { needed, free: self.cache.allocator.free() });
+        }
+        let cfg = self.model.config().clone();
+        let mut inputs = Vec::with_capacity(seqs.len());
+        for new in seqs {
+            let blocks = self.cache.allocator.allocate(new.kv_blocks)?;
+            let mut tokens: Vec<TokenInput> = prefix_tokens(&cfg, &new.prompt, new.width, new.height)
+                .into_iter()
+                .enumerate()
+                .map(|(i, token)| TokenInput { token, position: Position::Text(i) })
+                .collect();
+            let seq = Sequence {
+                width: new.width,
+                height: new.height,
+                sampling: new.sampling,
+                blocks,
+                cached: 0,
+                total: cfg.image_tokens(new.width, new.height),
+                generated: new.generated,
+            };
+            tokens.extend((0..=seq.generated.len()).map(|i| image_input(&cfg, &seq, i)));
+            inputs.push((new.id, tokens));
+            self.sequences.insert(new.id, seq);
+        }
+        let ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
+        let batch: Vec<SequenceInput> = inputs
+            .iter()
+            .map(|(id, tokens)| SequenceInput { tokens: tokens.clone(), cached: 0, block_table: &self.sequences[id].blocks })
+            .collect();
+        let logits = self.model.forward(&batch, &mut self.cache)?;
+        drop(batch);
+        for (id, tokens) in &inputs {
+            self.sequences.get_mut(id).expect("inserted above").cached = tokens.len();
+        }
+        let mut outputs = HashMap::new();
+        self.advance(&ids, logits, &mut outputs)?;
+        Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
+    }
+
+    fn decode(&mut self, ids: &[u64], steps: usize) -> Result<Vec<SequenceOutput>, ModelError> {
+        if let Some(id) = ids.iter().find(|id| !self.sequences.contains_key(id)) {
+            return Err(ModelError::InvalidSequence(format!("sequence {id} is not held")));
+        }
+        let mut outputs = HashMap::new();
+        for _ in 0..steps.max(1) {
+            let active: Vec<u64> = ids.iter().copied().filter(|id| self.sequences.contains_key(id)).collect();
+            if active.is_empty() {
+                break;
+            }
+            let (model, sequences) = (&self.model, &self.sequences);
+            let batch: Vec<SequenceInput> = active
+                .iter()
+                .map(|id| {
+                    let seq = &sequences[id];
+                    SequenceInput {
+                        tokens: vec![image_input(model.config(), seq, seq.generated.len())],
+                        cached: seq.cached,
+                        block_table: &seq.blocks,
+                    }
+                })
+                .collect();
+            let logits = model.forward(&batch, &mut self.cache)?;
+            drop(batch);
+            for id in &active {
+                self.sequences.get_mut(id).expect("active").cached += 1;
+            }
+            self.advance(&active, logits, &mut outputs)?;
+        }
+        Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
+    }
+
+    fn held_ids(&self) -> Vec<u64> {
+        self.sequences.keys().copied().collect()
+    }
+
+    fn release(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(seq) = self.sequences.remove(id) {
+                self.cache.allocator.release(seq.blocks);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn engine(blocks: usize) -> (tempfile::TempDir, CandleEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        Transformer::init_random(&ModelConfig::tiny(), 11, dir.path()).unwrap();
+        let model = Transformer::load(dir.path(), &Device::Cpu).unwrap();
+        (dir, CandleEngine::new(model, blocks, 4, 8))
+    }
+
+    fn new_seq(e: &CandleEngine, id: u64, prompt: &str, seed: u64, generated: Vec<u32>) -> NewSequence {
+        NewSequence {
+            id,
+            prompt: prompt.into(),
+            width: 32,
+            height: 16,
+            sampling: SamplingParams { temperature: 1.0, top_k: 20, top_p: 0.95, seed },
+            generated,
+            kv_blocks: e.info().blocks_needed(prompt.len(), 32, 16),
+        }
+    }
+
+    fn run_to_end(e: &mut CandleEngine, seqs: Vec<NewSequence>, steps: usize) -> HashMap<u64, (Vec<u32>, Image)> {
+        let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+        let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut images = HashMap::new();
+        let mut outs = e.prefill(seqs).unwrap();
+        loop {
+            for o in outs {
+                tokens.entry(o.id).or_default().extend(o.tokens);
+                if let Some(img) = o.image {
+                    images.insert(o.id, img);
+                }
+            }
+            if images.len() == ids.len() {
+                break;
+            }
+            let live: Vec<u64> = ids.iter().copied().filter(|id| !images.contains_key(id)).collect();
+            outs = e.decode(&live, steps).unwrap();
+        }
+        ids.iter().map(|id| (*id, (tokens[id].clone(), images[id].clone()))).collect()
+    }
+
+    #[test]
+    fn same_seed_same_image_whatever_the_batch() {
+        let (_d, mut e) = engine(64);
+        let first = new_seq(&e, 1, "a red star", 7, vec![]);
+        let alone = run_to_end(&mut e, vec![first], 1);
+        assert_eq!(e.free_blocks(), 64, "finished sequences give their blocks back");
+        let crowd: Vec<NewSequence> = (2..8).map(|i| new_seq(&e, i, &"x".repeat(i as usize * 3), i, vec![])).collect();
+        let mut batch = crowd.clone();
+        batch.insert(3, new_seq(&e, 100, "a red star", 7, vec![]));
+        let together = run_to_end(&mut e, batch, 3);
+        assert_eq!(together[&100], alone[&1]);
+        assert_eq!(alone[&1].0.len(), 8);
+        let other = new_seq(&e, 9, "a red star", 8, vec![]);
+        let other_seed = run_to_end(&mut e, vec![other], 2);
+        assert_ne!(other_seed[&9].0, alone[&1].0);
+    }
+
+    #[test]
+    fn resuming_from_generated_codes_gives_the_same_image() {
+        let (_d, mut e) = engine(64);
+        let first = new_seq(&e, 1, "two blue circles", 3, vec![]);
+        let full = run_to_end(&mut e, vec![first], 2);
+        let (codes, image) = &full[&1];
+        let again = new_seq(&e, 2, "two blue circles", 3, codes[..5].to_vec());
+        let resumed = run_to_end(&mut e, vec![again], 1);
+        let mut joined = codes[..5].to_vec();
+        joined.extend(&resumed[&2].0);
+        assert_eq!(&joined, codes);
+        assert_eq!(&resumed[&2].1, image);
+    }
+
+    #[test]
+    fn refuses_wrong_reservations_and_full_pools_without_leaking() {
+        let (_d, mut e) = engine(10);
+        let mut s = new_seq(&e, 1, "abc", 1, vec![]);
+        s.kv_blocks += 1;
+        assert_eq!(e.prefill(vec![s]).unwrap_err().error_type(), "invalid_sequence");
+        // Each needs ceil((3 + 3 + 8) / 4) = 4 blocks: three do not fit in ten.
+        let three: Vec<_> = (1..4).map(|i| new_seq(&e, i, "abc", 1, vec![])).collect();
+        assert_eq!(e.prefill(three).unwrap_err().error_type(), "out_of_blocks");
+        assert_eq!((e.free_blocks(), e.sequences()), (10, 0));
+        e.prefill(vec![new_seq(&e, 1, "abc", 1, vec![])]).unwrap();
+        assert_eq!(e.free_blocks(), 6);
+        assert!(e.decode(&[1, 99], 1).is_err());
+        e.release(&[1, 99]);
+        assert_eq!((e.free_blocks(), e.sequences()), (10, 0));
+    }
+}

@@ -1,0 +1,23 @@
+//! The image-generation model and everything that runs it on one device: the configuration, the
+//! byte-level text tokenizer, the codebook that turns image tokens into pixels, the decoder-only
+//! transformer (candle for the matrix products, hand-written attention over a paged KV cache),
+//! seeded sampling, and the [`Engine`] that holds live sequences and executes batched prefill and
+//! decode steps. It knows nothing of networking, users or quotas.
+
+#![forbid(unsafe_code)]
+
+pub mod codebook;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod sampling;
+pub mod tokenizer;
+pub mod transformer;
+
+pub use codebook::{Codebook, Image};
+pub use config::ModelConfig;
+pub use engine::{CandleEngine, Engine, EngineInfo, NewSequence, SequenceOutput};
+pub use error::ModelError;
+pub use sampling::SamplingParams;
+pub use transformer::Transformer;

@@ -1,0 +1,390 @@
+//! The decoder-only transformer. A sequence is the prompt prefix (BOS, bytes, width and height tokens,
+//! with learned text positions) followed by image inputs: input `i` is BOI for `i = 0`, else code
+//! `i - 1`, plus the row and column embeddings of the patch it predicts, so one model draws every
+//! image size. Matrix products go through candle (weights stored pre-transposed, `[in, out]`, so no
+//! call re-packs them); attention is hand-written over the paged KV cache, one (row, head) at a time,
+//! which makes every row's result independent of the batch it runs in.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::kv_cache::PagedKvCache;
+use crate::{Codebook, ModelConfig, ModelError};
+
+/// Where an input token sits: in the text prefix, or at an image patch it predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    Text(usize),
+    Image { row: usize, col: usize },
+}
+
+/// One input token.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenInput {
+    pub token: u32,
+    pub position: Position,
+}
+
+/// New tokens of one sequence for a forward pass.
+#[derive(Debug)]
+pub struct SequenceInput<'a> {
+    pub tokens: Vec<TokenInput>,
+    /// Positions already in the KV cache; the new tokens take the next ones.
+    pub cached: usize,
+    pub block_table: &'a [u32],
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wqkv: Tensor,
+    wo: Tensor,
+    mlp_norm: Vec<f32>,
+    w_up: Tensor,
+    w_down: Tensor,
+}
+
+/// Weights and configuration of a loaded model.
+pub struct Transformer {
+    cfg: ModelConfig,
+    device: Device,
+    tok_emb: Vec<f32>,
+    text_pos: Vec<f32>,
+    row_emb: Vec<f32>,
+    col_emb: Vec<f32>,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    head: Tensor,
+    codebook: Codebook,
+}
+
+/// Weight names and shapes, as stored in `model.safetensors`.
+fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.d_model;
+    let mut shapes = vec![
+        ("tok_emb".to_string(), vec![cfg.vocab_size(), d]),
+        ("text_pos".to_string(), vec![cfg.max_prefix_tokens(), d]),
+        ("row_emb".to_string(), vec![cfg.max_grid(), d]),
+        ("col_emb".to_string(), vec![cfg.max_grid(), d]),
+        ("final_norm".to_string(), vec![d]),
+        ("head".to_string(), vec![d, cfg.codebook_size]),
+    ];
+    for l in 0..cfg.n_layers {
+        let p = |n: &str| format!("layers.{l}.{n}");
+        shapes.push((p("attn_norm"), vec![d]));
+        shapes.push((p("wqkv"), vec![d, 3 * d]));
+        shapes.push((p("wo"), vec![d, d]));
+        shapes.push((p("mlp_norm"), vec![d]));
+        shapes.push((p("w_up"), vec![d, cfg.d_ff]));
+        shapes.push((p("w_down"), vec![cfg.d_ff, d]));
+    }
+    shapes
+}
+
+impl Transformer {
+    /// Writes a randomly initialised model (`config.json` + `model.safetensors`) into `dir`.
+    pub fn init_random(cfg: &ModelConfig, seed: u64, dir: &Path) -> Result<(), ModelError> {
+        cfg.validate()?;
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| ModelError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in weight_shapes(cfg) {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with("norm") {
+                vec![1.0; n]
+            } else {
+                // Uniform with the standard deviation of a scaled normal init: 1/sqrt(fan_in), or
+                // 0.02-ish for embeddings.
+                let fan_in = if shape.len() == 2 && !name.contains("emb") && name != "text_pos" { shape[0] } else { 2500 };
+                let a = (3.0f32 / fan_in as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-a..a)).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+        }
+        let codebook = Codebook::procedural(cfg.codebook_size, cfg.patch_size);
+        let per = cfg.patch_size * cfg.patch_size * 3;
+        tensors.insert(
+            "codebook".to_string(),
+            Tensor::from_vec(codebook.as_bytes().to_vec(), (cfg.codebook_size, per), &Device::Cpu)?,
+        );
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+        let json = serde_json::to_string_pretty(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
+        let config_path = dir.join("config.json");
+        std::fs::write(&config_path, json).map_err(io(&config_path))?;
+        Ok(())
+    }
+
+    /// Loads `config.json` and `model.safetensors` from `dir` onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| ModelError::Io { path: config_path.display().to_string(), source })?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?;
+        cfg.validate()?;
+        let weights_path = dir.join("model.safetensors");
+        if !weights_path.exists() {
+            return Err(ModelError::Io {
+                path: weights_path.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let mut tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
+            let t = tensors.remove(name).ok_or_else(|| ModelError::Weights(format!("missing tensor {name}")))?;
+            if t.dims() != shape {
+                return Err(ModelError::Weights(format!("{name} has shape {:?}, config implies {shape:?}", t.dims())));
+            }
+            Ok(t)
+        };
+        let host = |t: Tensor| -> Result<Vec<f32>, ModelError> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let dev = |t: Tensor| -> Result<Tensor, ModelError> { Ok(t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?) };
+        let shapes: HashMap<String, Vec<usize>> = weight_shapes(&cfg).into_iter().collect();
+        let mut get = |name: &str| take(name, &shapes[name]);
+        let tok_emb = host(get("tok_emb")?)?;
+        let text_pos = host(get("text_pos")?)?;
+        let row_emb = host(get("row_emb")?)?;
+        let col_emb = host(get("col_emb")?)?;
+        let final_norm = host(get("final_norm")?)?;
+        let head = dev(get("head")?)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = |n: &str| format!("layers.{l}.{n}");
+            layers.push(Layer {
+                attn_norm: host(get(&p("attn_norm"))?)?,
+                wqkv: dev(get(&p("wqkv"))?)?,
+                wo: dev(get(&p("wo"))?)?,
+                mlp_norm: host(get(&p("mlp_norm"))?)?,
+                w_up: dev(get(&p("w_up"))?)?,
+                w_down: dev(get(&p("w_down"))?)?,
+            });
+        }
+        let per = cfg.patch_size * cfg.patch_size * 3;
+        let codebook_tensor = take("codebook", &[cfg.codebook_size, per])?;
+        let codebook = Codebook::new(cfg.patch_size, codebook_tensor.flatten_all()?.to_vec1::<u8>()?)?;
+        Ok(Transformer {
+            cfg,
+            device: device.clone(),
+            tok_emb,
+            text_pos,
+            row_emb,
+            col_emb,
+            layers,
+            final_norm,
+            head,
+            codebook,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn codebook(&self) -> &Codebook {
+        &self.codebook
+    }
+
+    /// A short name of the device, e.g. `cpu` or `cuda:0`.
+    pub fn device_name(&self) -> String {
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
+    }
+
+    fn matmul(&self, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, ModelError> {
+        matmul(&self.device, x, rows, w)
+    }
+
+    fn embed(&self, input: &TokenInput, out: &mut [f32]) {
+        let d = self.cfg.d_model;
+        let t = input.token as usize;
+        out.copy_from_slice(&self.tok_emb[t * d..(t + 1) * d]);
+        let mut add = |table: &[f32], i: usize| {
+            for (o, v) in out.iter_mut().zip(&table[i * d..(i + 1) * d]) {
+                *o += v;
+            }
+        };
+        match input.position {
+            Position::Text(i) => add(&self.text_pos, i),
+            Position::Image { row, col } => {
+                add(&self.row_emb, row);
+                add(&self.col_emb, col);
+            }
+        }
+    }
+
+    /// Runs the new tokens of every sequence through the model, appending their keys and values to
+    /// the cache, and returns the logits over image codes of each sequence's last new token.
+    pub fn forward(&self, seqs: &[SequenceInput<'_>], cache: &mut PagedKvCache) -> Result<Vec<Vec<f32>>, ModelError> {
+        let d = self.cfg.d_model;
+        let hd = self.cfg.head_dim();
+        // (sequence, absolute position) of every row.
+        let rows: Vec<(usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, seq)| (0..seq.tokens.len()).map(move |i| (s, seq.cached + i)))
+            .collect();
+        let n = rows.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut x = vec![0f32; n * d];
+        for (row, input) in x.chunks_mut(d).zip(seqs.iter().flat_map(|s| &s.tokens)) {
+            self.embed(input, row);
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, self.cfg.norm_eps);
+            let qkv = self.matmul(&h, n, &layer.wqkv)?;
+            for (r, &(s, pos)) in rows.iter().enumerate() {
+                let row = &qkv[r * 3 * d..(r + 1) * 3 * d];
+                cache.write(l, seqs[s].block_table, pos, &row[d..2 * d], &row[2 * d..]);
+            }
+            let mut att = vec![0f32; n * d];
+            let (keys, values) = cache.layer(l);
+            let cache_ref = &*cache;
+            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (r, head) = (i / self.cfg.n_heads, i % self.cfg.n_heads);
+                let (s, pos) = rows[r];
+                let q = &qkv[r * 3 * d + head * hd..r * 3 * d + (head + 1) * hd];
+                attend(q, keys, values, cache_ref, seqs[s].block_table, pos, head * hd, scale, out);
+            });
+            add_in_place(&mut x, &self.matmul(&att, n, &layer.wo)?);
+            let h = rms_norm(&x, &layer.mlp_norm, self.cfg.norm_eps);
+            let mut up = self.matmul(&h, n, &layer.w_up)?;
+            up.iter_mut().for_each(|v| *v = gelu(*v));
+            add_in_place(&mut x, &self.matmul(&up, n, &layer.w_down)?);
+        }
+        // Only each sequence's last row predicts a token.
+        let mut last = Vec::with_capacity(seqs.len() * d);
+        let mut end = 0;
+        for seq in seqs {
+            end += seq.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * d..end * d]);
+        }
+        let last = rms_norm(&last, &self.final_norm, self.cfg.norm_eps);
+        let logits = self.matmul(&last, seqs.len(), &self.head)?;
+        Ok(logits.chunks(self.cfg.codebook_size).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// `x[rows, k] @ w[k, n]`, computed on `device`.
+///
+/// A single row is padded to two: the CPU backend takes a matrix-vector path for one row whose sums
+/// run in another order than its matrix-matrix path, and a sequence must get the same bits whether it
+/// runs alone or in a batch (see the test below).
+fn matmul(device: &Device, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, ModelError> {
+    let (k, n) = w.dims2()?;
+    if rows == 1 {
+        let padded = [x, x].concat();
+        let mut out = matmul(device, &padded, 2, w)?;
+        out.truncate(n);
+        return Ok(out);
+    }
+    let x = Tensor::from_slice(x, (rows, k), device)?;
+    Ok(x.matmul(w)?.flatten_all()?.to_vec1()?)
+}
+
+/// Causal attention of one query head over positions `0..=pos` of a sequence.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    cache: &PagedKvCache,
+    table: &[u32],
+    pos: usize,
+    head_offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut scores = Vec::with_capacity(pos + 1);
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..=pos {
+        let at = cache.offset(table, j) + head_offset;
+        let s = dot(q, &keys[at..at + hd]) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let at = cache.offset(table, j) + head_offset;
+        let w = p / total;
+        for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Dot product with eight lanes in a fixed order: vectorises, and is deterministic.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len();
+    let mut out = vec![0f32; x.len()];
+    for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+    out
+}
+
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The property the determinism guarantee rests on: a row's product does not depend on how many
+    /// other rows share the matrix multiplication.
+    #[test]
+    fn matmul_rows_are_batch_invariant() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (k, n) in [(64, 128), (512, 1536), (2048, 512)] {
+            let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-0.1..0.1)).collect();
+            let w = Tensor::from_vec(w, (k, n), &Device::Cpu).unwrap();
+            let x: Vec<f32> = (0..1100 * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let alone = matmul(&Device::Cpu, &x[..k], 1, &w).unwrap();
+            for rows in [2, 3, 7, 16, 33, 64, 80, 300, 1100] {
+                let batch = matmul(&Device::Cpu, &x[..rows * k], rows, &w).unwrap();
+                assert_eq!(&batch[..n], &alone[..], "row 0 of {k}x{n} differs in a batch of {rows}");
+            }
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Generated tonic/prost code for Kiln's versioned protocol (`proto/kiln/v1`): the public image
+//! service, the gateway-to-scheduler service and the scheduler-to-worker service. It owns nothing but
+//! the wire types; every other crate converts them into its own typed values at its edge.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("kiln.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Kiln proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln_descriptor");
+
+/// The standard services every Kiln server carries besides its own: `grpc.health.v1` health checking
+/// and server reflection over Kiln's descriptors, so stock gRPC tools can talk to any port.
+pub mod standard {
+    use tonic_health::server::HealthReporter;
+
+    /// Health service, its reporter, and the reflection service.
+    pub fn services() -> (
+        HealthReporter,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    ) {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the descriptor sets are generated at build time and valid");
+        (reporter, health, reflection)
+    }
+}

@@ -1,0 +1,127 @@
+//! Observability plumbing shared by every component: the one list of metric names (all `kiln_`
+//! prefixed, base units), the process-wide Prometheus registry with the metrics registered on it, a
+//! text encoder for `/metrics`, and the logging setup (human or JSON). It holds no business logic:
+//! components record into these metrics where the events happen.
+
+#![forbid(unsafe_code)]
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+};
+
+/// Every metric name Kiln exports.
+pub mod names {
+    pub const GATEWAY_REQUESTS: &str = "kiln_gateway_requests_total";
+    pub const GATEWAY_REQUEST_DURATION: &str = "kiln_gateway_request_duration_seconds";
+    pub const SCHEDULER_QUEUE_DEPTH: &str = "kiln_scheduler_queue_depth";
+    pub const SCHEDULER_RUNNING: &str = "kiln_scheduler_running_sequences";
+    pub const SCHEDULER_WORKERS: &str = "kiln_scheduler_workers";
+    pub const SCHEDULER_REQUEUED: &str = "kiln_scheduler_requeued_total";
+    pub const WORKER_STEP_DURATION: &str = "kiln_worker_step_duration_seconds";
+    pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
+    pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_total";
+    pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
+}
+
+/// Every environment variable Kiln reads.
+pub mod env_names {
+    pub const CONFIG: &str = "KILN_CONFIG";
+    pub const DATA_DIR: &str = "KILN_DATA_DIR";
+    pub const API_KEY: &str = "KILN_API_KEY";
+    pub const GATEWAY: &str = "KILN_GATEWAY";
+    pub const LOG_FORMAT: &str = "KILN_LOG_FORMAT";
+    pub const LOG: &str = "KILN_LOG";
+}
+
+/// Buckets for one model step: 1 ms to 10 s.
+const STEP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Buckets for a whole request: 100 ms to 10 min.
+const REQUEST_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+pub static GATEWAY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(names::GATEWAY_REQUESTS, "Generate requests by tier and final gRPC code.", &["tier", "code"])
+        .expect("metric registered once")
+});
+pub static GATEWAY_REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::GATEWAY_REQUEST_DURATION,
+        "End-to-end Generate latency by tier.",
+        &["tier"],
+        REQUEST_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_QUEUE_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(names::SCHEDULER_QUEUE_DEPTH, "Jobs waiting for a worker, by tier.", &["tier"])
+        .expect("metric registered once")
+});
+pub static SCHEDULER_RUNNING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(names::SCHEDULER_RUNNING, "Sequences placed on workers.").expect("metric registered once")
+});
+pub static SCHEDULER_WORKERS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(names::SCHEDULER_WORKERS, "Workers the scheduler can place jobs on.").expect("metric registered once")
+});
+pub static SCHEDULER_REQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(names::SCHEDULER_REQUEUED, "Jobs re-queued after losing their worker.", &["tier"])
+        .expect("metric registered once")
+});
+pub static WORKER_STEP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::WORKER_STEP_DURATION,
+        "Duration of one worker call by phase (prefill, decode).",
+        &["worker", "phase"],
+        STEP_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
+pub static WORKER_KV_BLOCKS_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(names::WORKER_KV_BLOCKS_USED, "KV-cache blocks reserved by sequences.", &["worker"])
+        .expect("metric registered once")
+});
+pub static WORKER_KV_BLOCKS_TOTAL: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(names::WORKER_KV_BLOCKS_TOTAL, "KV-cache blocks of the worker.", &["worker"])
+        .expect("metric registered once")
+});
+pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(names::WORKER_TOKENS, "Image tokens generated.", &["worker"]).expect("metric registered once")
+});
+
+/// The process's metrics in the Prometheus text format.
+pub fn encode_metrics() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    // Encoding into a Vec cannot fail for well-formed families.
+    let _ = encoder.encode(&prometheus::gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Logging: `KILN_LOG` (or `RUST_LOG`) filters, `KILN_LOG_FORMAT=json` for structured lines.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var(env_names::LOG)
+        .ok()
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    let json = std::env::var(env_names::LOG_FORMAT).is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_encode_with_their_names() {
+        GATEWAY_REQUESTS.with_label_values(&["free", "OK"]).inc();
+        SCHEDULER_QUEUE_DEPTH.with_label_values(&["free"]).set(3);
+        let text = encode_metrics();
+        assert!(text.contains("kiln_gateway_requests_total{code=\"OK\",tier=\"free\"} 1"), "{text}");
+        assert!(text.contains("kiln_scheduler_queue_depth{tier=\"free\"} 3"));
+    }
+}

@@ -1,0 +1,191 @@
+//! The worker: serves the internal `kiln.v1.Worker` protocol over one [`Engine`]. It validates every
+//! call, runs the engine's batched steps off the async runtime, keeps its metrics, and answers with
+//! tokens, finished images and timings. It knows nothing of users, tiers or quotas; registration in a
+//! membership store comes from the cluster layer.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_model::{Engine, ModelError, NewSequence, SamplingParams, SequenceOutput};
+use kiln_proto::v1::worker_server::{Worker, WorkerServer};
+use kiln_proto::v1::{
+    DecodeRequest, FinishedImage, InfoRequest, PrefillRequest, ReleaseRequest, ReleaseResponse, SequenceTokens,
+    StepResponse, WorkerInfo,
+};
+use kiln_telemetry as telemetry;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// Most decode steps one call may ask for.
+pub const MAX_STEPS_PER_CALL: u32 = 64;
+
+/// The gRPC service over an engine.
+pub struct WorkerService<E: Engine> {
+    name: String,
+    engine: Arc<Mutex<E>>,
+}
+
+impl<E: Engine> WorkerService<E> {
+    pub fn new(name: String, engine: E) -> Self {
+        let total = engine.info().kv_blocks_total as f64;
+        telemetry::WORKER_KV_BLOCKS_TOTAL.with_label_values(&[&name]).set(total);
+        WorkerService { name, engine: Arc::new(Mutex::new(engine)) }
+    }
+
+    /// Runs `f` on the engine on a blocking thread: steps take milliseconds to seconds.
+    async fn with_engine<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut E) -> Result<T, ModelError> + Send + 'static,
+    ) -> Result<(T, usize), Status> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut engine = engine.lock().map_err(|_| Status::internal("engine poisoned by an earlier panic"))?;
+            let result = f(&mut engine).map_err(model_status)?;
+            Ok((result, engine.free_blocks()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("engine task failed: {e}")))?
+    }
+
+    fn step_response(&self, phase: &str, outputs: Vec<SequenceOutput>, steps: u32, batch: usize, start: Instant, free: usize) -> StepResponse {
+        let seconds = start.elapsed().as_secs_f64();
+        telemetry::WORKER_STEP_DURATION.with_label_values(&[&self.name, phase]).observe(seconds);
+        let tokens: usize = outputs.iter().map(|o| o.tokens.len()).sum();
+        telemetry::WORKER_TOKENS.with_label_values(&[&self.name]).inc_by(tokens as u64);
+        let total = telemetry::WORKER_KV_BLOCKS_TOTAL.with_label_values(&[&self.name]).get();
+        telemetry::WORKER_KV_BLOCKS_USED.with_label_values(&[&self.name]).set(total - free as f64);
+        StepResponse {
+            sequences: outputs
+                .into_iter()
+                .map(|o| SequenceTokens {
+                    id: o.id,
+                    tokens: o.tokens,
+                    image: o.image.map(|i| FinishedImage { png: i.png, width: i.width, height: i.height }),
+                })
+                .collect(),
+            steps,
+            seconds,
+            batch_size: batch as u32,
+            kv_blocks_free: free as u32,
+        }
+    }
+}
+
+fn model_status(e: ModelError) -> Status {
+    match e {
+        ModelError::InvalidSequence(_) => Status::invalid_argument(e.to_string()),
+        ModelError::OutOfBlocks { .. } | ModelError::BatchFull { .. } => Status::failed_precondition(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl<E: Engine> Worker for WorkerService<E> {
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {
+        let engine = self.engine.lock().map_err(|_| Status::internal("engine poisoned"))?;
+        let info = engine.info();
+        Ok(Response::new(WorkerInfo {
+            name: self.name.clone(),
+            model: info.model,
+            device: info.device,
+            kv_blocks_total: info.kv_blocks_total as u32,
+            kv_blocks_free: engine.free_blocks() as u32,
+            block_size: info.block_size as u32,
+            max_batch: info.max_batch as u32,
+            sequences: engine.sequences() as u32,
+            sizes: info.sizes,
+            patch_size: info.patch_size as u32,
+            max_prompt_bytes: info.max_prompt_bytes as u32,
+            default_size: info.default_size,
+            prefix_overhead_tokens: kiln_model::engine::prompt_tokens(0) as u32,
+        }))
+    }
+
+    async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<StepResponse>, Status> {
+        let start = Instant::now();
+        let mut seqs = Vec::new();
+        for s in request.into_inner().sequences {
+            let sampling = s.sampling.ok_or_else(|| Status::invalid_argument(format!("sequence {}: sampling is required", s.id)))?;
+            if !(0.0..=2.0).contains(&sampling.temperature) || !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+                return Err(Status::invalid_argument(format!("sequence {}: temperature must be in [0, 2] and top_p in (0, 1]", s.id)));
+            }
+            seqs.push(NewSequence {
+                id: s.id,
+                prompt: s.prompt,
+                width: s.width,
+                height: s.height,
+                sampling: SamplingParams {
+                    temperature: sampling.temperature,
+                    top_k: sampling.top_k as usize,
+                    top_p: sampling.top_p,
+                    seed: sampling.seed,
+                },
+                generated: s.generated,
+                kv_blocks: s.kv_blocks as usize,
+            });
+        }
+        if seqs.is_empty() {
+            return Err(Status::invalid_argument("sequences: at least one sequence is required"));
+        }
+        let batch = seqs.len();
+        let (outputs, free) = self.with_engine(move |e| e.prefill(seqs)).await?;
+        Ok(Response::new(self.step_response("prefill", outputs, 1, batch, start, free)))
+    }
+
+    async fn decode(&self, request: Request<DecodeRequest>) -> Result<Response<StepResponse>, Status> {
+        let start = Instant::now();
+        let DecodeRequest { ids, steps } = request.into_inner();
+        if ids.is_empty() {
+            return Err(Status::invalid_argument("ids: at least one sequence is required"));
+        }
+        if steps == 0 || steps > MAX_STEPS_PER_CALL {
+            return Err(Status::invalid_argument(format!("steps: must be in 1..={MAX_STEPS_PER_CALL}, got {steps}")));
+        }
+        let batch = ids.len();
+        let (outputs, free) = self.with_engine(move |e| e.decode(&ids, steps as usize)).await?;
+        Ok(Response::new(self.step_response("decode", outputs, steps, batch, start, free)))
+    }
+
+    async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+        let ReleaseRequest { ids, all } = request.into_inner();
+        let mut engine = self.engine.lock().map_err(|_| Status::internal("engine poisoned"))?;
+        if all {
+            let held = engine.held_ids();
+            engine.release(&held);
+        } else {
+            engine.release(&ids);
+        }
+        let free = engine.free_blocks();
+        let total = engine.info().kv_blocks_total;
+        telemetry::WORKER_KV_BLOCKS_USED.with_label_values(&[&self.name]).set((total - free) as f64);
+        Ok(Response::new(ReleaseResponse { kv_blocks_free: free as u32 }))
+    }
+}
+
+/// Serves `engine` on `listener` with health and reflection until `shutdown` resolves.
+pub async fn run<E: Engine>(
+    name: String,
+    engine: E,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let info = engine.info();
+    info!(worker = %name, ?addr, model = %info.model, device = %info.device, kv_blocks = info.kv_blocks_total, max_batch = info.max_batch, "worker serving");
+    let (reporter, health, reflection) = kiln_proto::standard::services();
+    reporter.set_serving::<WorkerServer<WorkerService<E>>>().await;
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(WorkerServer::new(WorkerService::new(name.clone(), engine)).max_decoding_message_size(64 << 20))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await;
+    if let Err(e) = &result {
+        warn!(worker = %name, error = %e, "worker server stopped with an error");
+    }
+    result
+}
