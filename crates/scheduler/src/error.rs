@@ -59,7 +59,9 @@ impl SchedulerError {
             "too_large" => SchedulerError::TooLarge {
                 kv_blocks: message.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0),
             },
-            "worker_failed" => SchedulerError::WorkerFailed(message),
+            "worker_failed" => {
+                SchedulerError::WorkerFailed(message.strip_prefix("worker failed the job: ").unwrap_or(&message).to_string())
+            }
             "shutting_down" => SchedulerError::ShuttingDown,
             _ => SchedulerError::Unavailable(format!("{}: {message}", status.code())),
         }

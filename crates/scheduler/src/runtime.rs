@@ -160,7 +160,8 @@ impl SchedulerHandle {
     /// Waits until a worker has described the model, or `timeout` passes.
     pub async fn wait_for_model(&self, timeout: Duration) -> Option<ModelDescription> {
         let mut rx = self.model.clone();
-        tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.ok()?.ok()?.clone()
+        let described = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.ok()?.ok()?.clone();
+        described
     }
 
     pub async fn status(&self) -> Result<pb::ClusterStatusResponse, SchedulerError> {
@@ -430,6 +431,7 @@ impl Owner {
                     })
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -528,7 +528,7 @@ mod tests {
         }
         assert_eq!(s.waiting(), 5);
         // Room for exactly one job at a time (3 blocks each, 3 free).
-        let mut order = vec![];
+        let mut order: Vec<JobId> = vec![];
         let mut out = s.add_worker(1, cap(3, 8), T0);
         for _ in 0..5 {
             let ids = placed(&commands(&out)[0].1);

@@ -1,0 +1,123 @@
+//! The `kiln.v1.Scheduler` gRPC service: gateways in other processes submit jobs here and read their
+//! updates as a stream. A dropped stream cancels the job.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use kiln_proto::v1::scheduler_server::{Scheduler, SchedulerServer};
+use kiln_proto::v1::{self as pb, job_event, ClusterStatusRequest, ClusterStatusResponse, Job, JobEvent};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::runtime::{JobRequest, JobUpdate, SchedulerHandle};
+use crate::{SchedulerError, Tier};
+
+/// Serves a [`SchedulerHandle`] over gRPC.
+pub struct SchedulerService {
+    handle: SchedulerHandle,
+}
+
+impl SchedulerService {
+    pub fn new(handle: SchedulerHandle) -> Self {
+        SchedulerService { handle }
+    }
+}
+
+/// Converts a wire tier, refusing an unspecified one.
+pub fn tier_from_wire(tier: i32) -> Result<Tier, SchedulerError> {
+    match pb::Tier::try_from(tier) {
+        Ok(pb::Tier::Free) => Ok(Tier::Free),
+        Ok(pb::Tier::Plus) => Ok(Tier::Plus),
+        Ok(pb::Tier::Pro) => Ok(Tier::Pro),
+        Ok(pb::Tier::Team) => Ok(Tier::Team),
+        _ => Err(SchedulerError::InvalidJob(format!("tier: {tier} is not a known tier"))),
+    }
+}
+
+/// Converts a tier to the wire.
+pub fn tier_to_wire(tier: Tier) -> pb::Tier {
+    match tier {
+        Tier::Free => pb::Tier::Free,
+        Tier::Plus => pb::Tier::Plus,
+        Tier::Pro => pb::Tier::Pro,
+        Tier::Team => pb::Tier::Team,
+    }
+}
+
+/// An update as a wire event.
+pub fn update_to_wire(update: JobUpdate) -> JobEvent {
+    let event = match update {
+        JobUpdate::Queued { position } => job_event::Event::QueuedPosition(position),
+        JobUpdate::Started { worker } => job_event::Event::StartedWorker(worker),
+        JobUpdate::Progress { done, .. } => job_event::Event::TokensDone(done),
+        JobUpdate::Completed(r) => job_event::Event::Completed(pb::JobCompleted {
+            image: Some(pb::FinishedImage { png: r.png, width: r.width, height: r.height }),
+            prompt_tokens: r.prompt_tokens,
+            image_tokens: r.image_tokens,
+            queue_seconds: r.queue_seconds,
+            generation_seconds: r.generation_seconds,
+        }),
+    };
+    JobEvent { event: Some(event) }
+}
+
+#[tonic::async_trait]
+impl Scheduler for SchedulerService {
+    type SubmitStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+    async fn submit(&self, request: Request<Job>) -> Result<Response<Self::SubmitStream>, Status> {
+        let job = request.into_inner();
+        if job.request_id.is_empty() || job.user.is_empty() {
+            return Err(SchedulerError::InvalidJob("request_id and user are required".into()).to_status());
+        }
+        let tier = tier_from_wire(job.tier).map_err(|e| e.to_status())?;
+        let sampling = job.sampling.ok_or_else(|| SchedulerError::InvalidJob("sampling: required".into()).to_status())?;
+        let stream = self
+            .handle
+            .submit(JobRequest {
+                request_id: job.request_id,
+                user: job.user,
+                tier,
+                prompt: job.prompt,
+                width: job.width,
+                height: job.height,
+                sampling,
+            })
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(Box::pin(stream.map(|u| u.map(update_to_wire).map_err(|e| e.to_status())))))
+    }
+
+    async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+        let mut status = self.handle.status().await.map_err(|e| e.to_status())?;
+        if let Some(m) = self.handle.model() {
+            status.model = Some(pb::ModelInfo {
+                model: m.model,
+                sizes: m.sizes,
+                default_size: m.default_size,
+                patch_size: m.patch_size,
+                max_prompt_bytes: m.max_prompt_bytes,
+            });
+            status.prefix_overhead_tokens = m.prefix_overhead_tokens;
+        }
+        Ok(Response::new(status))
+    }
+}
+
+/// Serves the scheduler API with health and reflection on `listener` until `shutdown` resolves.
+pub async fn run(
+    handle: SchedulerHandle,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    info!(addr = ?listener.local_addr().ok(), "scheduler serving");
+    let (reporter, health, reflection) = kiln_proto::standard::services();
+    reporter.set_serving::<SchedulerServer<SchedulerService>>().await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(SchedulerServer::new(SchedulerService::new(handle)).max_encoding_message_size(64 << 20))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
