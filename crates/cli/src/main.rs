@@ -1,1 +1,205 @@
-fn main() {}
+//! The `kiln` binary: parses flags and calls the library crates. Each subcommand is a thin launcher.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kiln_telemetry::env_names as env;
+use tracing::info;
+
+mod bench;
+mod cluster;
+mod config;
+mod generate;
+
+use cluster::Shutdown;
+use config::{BatchingOpts, GatewayOpts, WorkerOpts};
+
+/// Kiln: a cluster that serves autoregressive image generation.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, long_about = None)]
+struct Cli {
+    /// Config file (TOML): `[worker]`, `[scheduler]`, `[gateway]`, `[up]` tables of flag names.
+    #[arg(long, global = true, env = env::CONFIG)]
+    config: Option<PathBuf>,
+    /// Where `kiln up` keeps its default model and development API key.
+    #[arg(long, global = true, env = env::DATA_DIR, default_value = ".kiln")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run gateway, scheduler and workers in one process on the embedded default.
+    Up {
+        /// Public gateway address.
+        #[arg(long, env = env::UP_LISTEN, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Workers to start (each its own gRPC server on loopback).
+        #[arg(long, env = env::UP_WORKERS, default_value_t = 1)]
+        workers: usize,
+        #[command(flatten)]
+        worker: WorkerOpts,
+        #[command(flatten)]
+        batching: BatchingOpts,
+        #[command(flatten)]
+        gateway: GatewayOpts,
+        /// Generate one image with this prompt through the gateway, write it, and stop.
+        #[arg(long)]
+        generate: Option<String>,
+        /// Where `--generate` writes its PNG.
+        #[arg(long, short, default_value = "kiln.png")]
+        output: PathBuf,
+        /// Image side in pixels for `--generate` (0: the model's default).
+        #[arg(long, default_value_t = 0)]
+        size: u32,
+    },
+    /// Run the public gateway against a scheduler in another process.
+    Gateway {
+        #[arg(long, env = env::GATEWAY_LISTEN, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Scheduler address.
+        #[arg(long, env = env::GATEWAY_SCHEDULER, default_value = "http://127.0.0.1:50061")]
+        scheduler: String,
+        #[command(flatten)]
+        gateway: GatewayOpts,
+    },
+    /// Run the scheduler against workers in other processes.
+    Scheduler {
+        #[arg(long, env = env::SCHEDULER_LISTEN, default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        /// Worker addresses (repeat the flag, or comma-separate).
+        #[arg(long = "worker", env = env::SCHEDULER_WORKERS, value_delimiter = ',', required = true)]
+        workers: Vec<String>,
+        #[command(flatten)]
+        batching: BatchingOpts,
+    },
+    /// Run one worker serving the internal worker protocol.
+    Worker {
+        #[arg(long, env = env::WORKER_LISTEN, default_value = "127.0.0.1:50071")]
+        listen: SocketAddr,
+        /// Worker name (default: worker-<port>).
+        #[arg(long, env = env::WORKER_NAME)]
+        name: Option<String>,
+        #[command(flatten)]
+        worker: WorkerOpts,
+    },
+    /// Generate an image through a gateway, with a progress bar.
+    Generate(generate::GenerateArgs),
+    /// Model files.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Measure decode steps, continuous batching and scheduler decisions on this machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Write a randomly initialised model (config.json + model.safetensors).
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Preset: `20m` (~20M parameters, the default model) or `tiny` (tests).
+        #[arg(long, default_value = "20m", value_parser = ["20m", "tiny"])]
+        preset: String,
+        /// Seed of the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    // The config file only fills unset variables, so it must be read before clap reads them.
+    let early = std::env::args().skip_while(|a| a != "--config").nth(1).map(PathBuf::from).or_else(|| std::env::var_os(env::CONFIG).map(PathBuf::from));
+    if let Some(path) = early {
+        config::apply_config_file(&path)?;
+    }
+    let cli = Cli::parse();
+    kiln_telemetry::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Up { listen, workers, worker, batching, gateway, generate, output, size } => {
+            worker.validate()?;
+            batching.validate()?;
+            gateway.validate()?;
+            if workers == 0 {
+                anyhow::bail!("--workers ({}) must be at least 1", env::UP_WORKERS);
+            }
+            let model_dir = cluster::ensure_model(&worker, &cli.data_dir)?;
+            let keys = match &gateway.keys {
+                Some(k) => k.clone(),
+                None => cluster::ensure_dev_key(&cli.data_dir, &gateway.pepper)?,
+            };
+            let (stop, shutdown) = Shutdown::on_signal();
+            let mut addresses = Vec::new();
+            for i in 0..workers {
+                let engine = cluster::build_engine(&worker, &model_dir)?;
+                let listener = cluster::bind("127.0.0.1:0".parse()?, "worker listener").await?;
+                addresses.push(format!("http://{}", listener.local_addr()?));
+                tokio::spawn(kiln_worker::run(format!("worker-{i}"), engine, listener, shutdown.clone().wait()));
+            }
+            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig { batching: batching.to_config(), workers: addresses, ..Default::default() });
+            let gw = cluster::build_gateway(&gateway, &keys, Arc::new(handle.clone()))?;
+            let listener = cluster::bind(listen, "--listen").await?;
+            let addr = listener.local_addr()?;
+            let server = tokio::spawn(kiln_gateway::run(gw, listener, shutdown.clone().wait()));
+            handle.wait_for_model(Duration::from_secs(60)).await.context("no worker came up within 60 s")?;
+            info!(gateway = %addr, workers, model = %model_dir.display(), "kiln is up");
+            if let Some(prompt) = generate {
+                let args = generate::GenerateArgs::for_local(prompt, output, size, addr, &cli.data_dir);
+                let result = generate::run(args, &cli.data_dir).await;
+                let _ = stop.send(true);
+                let _ = server.await;
+                return result;
+            }
+            eprintln!("kiln is up: gateway on {addr}. Try: kiln generate \"a red triangle above a blue star\" -o out.png");
+            server.await??;
+            Ok(())
+        }
+        Command::Gateway { listen, scheduler, gateway } => {
+            gateway.validate()?;
+            let keys = gateway.keys.clone().context("--keys (KILN_GATEWAY_KEYS) is required: an API keys file")?;
+            let backend = kiln_gateway::backend::RemoteScheduler::new(&scheduler).map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
+            let gw = cluster::build_gateway(&gateway, &keys, Arc::new(backend))?;
+            let (_stop, shutdown) = Shutdown::on_signal();
+            kiln_gateway::run(gw, cluster::bind(listen, "--listen").await?, shutdown.wait()).await?;
+            Ok(())
+        }
+        Command::Scheduler { listen, workers, batching } => {
+            batching.validate()?;
+            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig { batching: batching.to_config(), workers, ..Default::default() });
+            let (_stop, shutdown) = Shutdown::on_signal();
+            kiln_scheduler::service::run(handle, cluster::bind(listen, "--listen").await?, shutdown.wait()).await?;
+            Ok(())
+        }
+        Command::Worker { listen, name, worker } => {
+            worker.validate()?;
+            let model_dir = cluster::ensure_model(&worker, &cli.data_dir)?;
+            let engine = cluster::build_engine(&worker, &model_dir)?;
+            let listener = cluster::bind(listen, "--listen").await?;
+            let name = name.unwrap_or_else(|| format!("worker-{}", listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+            let (_stop, shutdown) = Shutdown::on_signal();
+            kiln_worker::run(name, engine, listener, shutdown.wait()).await?;
+            Ok(())
+        }
+        Command::Generate(args) => generate::run(args, &cli.data_dir).await,
+        Command::Model { command: ModelCommand::Init { out, preset, seed } } => {
+            let cfg = if preset == "tiny" { kiln_model::ModelConfig::tiny() } else { kiln_model::ModelConfig::random_20m() };
+            kiln_model::Transformer::init_random(&cfg, seed, &out).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({} parameters) to {}", cfg.name, cfg.parameter_count(), out.display());
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args, &cli.data_dir).await,
+    }
+}

@@ -1,1 +1,20 @@
-//! placeholder
+//! The public gateway: serves `kiln.v1.ImageService` to internal services as a pipeline —
+//! authenticate -> validate -> policy -> admit (quota) -> schedule -> stream -> sign -> settle. Each
+//! stage is a small trait ([`auth::Authenticator`], [`policy::ContentPolicy`],
+//! [`admission::Admission`], [`signing::Signer`], [`backend::Backend`]) so that later stages (Redis
+//! quotas, the content policy, C2PA) plug in without touching the flow. This crate is the one place
+//! that maps domain errors to `tonic::Status`. It knows nothing of GPUs.
+
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod auth;
+pub mod backend;
+pub mod error;
+pub mod policy;
+pub mod service;
+pub mod signing;
+pub mod validation;
+
+pub use error::GatewayError;
+pub use service::{run, Gateway, GatewayConfig};

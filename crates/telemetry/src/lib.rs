@@ -26,14 +26,40 @@ pub mod names {
     pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
 }
 
-/// Every environment variable Kiln reads.
+/// Every environment variable Kiln reads. Flags of `kiln <command>` read `KILN_<COMMAND>_<FLAG>`, and
+/// a config file's `[command]` table fills those variables when they are unset, so the precedence is
+/// file < environment < flags.
 pub mod env_names {
     pub const CONFIG: &str = "KILN_CONFIG";
     pub const DATA_DIR: &str = "KILN_DATA_DIR";
     pub const API_KEY: &str = "KILN_API_KEY";
+    pub const API_KEY_PEPPER: &str = "KILN_API_KEY_PEPPER";
     pub const GATEWAY: &str = "KILN_GATEWAY";
     pub const LOG_FORMAT: &str = "KILN_LOG_FORMAT";
     pub const LOG: &str = "KILN_LOG";
+
+    pub const UP_LISTEN: &str = "KILN_UP_LISTEN";
+    pub const UP_WORKERS: &str = "KILN_UP_WORKERS";
+    pub const UP_MODEL: &str = "KILN_UP_MODEL";
+
+    pub const GATEWAY_LISTEN: &str = "KILN_GATEWAY_LISTEN";
+    pub const GATEWAY_SCHEDULER: &str = "KILN_GATEWAY_SCHEDULER";
+    pub const GATEWAY_KEYS: &str = "KILN_GATEWAY_KEYS";
+    pub const GATEWAY_REQUEST_DEADLINE: &str = "KILN_GATEWAY_REQUEST_DEADLINE";
+
+    pub const SCHEDULER_LISTEN: &str = "KILN_SCHEDULER_LISTEN";
+    pub const SCHEDULER_WORKERS: &str = "KILN_SCHEDULER_WORKERS";
+    pub const SCHEDULER_MAX_STEPS_PER_CALL: &str = "KILN_SCHEDULER_MAX_STEPS_PER_CALL";
+    pub const SCHEDULER_MAX_PREFILL_TOKENS: &str = "KILN_SCHEDULER_MAX_PREFILL_TOKENS";
+    pub const SCHEDULER_STATIC_BATCHING: &str = "KILN_SCHEDULER_STATIC_BATCHING";
+
+    pub const WORKER_LISTEN: &str = "KILN_WORKER_LISTEN";
+    pub const WORKER_NAME: &str = "KILN_WORKER_NAME";
+    pub const WORKER_MODEL: &str = "KILN_WORKER_MODEL";
+    pub const WORKER_DEVICE: &str = "KILN_WORKER_DEVICE";
+    pub const WORKER_KV_BLOCKS: &str = "KILN_WORKER_KV_BLOCKS";
+    pub const WORKER_BLOCK_SIZE: &str = "KILN_WORKER_BLOCK_SIZE";
+    pub const WORKER_MAX_BATCH: &str = "KILN_WORKER_MAX_BATCH";
 }
 
 /// Buckets for one model step: 1 ms to 10 s.

@@ -1,0 +1,140 @@
+//! Starting the parts: a worker over a loaded model, the scheduler, the gateway, and `up`, which runs
+//! them all in one process (workers still talk gRPC on loopback, so the path is the cluster's).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use kiln_gateway::admission::Unlimited;
+use kiln_gateway::auth::{hash_key, KeyRecord, KeysFile, StaticKeys};
+use kiln_gateway::backend::Backend;
+use kiln_gateway::policy::AllowAll;
+use kiln_gateway::signing::Unsigned;
+use kiln_gateway::{Gateway, GatewayConfig};
+use kiln_model::{CandleEngine, ModelConfig, Transformer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::{GatewayOpts, WorkerOpts};
+
+/// A shutdown signal that any number of servers can wait on.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Resolves on Ctrl-C or SIGTERM, or when the returned sender fires.
+    pub fn on_signal() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        let signal_tx = tx.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = signal_tx.send(true);
+        });
+        (tx, Shutdown(rx))
+    }
+
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The default model directory inside the data directory.
+pub fn default_model_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("models").join(ModelConfig::random_20m().name)
+}
+
+/// Resolves the model directory, creating the default random model when it is missing.
+pub fn ensure_model(opts: &WorkerOpts, data_dir: &Path) -> Result<PathBuf> {
+    if let Some(dir) = &opts.model {
+        if !dir.join("config.json").exists() {
+            bail!("--model {}: no config.json there; create one with `kiln model init --out {}`", dir.display(), dir.display());
+        }
+        return Ok(dir.clone());
+    }
+    let dir = default_model_dir(data_dir);
+    if !dir.join("model.safetensors").exists() {
+        info!(dir = %dir.display(), "no trained model is shipped yet: creating a randomly initialised ~20M-parameter model");
+        Transformer::init_random(&ModelConfig::random_20m(), 0, &dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+fn device(name: &str) -> Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal: usize = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()).with_context(|| format!("device {name:?}"))?;
+    Device::new_cuda(ordinal).with_context(|| format!("opening {name} (is this binary built with `--features cuda`?)"))
+}
+
+/// Loads the model and builds its engine.
+pub fn build_engine(opts: &WorkerOpts, model_dir: &Path) -> Result<CandleEngine> {
+    let model = Transformer::load(model_dir, &device(&opts.device)?).with_context(|| format!("loading model from {}", model_dir.display()))?;
+    Ok(CandleEngine::new(model, opts.kv_blocks, opts.block_size, opts.max_batch))
+}
+
+/// Builds the gateway's pipeline over `backend`.
+pub fn build_gateway(opts: &GatewayOpts, keys: &Path, backend: Arc<dyn Backend>) -> Result<Gateway> {
+    let auth = StaticKeys::load(opts.pepper.clone(), keys).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Gateway {
+        config: GatewayConfig { request_deadline: Duration::from_secs(opts.request_deadline) },
+        auth: Arc::new(auth),
+        policy: Arc::new(AllowAll),
+        admission: Arc::new(Unlimited::default()),
+        signer: Arc::new(Unsigned),
+        backend,
+    })
+}
+
+/// Makes sure a development API key exists in `data_dir`; returns the keys file path.
+pub fn ensure_dev_key(data_dir: &Path, pepper: &str) -> Result<PathBuf> {
+    let keys_path = data_dir.join("api-keys.toml");
+    let key_path = data_dir.join("dev-api-key");
+    if keys_path.exists() && key_path.exists() {
+        return Ok(keys_path);
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let key = format!("kiln-dev-{}", uuid::Uuid::new_v4().simple());
+    let file = KeysFile {
+        keys: vec![KeyRecord { id: "dev".into(), sha256: hash_key(pepper, &key), user: "dev".into(), org: None, tier: "pro".into() }],
+    };
+    std::fs::write(&keys_path, toml::to_string(&file)?).with_context(|| format!("writing {}", keys_path.display()))?;
+    write_private(&key_path, &key)?;
+    info!(keys = %keys_path.display(), key_file = %key_path.display(), "created a development API key (user dev, tier pro)");
+    Ok(keys_path)
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Binds a listener, naming the setting on failure.
+pub async fn bind(addr: SocketAddr, setting: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("{setting}: cannot listen on {addr}"))
+}

@@ -1,0 +1,149 @@
+//! Configuration in one place: the option groups shared by several commands (flags with `long, env`
+//! and a default each), the config file that fills unset environment variables (so precedence is
+//! file < environment < flags), and `validate()` checks that name the offending setting.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kiln_telemetry::env_names as env;
+
+/// Loads `[section]` tables of a TOML file into `KILN_<SECTION>_<KEY>` variables that are not set yet.
+pub fn apply_config_file(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parsing config file {}", path.display()))?;
+    for (section, values) in table {
+        let toml::Value::Table(values) = values else {
+            bail!("config file {}: `{section}` must be a table like [worker]", path.display());
+        };
+        for (key, value) in values {
+            let name = format!("KILN_{}_{}", section.to_uppercase(), key.to_uppercase().replace('-', "_"));
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Array(items) => items.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(","),
+                other => other.to_string(),
+            };
+            if std::env::var_os(&name).is_none() {
+                // Single-threaded here: main calls this before starting the runtime.
+                std::env::set_var(name, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a worker's model lives and how much it may hold.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerOpts {
+    /// Model directory (config.json + model.safetensors). Default: the data directory's default model,
+    /// created on first start while no trained model is shipped.
+    #[arg(long, env = env::WORKER_MODEL)]
+    pub model: Option<PathBuf>,
+    /// Device: `cpu`, or `cuda:N` in builds with the `cuda` feature.
+    #[arg(long, env = env::WORKER_DEVICE, default_value = "cpu")]
+    pub device: String,
+    /// KV-cache blocks per worker.
+    #[arg(long, env = env::WORKER_KV_BLOCKS, default_value_t = 4096)]
+    pub kv_blocks: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = env::WORKER_BLOCK_SIZE, default_value_t = 16)]
+    pub block_size: usize,
+    /// Most sequences in one batch.
+    #[arg(long, env = env::WORKER_MAX_BATCH, default_value_t = 64)]
+    pub max_batch: usize,
+}
+
+impl WorkerOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.kv_blocks == 0 {
+            bail!("--kv-blocks ({}) must be positive", env::WORKER_KV_BLOCKS);
+        }
+        if self.block_size == 0 || self.block_size > 1024 {
+            bail!("--block-size ({}) must be in 1..=1024", env::WORKER_BLOCK_SIZE);
+        }
+        if self.max_batch == 0 {
+            bail!("--max-batch ({}) must be positive", env::WORKER_MAX_BATCH);
+        }
+        if self.device != "cpu" && !self.device.starts_with("cuda:") {
+            bail!("--device ({}) must be `cpu` or `cuda:N`, got {:?}", env::WORKER_DEVICE, self.device);
+        }
+        Ok(())
+    }
+}
+
+/// How the scheduler batches.
+#[derive(Args, Clone, Debug)]
+pub struct BatchingOpts {
+    /// Most decode steps per worker call (more saves round trips, fewer keep progress fresh).
+    #[arg(long, env = env::SCHEDULER_MAX_STEPS_PER_CALL, default_value_t = 4)]
+    pub max_steps_per_call: usize,
+    /// Most prompt tokens prefilled in one call.
+    #[arg(long, env = env::SCHEDULER_MAX_PREFILL_TOKENS, default_value_t = 8192)]
+    pub max_prefill_tokens: usize,
+    /// Static batching (benchmark baseline): new jobs join only an empty batch.
+    #[arg(long, env = env::SCHEDULER_STATIC_BATCHING, default_value_t = false)]
+    pub static_batching: bool,
+}
+
+impl BatchingOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_steps_per_call == 0 || self.max_steps_per_call > kiln_worker::MAX_STEPS_PER_CALL as usize {
+            bail!("--max-steps-per-call ({}) must be in 1..={}", env::SCHEDULER_MAX_STEPS_PER_CALL, kiln_worker::MAX_STEPS_PER_CALL);
+        }
+        if self.max_prefill_tokens == 0 {
+            bail!("--max-prefill-tokens ({}) must be positive", env::SCHEDULER_MAX_PREFILL_TOKENS);
+        }
+        Ok(())
+    }
+
+    pub fn to_config(&self) -> kiln_scheduler::SchedulerConfig {
+        kiln_scheduler::SchedulerConfig {
+            max_steps_per_call: self.max_steps_per_call,
+            max_prefill_tokens: self.max_prefill_tokens,
+            static_batching: self.static_batching,
+        }
+    }
+}
+
+/// Gateway admission settings.
+#[derive(Args, Clone, Debug)]
+pub struct GatewayOpts {
+    /// API keys file (TOML, `[[keys]]` with id, sha256, user, tier). `kiln up` creates a development key
+    /// in the data directory when none is given.
+    #[arg(long, env = env::GATEWAY_KEYS)]
+    pub keys: Option<PathBuf>,
+    /// Pepper mixed into API-key digests (a secret; never logged).
+    #[arg(long, env = env::API_KEY_PEPPER, default_value = "", hide_env_values = true)]
+    pub pepper: String,
+    /// Seconds a request may take before it is cancelled with DEADLINE_EXCEEDED.
+    #[arg(long, env = env::GATEWAY_REQUEST_DEADLINE, default_value_t = 600)]
+    pub request_deadline: u64,
+}
+
+impl GatewayOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.request_deadline == 0 {
+            bail!("--request-deadline ({}) must be positive", env::GATEWAY_REQUEST_DEADLINE);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_only_unset_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, "[testsection]\nalpha = 7\nbeta = \"x\"\nlist = [\"a\", \"b\"]\n").unwrap();
+        std::env::set_var("KILN_TESTSECTION_BETA", "from-env");
+        apply_config_file(&path).unwrap();
+        assert_eq!(std::env::var("KILN_TESTSECTION_ALPHA").unwrap(), "7");
+        assert_eq!(std::env::var("KILN_TESTSECTION_BETA").unwrap(), "from-env");
+        assert_eq!(std::env::var("KILN_TESTSECTION_LIST").unwrap(), "a,b");
+        std::fs::write(&path, "top = 1\n").unwrap();
+        assert!(apply_config_file(&path).unwrap_err().to_string().contains("must be a table"));
+    }
+}

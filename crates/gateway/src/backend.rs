@@ -1,0 +1,112 @@
+//! How the gateway sees the cluster: submit a validated job, get a stream of updates; describe the
+//! model. Implemented by the in-process scheduler handle (`kiln up`) and by a gRPC client of a
+//! scheduler in another process.
+
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use kiln_proto::v1::scheduler_client::SchedulerClient;
+use kiln_proto::v1::{job_event, ClusterStatusRequest, Job};
+use kiln_scheduler::service::tier_to_wire;
+use kiln_scheduler::{JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle};
+use tokio::sync::OnceCell;
+use tonic::transport::Channel;
+
+pub type UpdateStream = BoxStream<'static, Result<JobUpdate, SchedulerError>>;
+
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// The served model; `NoWorkers` until a worker has described it.
+    async fn model(&self) -> Result<ModelDescription, SchedulerError>;
+    /// Submits a job. Dropping the stream cancels it.
+    async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError>;
+}
+
+#[tonic::async_trait]
+impl Backend for SchedulerHandle {
+    async fn model(&self) -> Result<ModelDescription, SchedulerError> {
+        SchedulerHandle::model(self).ok_or(SchedulerError::NoWorkers)
+    }
+
+    async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError> {
+        Ok(SchedulerHandle::submit(self, job).await?.boxed())
+    }
+}
+
+/// A scheduler in another process, over `kiln.v1.Scheduler`.
+pub struct RemoteScheduler {
+    client: SchedulerClient<Channel>,
+    model: OnceCell<ModelDescription>,
+}
+
+impl RemoteScheduler {
+    /// Connects lazily: the scheduler may start after the gateway.
+    pub fn new(address: &str) -> Result<Self, SchedulerError> {
+        let channel = Channel::from_shared(address.to_string())
+            .map_err(|e| SchedulerError::Unavailable(format!("scheduler address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        Ok(RemoteScheduler { client: SchedulerClient::new(channel).max_decoding_message_size(64 << 20), model: OnceCell::new() })
+    }
+}
+
+#[tonic::async_trait]
+impl Backend for RemoteScheduler {
+    async fn model(&self) -> Result<ModelDescription, SchedulerError> {
+        self.model
+            .get_or_try_init(|| async {
+                let status = self.client.clone().cluster_status(ClusterStatusRequest {}).await.map_err(|s| SchedulerError::from_status(&s))?;
+                let status = status.into_inner();
+                let m = status.model.ok_or(SchedulerError::NoWorkers)?;
+                Ok(ModelDescription {
+                    model: m.model,
+                    sizes: m.sizes,
+                    default_size: m.default_size,
+                    patch_size: m.patch_size,
+                    max_prompt_bytes: m.max_prompt_bytes,
+                    prefix_overhead_tokens: status.prefix_overhead_tokens,
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError> {
+        let wire = Job {
+            request_id: job.request_id,
+            user: job.user,
+            tier: tier_to_wire(job.tier) as i32,
+            prompt: job.prompt,
+            width: job.width,
+            height: job.height,
+            sampling: Some(job.sampling),
+        };
+        let stream = self.client.clone().submit(wire).await.map_err(|s| SchedulerError::from_status(&s))?.into_inner();
+        Ok(stream
+            .filter_map(|event| async move {
+                match event {
+                    Err(status) => Some(Err(SchedulerError::from_status(&status))),
+                    Ok(e) => match e.event? {
+                        job_event::Event::QueuedPosition(position) => Some(Ok(JobUpdate::Queued { position })),
+                        job_event::Event::StartedWorker(worker) => Some(Ok(JobUpdate::Started { worker })),
+                        // The gateway knows the total from the validated request.
+                        job_event::Event::TokensDone(done) => Some(Ok(JobUpdate::Progress { done, total: 0 })),
+                        job_event::Event::Completed(c) => {
+                            let image = c.image.unwrap_or_default();
+                            Some(Ok(JobUpdate::Completed(JobResult {
+                                png: image.png,
+                                width: image.width,
+                                height: image.height,
+                                prompt_tokens: c.prompt_tokens,
+                                image_tokens: c.image_tokens,
+                                queue_seconds: c.queue_seconds,
+                                generation_seconds: c.generation_seconds,
+                            })))
+                        }
+                    },
+                }
+            })
+            .boxed())
+    }
+}

@@ -1,0 +1,220 @@
+//! The `kiln.v1.ImageService` implementation: the request pipeline, streaming, cancellation when the
+//! caller goes away, a deadline on every request, and settlement exactly once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use kiln_proto::v1::image_service_server::{ImageService, ImageServiceServer};
+use kiln_proto::v1::{
+    generate_event, Completed, GenerateEvent, GenerateRequest, GetModelInfoRequest, ModelInfo, Progress, Queued, Started, Usage,
+};
+use kiln_scheduler::{JobRequest, JobUpdate};
+use kiln_telemetry as telemetry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::admission::{Admission, Outcome};
+use crate::auth::{Authenticator, Identity};
+use crate::backend::{Backend, UpdateStream};
+use crate::policy::ContentPolicy;
+use crate::signing::{Provenance, Signer};
+use crate::validation::{validate, ValidRequest};
+use crate::GatewayError;
+
+/// Gateway settings.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Longest a request may take from arrival to image; then it is cancelled.
+    pub request_deadline: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { request_deadline: Duration::from_secs(600) }
+    }
+}
+
+/// The pipeline's stages.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub auth: Arc<dyn Authenticator>,
+    pub policy: Arc<dyn ContentPolicy>,
+    pub admission: Arc<dyn Admission>,
+    pub signer: Arc<dyn Signer>,
+    pub backend: Arc<dyn Backend>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+
+fn record(identity: Option<&Identity>, code: tonic::Code, start: Instant) {
+    let tier = identity.map_or("unknown", |i| i.tier.as_str());
+    telemetry::GATEWAY_REQUESTS.with_label_values(&[tier, &format!("{code:?}")]).inc();
+    telemetry::GATEWAY_REQUEST_DURATION.with_label_values(&[tier]).observe(start.elapsed().as_secs_f64());
+}
+
+/// The gRPC face of a [`Gateway`].
+#[derive(Clone)]
+pub struct ImageApi(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl ImageService for ImageApi {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        self.0.generate(request).await
+    }
+
+    async fn get_model_info(&self, request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+        self.0.model_info(request).await
+    }
+}
+
+impl Gateway {
+    async fn generate(self: &Arc<Self>, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        let start = Instant::now();
+        let identity = match self.auth.authenticate(request.metadata()) {
+            Ok(i) => i,
+            Err(e) => {
+                record(None, e.code(), start);
+                return Err(e.into());
+            }
+        };
+        let fail = |e: GatewayError| {
+            record(Some(&identity), e.code(), start);
+            e.to_status()
+        };
+        let model = self.backend.model().await.map_err(|e| fail(e.into()))?;
+        let valid = validate(request.into_inner(), &model).map_err(fail)?;
+        let span = info_span!("generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str());
+        span.in_scope(|| info!(key_id = %identity.key_id, width = valid.width, height = valid.height, "request accepted"));
+        self.policy.check(&identity, &valid).map_err(fail)?;
+        let ticket = self.admission.admit(&identity, &valid).await.map_err(fail)?;
+        let job = JobRequest {
+            request_id: valid.request_id.clone(),
+            user: identity.user.clone(),
+            tier: identity.tier,
+            prompt: valid.prompt.clone(),
+            width: valid.width,
+            height: valid.height,
+            sampling: valid.sampling,
+        };
+        let updates = match self.backend.submit(job).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.admission.settle(ticket, Outcome::NotDelivered).await;
+                span.in_scope(|| warn!(error = %e, "scheduler refused the job"));
+                return Err(fail(e.into()));
+            }
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let gateway = self.clone();
+        tokio::spawn(
+            async move {
+                let result = gateway.relay(&valid, &model.model, updates, &tx).await;
+                let outcome = if result.is_ok() { Outcome::Delivered } else { Outcome::NotDelivered };
+                gateway.admission.settle(ticket, outcome).await;
+                let code = match &result {
+                    Ok(()) => tonic::Code::Ok,
+                    Err(None) => tonic::Code::Cancelled,
+                    Err(Some(e)) => e.code(),
+                };
+                record(Some(&identity), code, start);
+                match result {
+                    Ok(()) => info!(seconds = start.elapsed().as_secs_f64(), "image delivered"),
+                    Err(None) => info!("caller went away; job cancelled"),
+                    Err(Some(e)) => {
+                        warn!(error = %e, "request failed");
+                        let _ = tx.send(Err(e.to_status())).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_info(&self, request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+        self.auth.authenticate(request.metadata())?;
+        let m = self.backend.model().await.map_err(|e| GatewayError::from(e).to_status())?;
+        Ok(Response::new(ModelInfo {
+            model: m.model,
+            sizes: m.sizes,
+            default_size: m.default_size,
+            patch_size: m.patch_size,
+            max_prompt_bytes: m.max_prompt_bytes,
+        }))
+    }
+}
+
+impl Gateway {
+    /// Forwards the job's updates to the caller until the image is delivered. `Err(None)` means the
+    /// caller went away (the job is cancelled by dropping its stream).
+    async fn relay(
+        &self,
+        valid: &ValidRequest,
+        model: &str,
+        mut updates: UpdateStream,
+        tx: &mpsc::Sender<Result<GenerateEvent, Status>>,
+    ) -> Result<(), Option<GatewayError>> {
+        let deadline = tokio::time::sleep(self.config.request_deadline);
+        tokio::pin!(deadline);
+        let event = |e: generate_event::Event| GenerateEvent { request_id: valid.request_id.clone(), event: Some(e) };
+        loop {
+            let update = tokio::select! {
+                _ = tx.closed() => return Err(None),
+                _ = &mut deadline => return Err(Some(GatewayError::DeadlineExceeded(self.config.request_deadline))),
+                update = updates.next() => update,
+            };
+            let out = match update {
+                None => return Err(Some(GatewayError::Internal("the scheduler ended the job without an image".into()))),
+                Some(Err(e)) => return Err(Some(e.into())),
+                Some(Ok(JobUpdate::Queued { position })) => event(generate_event::Event::Queued(Queued { position })),
+                Some(Ok(JobUpdate::Started { worker })) => event(generate_event::Event::Started(Started { worker })),
+                Some(Ok(JobUpdate::Progress { done, .. })) => {
+                    event(generate_event::Event::Progress(Progress { tokens_done: done, tokens_total: valid.image_tokens }))
+                }
+                Some(Ok(JobUpdate::Completed(result))) => {
+                    let png = self.signer.sign(result.png, &Provenance { request: valid, model }).map_err(Some)?;
+                    let done = event(generate_event::Event::Completed(Completed {
+                        png,
+                        width: result.width,
+                        height: result.height,
+                        usage: Some(Usage {
+                            prompt_tokens: result.prompt_tokens,
+                            image_tokens: result.image_tokens,
+                            seed: valid.sampling.seed,
+                            queue_seconds: result.queue_seconds,
+                            generation_seconds: result.generation_seconds,
+                        }),
+                    }));
+                    return tx.send(Ok(done)).await.map_err(|_| None);
+                }
+            };
+            if tx.send(Ok(out)).await.is_err() {
+                return Err(None);
+            }
+        }
+    }
+}
+
+/// Serves the public API with health and reflection on `listener` until `shutdown` resolves.
+pub async fn run(
+    gateway: Gateway,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    info!(addr = ?listener.local_addr().ok(), "gateway serving");
+    let (reporter, health, reflection) = kiln_proto::standard::services();
+    reporter.set_serving::<ImageServiceServer<ImageApi>>().await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(ImageServiceServer::new(ImageApi(Arc::new(gateway))).max_encoding_message_size(64 << 20))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
