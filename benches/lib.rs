@@ -6,11 +6,18 @@
 use std::time::Duration;
 
 use kiln_model::{CandleEngine, Engine, NewSequence, SamplingParams};
-use kiln_scheduler::state::{Capacity, Command, Job, JobId, Output, SchedulerConfig, SchedulerState, SequenceReport, Tier};
+use kiln_scheduler::state::{
+    Capacity, Command, Job, JobId, Output, SchedulerConfig, SchedulerState, SequenceReport, Tier,
+};
 
 /// Prefills `batch` sequences of a `size`x`size` image and decodes them to `context_fill` of their
 /// image tokens, so that following decode steps attend over a realistic context. Returns their ids.
-pub fn decode_fixture(engine: &mut CandleEngine, batch: usize, size: u32, context_fill: f64) -> Vec<u64> {
+pub fn decode_fixture(
+    engine: &mut CandleEngine,
+    batch: usize,
+    size: u32,
+    context_fill: f64,
+) -> Vec<u64> {
     let info = engine.info();
     let prompt = "a red triangle above a blue star on a grey background";
     let seqs: Vec<NewSequence> = (0..batch as u64)
@@ -19,7 +26,12 @@ pub fn decode_fixture(engine: &mut CandleEngine, batch: usize, size: u32, contex
             prompt: prompt.into(),
             width: size,
             height: size,
-            sampling: SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: id + 1 },
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: id + 1,
+            },
             generated: Vec::new(),
             kv_blocks: info.blocks_needed(prompt.len(), size, size),
         })
@@ -45,7 +57,13 @@ pub struct SchedulerFixture {
 }
 
 fn job(id: JobId) -> Job {
-    Job { id, user: format!("user-{}", id % 997), tier: Tier::ALL[(id % 4) as usize], prompt_tokens: 40, image_tokens: 256 }
+    Job {
+        id,
+        user: format!("user-{}", id % 997),
+        tier: Tier::ALL[(id % 4) as usize],
+        prompt_tokens: 40,
+        image_tokens: 256,
+    }
 }
 
 impl SchedulerFixture {
@@ -58,7 +76,11 @@ impl SchedulerFixture {
         // Each worker has room for exactly its share of running jobs: 19 blocks of 16 tokens each.
         let per_worker = running / workers;
         for w in 0..workers {
-            let capacity = Capacity { kv_blocks: per_worker * 19, block_size: 16, max_batch: 64 };
+            let capacity = Capacity {
+                kv_blocks: per_worker * 19,
+                block_size: 16,
+                max_batch: 64,
+            };
             state.add_worker(w as u32, capacity, now);
             for _ in 0..per_worker {
                 let out = state.submit(job(next_job), now);
@@ -70,7 +92,13 @@ impl SchedulerFixture {
             state.submit(job(next_job), now);
             next_job += 1;
         }
-        SchedulerFixture { state, next_job, in_flight, turn: 0, now }
+        SchedulerFixture {
+            state,
+            next_job,
+            in_flight,
+            turn: 0,
+            now,
+        }
     }
 
     /// One decision: the next worker reports its call (one job finished, the rest advanced by a
@@ -83,7 +111,11 @@ impl SchedulerFixture {
         let reports: Vec<SequenceReport> = jobs
             .iter()
             .enumerate()
-            .map(|(i, &job)| SequenceReport { job, new_tokens: 1, finished: i == 0 && self.turn % 2 == 0 })
+            .map(|(i, &job)| SequenceReport {
+                job,
+                new_tokens: 1,
+                finished: i == 0 && self.turn.is_multiple_of(2),
+            })
             .collect();
         let mut out = self.state.step_done(w as u32, &reports, self.now);
         out.extend(self.state.submit(job(self.next_job), self.now));

@@ -5,7 +5,9 @@ use kiln_benches::SchedulerFixture;
 
 fn decisions(c: &mut Criterion) {
     let mut fixture = SchedulerFixture::new(10_000, 1_000);
-    c.bench_function("scheduler_decision_10k_waiting_1k_running", |b| b.iter(|| fixture.decide()));
+    c.bench_function("scheduler_decision_10k_waiting_1k_running", |b| {
+        b.iter(|| fixture.decide())
+    });
 }
 
 criterion_group!(benches, decisions);

@@ -8,7 +8,9 @@ use futures::StreamExt;
 use kiln_e2e::{authed, completed, png_size, Cluster, Preset};
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::worker_client::WorkerClient;
-use kiln_proto::v1::{generate_event, ClusterStatusRequest, GenerateRequest, InfoRequest, SamplingParams};
+use kiln_proto::v1::{
+    generate_event, ClusterStatusRequest, GenerateRequest, InfoRequest, SamplingParams,
+};
 use tonic::Code;
 
 fn request(prompt: &str, size: u32, seed: u64) -> GenerateRequest {
@@ -16,7 +18,13 @@ fn request(prompt: &str, size: u32, seed: u64) -> GenerateRequest {
         prompt: prompt.into(),
         width: size,
         height: size,
-        sampling: Some(SamplingParams { temperature: 1.0, has_temperature: true, top_k: 40, top_p: 0.95, seed }),
+        sampling: Some(SamplingParams {
+            temperature: 1.0,
+            has_temperature: true,
+            top_k: 40,
+            top_p: 0.95,
+            seed,
+        }),
         request_id: String::new(),
     }
 }
@@ -27,13 +35,24 @@ async fn concurrent_requests_complete_across_two_worker_processes() {
     let sizes = [16u32, 32, 64, 32, 16, 64, 32, 32];
     let runs = sizes.iter().enumerate().map(|(i, &size)| {
         let cluster = &cluster;
-        async move { (size, cluster.generate(request(&format!("shape number {i}"), size, i as u64 + 1)).await) }
+        async move {
+            (
+                size,
+                cluster
+                    .generate(request(&format!("shape number {i}"), size, i as u64 + 1))
+                    .await,
+            )
+        }
     });
     let results = futures::future::join_all(runs).await;
     let mut workers = HashSet::new();
     for (size, result) in results {
         let events = result.expect("generation succeeds");
-        assert!(matches!(events[0].event, Some(generate_event::Event::Queued(_))), "first event is queued: {:?}", events[0]);
+        assert!(
+            matches!(events[0].event, Some(generate_event::Event::Queued(_))),
+            "first event is queued: {:?}",
+            events[0]
+        );
         for e in &events {
             if let Some(generate_event::Event::Started(s)) = &e.event {
                 workers.insert(s.worker.clone());
@@ -51,66 +70,163 @@ async fn concurrent_requests_complete_across_two_worker_processes() {
         assert_eq!((image.width, image.height), (size, size));
         assert_eq!(image.usage.as_ref().map(|u| u.image_tokens), Some(tokens));
     }
-    assert_eq!(workers.len(), 2, "both workers served requests: {workers:?}");
+    assert_eq!(
+        workers.len(),
+        2,
+        "both workers served requests: {workers:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_seed_draws_the_same_image_alone_or_in_a_crowd() {
     let cluster = Cluster::start(2, Preset::Tiny).await;
-    let alone = cluster.generate(request("a blue star", 64, 42)).await.unwrap();
+    let alone = cluster
+        .generate(request("a blue star", 64, 42))
+        .await
+        .unwrap();
     let alone = completed(&alone).unwrap().png.clone();
 
-    let mut crowd: Vec<_> = (0..6).map(|i| request(&format!("noise {i}"), [16, 32, 64][i % 3], 100 + i as u64)).collect();
+    let mut crowd: Vec<_> = (0..6)
+        .map(|i| request(&format!("noise {i}"), [16, 32, 64][i % 3], 100 + i as u64))
+        .collect();
     crowd.insert(3, request("a blue star", 64, 42));
     let results = futures::future::join_all(crowd.into_iter().map(|r| cluster.generate(r))).await;
     let together = completed(results[3].as_ref().unwrap()).unwrap().png.clone();
-    assert_eq!(alone, together, "same prompt and seed, different batch companions, same bytes");
+    assert_eq!(
+        alone, together,
+        "same prompt and seed, different batch companions, same bytes"
+    );
 
-    let other = cluster.generate(request("a blue star", 64, 43)).await.unwrap();
-    assert_ne!(completed(&other).unwrap().png, alone, "another seed draws another image");
+    let other = cluster
+        .generate(request("a blue star", 64, 43))
+        .await
+        .unwrap();
+    assert_ne!(
+        completed(&other).unwrap().png,
+        alone,
+        "another seed draws another image"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_a_clear_status_naming_the_field() {
     let cluster = Cluster::start(1, Preset::Tiny).await;
-    let sampling = |s: SamplingParams| GenerateRequest { sampling: Some(s), ..request("ok", 32, 1) };
+    let sampling = |s: SamplingParams| GenerateRequest {
+        sampling: Some(s),
+        ..request("ok", 32, 1)
+    };
     let cases: Vec<(GenerateRequest, &str)> = vec![
         (request("", 32, 1), "prompt"),
         (request("   ", 32, 1), "prompt"),
         (request(&"x".repeat(300), 32, 1), "prompt"),
         (request("ok", 48, 1), "width"),
-        (GenerateRequest { height: 4096, ..request("ok", 32, 1) }, "height"),
-        (sampling(SamplingParams { temperature: 3.0, has_temperature: true, ..Default::default() }), "sampling.temperature"),
-        (sampling(SamplingParams { temperature: -1.0, has_temperature: true, ..Default::default() }), "sampling.temperature"),
-        (sampling(SamplingParams { top_p: 1.01, ..Default::default() }), "sampling.top_p"),
-        (sampling(SamplingParams { top_k: 100_000, ..Default::default() }), "sampling.top_k"),
-        (GenerateRequest { request_id: "bad id!".into(), ..request("ok", 32, 1) }, "request_id"),
+        (
+            GenerateRequest {
+                height: 4096,
+                ..request("ok", 32, 1)
+            },
+            "height",
+        ),
+        (
+            sampling(SamplingParams {
+                temperature: 3.0,
+                has_temperature: true,
+                ..Default::default()
+            }),
+            "sampling.temperature",
+        ),
+        (
+            sampling(SamplingParams {
+                temperature: -1.0,
+                has_temperature: true,
+                ..Default::default()
+            }),
+            "sampling.temperature",
+        ),
+        (
+            sampling(SamplingParams {
+                top_p: 1.01,
+                ..Default::default()
+            }),
+            "sampling.top_p",
+        ),
+        (
+            sampling(SamplingParams {
+                top_k: 100_000,
+                ..Default::default()
+            }),
+            "sampling.top_k",
+        ),
+        (
+            GenerateRequest {
+                request_id: "bad id!".into(),
+                ..request("ok", 32, 1)
+            },
+            "request_id",
+        ),
     ];
     for (req, field) in cases {
-        let status = cluster.generate(req.clone()).await.expect_err(&format!("{field} must be refused: {req:?}"));
+        let status = cluster
+            .generate(req.clone())
+            .await
+            .expect_err(&format!("{field} must be refused: {req:?}"));
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
-        assert!(status.message().starts_with(field), "message names {field}: {}", status.message());
+        assert!(
+            status.message().starts_with(field),
+            "message names {field}: {}",
+            status.message()
+        );
     }
 
     let mut client = cluster.client().await;
-    let status = client.generate(request("ok", 32, 1)).await.expect_err("no key");
+    let status = client
+        .generate(request("ok", 32, 1))
+        .await
+        .expect_err("no key");
     assert_eq!(status.code(), Code::Unauthenticated);
     let mut bad_key = tonic::Request::new(request("ok", 32, 1));
-    bad_key.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
-    assert_eq!(client.generate(bad_key).await.expect_err("bad key").code(), Code::Unauthenticated);
-    assert!(!cluster.log("gateway").contains("wrong"), "keys never reach the logs");
+    bad_key
+        .metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(
+        client.generate(bad_key).await.expect_err("bad key").code(),
+        Code::Unauthenticated
+    );
+    assert!(
+        !cluster.log("gateway").contains("wrong"),
+        "keys never reach the logs"
+    );
 
     // The cluster still serves after all that.
-    assert!(completed(&cluster.generate(request("still fine", 32, 5)).await.unwrap()).is_some());
+    assert!(completed(
+        &cluster
+            .generate(request("still fine", 32, 5))
+            .await
+            .unwrap()
+    )
+    .is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_cancels_and_frees_the_sequence_on_the_worker() {
     let cluster = Cluster::start(1, Preset::TwentyM).await;
-    let mut worker = WorkerClient::connect(cluster.workers[0].clone()).await.unwrap();
-    let total = worker.info(InfoRequest {}).await.unwrap().into_inner().kv_blocks_total;
+    let mut worker = WorkerClient::connect(cluster.workers[0].clone())
+        .await
+        .unwrap();
+    let total = worker
+        .info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .kv_blocks_total;
 
-    let mut stream = cluster.client().await.generate(authed(request("a long one", 256, 9))).await.unwrap().into_inner();
+    let mut stream = cluster
+        .client()
+        .await
+        .generate(authed(request("a long one", 256, 9)))
+        .await
+        .unwrap()
+        .into_inner();
     // Wait until it is really generating on the worker.
     loop {
         let event = stream.next().await.expect("stream open").expect("no error");
@@ -132,8 +248,14 @@ async fn dropping_the_stream_cancels_and_frees_the_sequence_on_the_worker() {
         assert!(Instant::now() < deadline, "sequence not released: {info:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut scheduler = SchedulerClient::connect(cluster.scheduler.clone()).await.unwrap();
-    let status = scheduler.cluster_status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    let mut scheduler = SchedulerClient::connect(cluster.scheduler.clone())
+        .await
+        .unwrap();
+    let status = scheduler
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((status.waiting, status.running), (0, 0));
     assert_eq!(status.workers[0].kv_blocks_free, total);
 }
@@ -142,13 +264,23 @@ async fn dropping_the_stream_cancels_and_frees_the_sequence_on_the_worker() {
 async fn a_crashed_worker_costs_time_not_work() {
     let mut cluster = Cluster::start(2, Preset::TwentyM).await;
     // Reference image, undisturbed.
-    let reference = cluster.generate(request("survive a crash", 128, 77)).await.unwrap();
+    let reference = cluster
+        .generate(request("survive a crash", 128, 77))
+        .await
+        .unwrap();
     let reference = completed(&reference).unwrap().png.clone();
 
-    let mut stream = cluster.client().await.generate(authed(request("survive a crash", 128, 77))).await.unwrap().into_inner();
+    let mut stream = cluster
+        .client()
+        .await
+        .generate(authed(request("survive a crash", 128, 77)))
+        .await
+        .unwrap()
+        .into_inner();
     let mut first_worker = None;
     while first_worker.is_none() {
-        if let Some(generate_event::Event::Started(s)) = stream.next().await.unwrap().unwrap().event {
+        if let Some(generate_event::Event::Started(s)) = stream.next().await.unwrap().unwrap().event
+        {
             first_worker = Some(s.worker);
         }
     }
@@ -167,5 +299,8 @@ async fn a_crashed_worker_costs_time_not_work() {
     if let Some(other) = restarted_on {
         assert_ne!(other, first_worker);
     }
-    assert_eq!(image, reference, "resumed from its tokens, the image is the same");
+    assert_eq!(
+        image, reference,
+        "resumed from its tokens, the image is the same"
+    );
 }

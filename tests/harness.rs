@@ -2,7 +2,7 @@
 //! scheduler, a gateway) on free loopback ports with a temporary model and keys file, and kills them
 //! when the cluster value is dropped. Every test talks to the cluster over real gRPC, as a service would.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_proto::v1::image_service_client::ImageServiceClient;
 use kiln_proto::v1::scheduler_client::SchedulerClient;
-use kiln_proto::v1::{generate_event, ClusterStatusRequest, GenerateEvent, GenerateRequest, GetModelInfoRequest};
+use kiln_proto::v1::{
+    generate_event, ClusterStatusRequest, GenerateEvent, GenerateRequest, GetModelInfoRequest,
+};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
@@ -22,21 +24,21 @@ pub const API_KEY: &str = "test-key-for-e2e";
 pub fn kiln_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "--quiet", "-p", "kiln"])
             .current_dir(&root)
             .status()
             .expect("running cargo build");
         assert!(status.success(), "cargo build -p kiln failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
         target.join("debug").join("kiln")
     })
-}
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Model presets of `kiln model init`.
@@ -64,41 +66,90 @@ impl Cluster {
             Preset::Tiny => "tiny",
             Preset::TwentyM => "20m",
         };
-        run_ok(Command::new(kiln_bin()).args(["model", "init", "--preset", preset_name, "--out"]).arg(&model));
+        run_ok(
+            Command::new(kiln_bin())
+                .args(["model", "init", "--preset", preset_name, "--out"])
+                .arg(&model),
+        );
         let keys = dir.path().join("keys.toml");
         let digest = hex::encode(Sha256::digest(API_KEY.as_bytes()));
         std::fs::write(&keys, format!("[[keys]]\nid = \"e2e\"\nsha256 = \"{digest}\"\nuser = \"tester\"\ntier = \"pro\"\n")).expect("keys file");
 
-        let mut cluster = Cluster { dir, gateway: String::new(), scheduler: String::new(), workers: Vec::new(), children: Vec::new() };
+        let mut cluster = Cluster {
+            dir,
+            gateway: String::new(),
+            scheduler: String::new(),
+            workers: Vec::new(),
+            children: Vec::new(),
+        };
+        let any_port = "127.0.0.1:0";
+        let model = model.to_str().expect("utf-8 path");
         for i in 0..workers {
-            let port = free_port();
             let name = format!("worker-{i}");
-            cluster.spawn(&name, &["worker", "--listen", &format!("127.0.0.1:{port}"), "--name", &name, "--kv-blocks", "512", "--model", model.to_str().expect("utf-8 path")]);
-            cluster.workers.push(format!("http://127.0.0.1:{port}"));
+            let args = [
+                "worker",
+                "--listen",
+                any_port,
+                "--name",
+                &name,
+                "--kv-blocks",
+                "512",
+                "--model",
+                model,
+            ];
+            let addr = cluster.spawn(&name, &args);
+            cluster.workers.push(addr);
         }
-        let port = free_port();
         let worker_list = cluster.workers.join(",");
-        cluster.spawn("scheduler", &["scheduler", "--listen", &format!("127.0.0.1:{port}"), "--worker", &worker_list]);
-        cluster.scheduler = format!("http://127.0.0.1:{port}");
-        let port = free_port();
+        cluster.scheduler = cluster.spawn(
+            "scheduler",
+            &["scheduler", "--listen", any_port, "--worker", &worker_list],
+        );
         let scheduler = cluster.scheduler.clone();
-        cluster.spawn("gateway", &["gateway", "--listen", &format!("127.0.0.1:{port}"), "--scheduler", &scheduler, "--keys", keys.to_str().expect("utf-8 path")]);
-        cluster.gateway = format!("http://127.0.0.1:{port}");
+        let keys = keys.to_str().expect("utf-8 path");
+        let args = [
+            "gateway",
+            "--listen",
+            any_port,
+            "--scheduler",
+            &scheduler,
+            "--keys",
+            keys,
+        ];
+        cluster.gateway = cluster.spawn("gateway", &args);
         cluster.wait_ready().await;
         cluster
     }
 
-    fn spawn(&mut self, name: &str, args: &[&str]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
-        let child = Command::new(kiln_bin())
+    /// Starts a server process on port 0 and returns the `http://` address it announced.
+    fn spawn(&mut self, name: &str, args: &[&str]) -> String {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let mut child = Command::new(kiln_bin())
             .args(args)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
         self.children.push((name.to_string(), child));
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the announcement");
+        let addr = line
+            .trim()
+            .rsplit_once("listening on ")
+            .map(|(_, a)| a.to_string())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} did not announce its address; log:\n{}",
+                    self.log(name)
+                )
+            });
+        format!("http://{addr}")
     }
 
     /// Kills one process (e.g. a worker) at once, as a crash would.
@@ -118,26 +169,51 @@ impl Cluster {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let (Ok(mut gateway), Ok(mut scheduler)) =
-                (ImageServiceClient::connect(self.gateway.clone()).await, SchedulerClient::connect(self.scheduler.clone()).await)
-            {
-                let workers = scheduler.cluster_status(ClusterStatusRequest {}).await.map(|s| s.into_inner().workers.len());
-                if workers.is_ok_and(|n| n == self.workers.len()) && gateway.get_model_info(authed(GetModelInfoRequest {})).await.is_ok() {
+            if let (Ok(mut gateway), Ok(mut scheduler)) = (
+                ImageServiceClient::connect(self.gateway.clone()).await,
+                SchedulerClient::connect(self.scheduler.clone()).await,
+            ) {
+                let workers = scheduler
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+                    .map(|s| s.into_inner().workers.len());
+                if workers.is_ok_and(|n| n == self.workers.len())
+                    && gateway
+                        .get_model_info(authed(GetModelInfoRequest {}))
+                        .await
+                        .is_ok()
+                {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "cluster not ready in 60 s; gateway log:\n{}\nscheduler log:\n{}", self.log("gateway"), self.log("scheduler"));
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ready in 60 s; gateway log:\n{}\nscheduler log:\n{}",
+                self.log("gateway"),
+                self.log("scheduler")
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn client(&self) -> ImageServiceClient<Channel> {
-        ImageServiceClient::connect(self.gateway.clone()).await.expect("gateway reachable").max_decoding_message_size(64 << 20)
+        ImageServiceClient::connect(self.gateway.clone())
+            .await
+            .expect("gateway reachable")
+            .max_decoding_message_size(64 << 20)
     }
 
     /// Runs one Generate to its end: every event, or the status that ended it.
-    pub async fn generate(&self, request: GenerateRequest) -> Result<Vec<GenerateEvent>, tonic::Status> {
-        let mut stream = self.client().await.generate(authed(request)).await?.into_inner();
+    pub async fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<Vec<GenerateEvent>, tonic::Status> {
+        let mut stream = self
+            .client()
+            .await
+            .generate(authed(request))
+            .await?
+            .into_inner();
         let mut events = Vec::new();
         while let Some(event) = stream.next().await {
             events.push(event?);
@@ -157,13 +233,20 @@ impl Drop for Cluster {
 
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().expect("running kiln");
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Wraps a message with the test API key.
 pub fn authed<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {API_KEY}").parse().expect("ascii"));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {API_KEY}").parse().expect("ascii"),
+    );
     request
 }
 

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["kiln/v1/image.proto", "kiln/v1/worker.proto", "kiln/v1/scheduler.proto"];
+    let files = [
+        "kiln/v1/image.proto",
+        "kiln/v1/worker.proto",
+        "kiln/v1/scheduler.proto",
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

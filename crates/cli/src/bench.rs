@@ -48,13 +48,24 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 }
 
 fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize) -> WorkerOpts {
-    WorkerOpts { model: model.clone(), device: "cpu".into(), kv_blocks: 64 * 96, block_size: 16, max_batch }
+    WorkerOpts {
+        model: model.clone(),
+        device: "cpu".into(),
+        kv_blocks: 64 * 96,
+        block_size: 16,
+        max_batch,
+    }
 }
 
 pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
     let model_dir = cluster::ensure_model(&worker_opts(&args.model, 64), data_dir)?;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("kiln bench: model {} on cpu, {threads} threads", model_dir.display());
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "kiln bench: model {} on cpu, {threads} threads",
+        model_dir.display()
+    );
     if matches!(args.only.as_str(), "all" | "decode") {
         decode(&args, &model_dir)?;
     }
@@ -70,7 +81,8 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
 fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
     println!("\n== decode step, 128x128 image, context ~100-200 tokens ==");
     println!("{:>6} {:>14} {:>16}", "batch", "median step ms", "tokens/s");
-    let mut engine = cluster::build_engine(&worker_opts(&Some(model_dir.to_path_buf()), 64), model_dir)?;
+    let mut engine =
+        cluster::build_engine(&worker_opts(&Some(model_dir.to_path_buf()), 64), model_dir)?;
     for batch in [1usize, 4, 16, 64] {
         let ids = kiln_benches::decode_fixture(&mut engine, batch, 128, 0.4);
         let mut times = Vec::with_capacity(args.steps);
@@ -87,18 +99,41 @@ fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
 }
 
 /// One run: `jobs` requests arrive at once; returns seconds until the last image.
-async fn batching_run(args: &BenchArgs, model_dir: &Path, max_batch: usize, static_batching: bool) -> Result<f64> {
-    let engine = cluster::build_engine(&worker_opts(&Some(model_dir.to_path_buf()), max_batch), model_dir)?;
+async fn batching_run(
+    args: &BenchArgs,
+    model_dir: &Path,
+    max_batch: usize,
+    static_batching: bool,
+) -> Result<f64> {
+    let engine = cluster::build_engine(
+        &worker_opts(&Some(model_dir.to_path_buf()), max_batch),
+        model_dir,
+    )?;
     let listener = cluster::bind("127.0.0.1:0".parse()?, "bench worker").await?;
     let address = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = watch::channel(false);
     let mut wait = stopped.clone();
-    let worker = tokio::spawn(kiln_worker::run("bench-worker".into(), engine, listener, async move {
-        let _ = wait.wait_for(|s| *s).await;
-    }));
-    let batching = SchedulerConfig { static_batching, ..Default::default() };
-    let handle = kiln_scheduler::spawn(RuntimeConfig { batching, workers: vec![address], ..Default::default() });
-    handle.wait_for_model(Duration::from_secs(30)).await.context("bench worker did not come up")?;
+    let worker = tokio::spawn(kiln_worker::run(
+        "bench-worker".into(),
+        engine,
+        listener,
+        async move {
+            let _ = wait.wait_for(|s| *s).await;
+        },
+    ));
+    let batching = SchedulerConfig {
+        static_batching,
+        ..Default::default()
+    };
+    let handle = kiln_scheduler::spawn(RuntimeConfig {
+        batching,
+        workers: vec![address],
+        ..Default::default()
+    });
+    handle
+        .wait_for_model(Duration::from_secs(30))
+        .await
+        .context("bench worker did not come up")?;
     let start = Instant::now();
     let mut streams = Vec::new();
     for i in 0..args.jobs {
@@ -109,7 +144,12 @@ async fn batching_run(args: &BenchArgs, model_dir: &Path, max_batch: usize, stat
             prompt: format!("a red triangle above a blue star, variant {i}"),
             width: args.size,
             height: args.size,
-            sampling: Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: i as u64 + 1 },
+            sampling: Sampling {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: i as u64 + 1,
+            },
         };
         streams.push(handle.submit(job).await?);
     }
@@ -130,19 +170,33 @@ async fn batching_run(args: &BenchArgs, model_dir: &Path, max_batch: usize, stat
 }
 
 async fn batching(args: &BenchArgs, model_dir: &Path) -> Result<()> {
-    println!("\n== throughput: {} requests of {}x{} at once, one worker over gRPC ==", args.jobs, args.size, args.size);
-    let modes: [(&str, usize, bool); 3] = [("one-at-a-time", 1, false), ("static batch", 64, true), ("continuous", 64, false)];
+    println!(
+        "\n== throughput: {} requests of {}x{} at once, one worker over gRPC ==",
+        args.jobs, args.size, args.size
+    );
+    let modes: [(&str, usize, bool); 3] = [
+        ("one-at-a-time", 1, false),
+        ("static batch", 64, true),
+        ("continuous", 64, false),
+    ];
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for _ in 0..args.repeats {
         for (i, (_, max_batch, static_batching)) in modes.iter().enumerate() {
             seconds[i].push(batching_run(args, model_dir, *max_batch, *static_batching).await?);
         }
     }
-    println!("{:>14} {:>12} {:>10} {:>14}", "mode", "median s", "images/s", "vs one-at-a-time");
+    println!(
+        "{:>14} {:>12} {:>10} {:>14}",
+        "mode", "median s", "images/s", "vs one-at-a-time"
+    );
     let base = median(seconds[0].clone());
     for (i, (name, _, _)) in modes.iter().enumerate() {
         let m = median(seconds[i].clone());
-        println!("{name:>14} {m:>12.2} {:>10.2} {:>13.2}x", args.jobs as f64 / m, base / m);
+        println!(
+            "{name:>14} {m:>12.2} {:>10.2} {:>13.2}x",
+            args.jobs as f64 / m,
+            base / m
+        );
     }
     Ok(())
 }

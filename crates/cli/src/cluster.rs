@@ -46,10 +46,11 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -67,14 +68,19 @@ pub fn default_model_dir(data_dir: &Path) -> PathBuf {
 pub fn ensure_model(opts: &WorkerOpts, data_dir: &Path) -> Result<PathBuf> {
     if let Some(dir) = &opts.model {
         if !dir.join("config.json").exists() {
-            bail!("--model {}: no config.json there; create one with `kiln model init --out {}`", dir.display(), dir.display());
+            bail!(
+                "--model {}: no config.json there; create one with `kiln model init --out {}`",
+                dir.display(),
+                dir.display()
+            );
         }
         return Ok(dir.clone());
     }
     let dir = default_model_dir(data_dir);
     if !dir.join("model.safetensors").exists() {
         info!(dir = %dir.display(), "no trained model is shipped yet: creating a randomly initialised ~20M-parameter model");
-        Transformer::init_random(&ModelConfig::random_20m(), 0, &dir).with_context(|| format!("creating {}", dir.display()))?;
+        Transformer::init_random(&ModelConfig::random_20m(), 0, &dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     Ok(dir)
 }
@@ -83,21 +89,37 @@ fn device(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
-    let ordinal: usize = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()).with_context(|| format!("device {name:?}"))?;
-    Device::new_cuda(ordinal).with_context(|| format!("opening {name} (is this binary built with `--features cuda`?)"))
+    let ordinal: usize = name
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("device {name:?}"))?;
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("opening {name} (is this binary built with `--features cuda`?)"))
 }
 
 /// Loads the model and builds its engine.
 pub fn build_engine(opts: &WorkerOpts, model_dir: &Path) -> Result<CandleEngine> {
-    let model = Transformer::load(model_dir, &device(&opts.device)?).with_context(|| format!("loading model from {}", model_dir.display()))?;
-    Ok(CandleEngine::new(model, opts.kv_blocks, opts.block_size, opts.max_batch))
+    let model = Transformer::load(model_dir, &device(&opts.device)?)
+        .with_context(|| format!("loading model from {}", model_dir.display()))?;
+    Ok(CandleEngine::new(
+        model,
+        opts.kv_blocks,
+        opts.block_size,
+        opts.max_batch,
+    ))
 }
 
 /// Builds the gateway's pipeline over `backend`.
-pub fn build_gateway(opts: &GatewayOpts, keys: &Path, backend: Arc<dyn Backend>) -> Result<Gateway> {
+pub fn build_gateway(
+    opts: &GatewayOpts,
+    keys: &Path,
+    backend: Arc<dyn Backend>,
+) -> Result<Gateway> {
     let auth = StaticKeys::load(opts.pepper.clone(), keys).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Gateway {
-        config: GatewayConfig { request_deadline: Duration::from_secs(opts.request_deadline) },
+        config: GatewayConfig {
+            request_deadline: Duration::from_secs(opts.request_deadline),
+        },
         auth: Arc::new(auth),
         policy: Arc::new(AllowAll),
         admission: Arc::new(Unlimited::default()),
@@ -113,12 +135,20 @@ pub fn ensure_dev_key(data_dir: &Path, pepper: &str) -> Result<PathBuf> {
     if keys_path.exists() && key_path.exists() {
         return Ok(keys_path);
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let key = format!("kiln-dev-{}", uuid::Uuid::new_v4().simple());
     let file = KeysFile {
-        keys: vec![KeyRecord { id: "dev".into(), sha256: hash_key(pepper, &key), user: "dev".into(), org: None, tier: "pro".into() }],
+        keys: vec![KeyRecord {
+            id: "dev".into(),
+            sha256: hash_key(pepper, &key),
+            user: "dev".into(),
+            org: None,
+            tier: "pro".into(),
+        }],
     };
-    std::fs::write(&keys_path, toml::to_string(&file)?).with_context(|| format!("writing {}", keys_path.display()))?;
+    std::fs::write(&keys_path, toml::to_string(&file)?)
+        .with_context(|| format!("writing {}", keys_path.display()))?;
     write_private(&key_path, &key)?;
     info!(keys = %keys_path.display(), key_file = %key_path.display(), "created a development API key (user dev, tier pro)");
     Ok(keys_path)
@@ -136,5 +166,17 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
 
 /// Binds a listener, naming the setting on failure.
 pub async fn bind(addr: SocketAddr, setting: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("{setting}: cannot listen on {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{setting}: cannot listen on {addr}"))
+}
+
+/// Prints `kiln <role> listening on <addr>` on stdout, so that whoever started the process with
+/// `--listen 127.0.0.1:0` learns the port without racing for one.
+pub fn announce(role: &str, listener: &TcpListener) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "kiln {role} listening on {}", listener.local_addr()?)?;
+    out.flush()?;
+    Ok(())
 }

@@ -10,17 +10,35 @@ use kiln_telemetry::env_names as env;
 
 /// Loads `[section]` tables of a TOML file into `KILN_<SECTION>_<KEY>` variables that are not set yet.
 pub fn apply_config_file(path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("parsing config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing config file {}", path.display()))?;
     for (section, values) in table {
         let toml::Value::Table(values) = values else {
-            bail!("config file {}: `{section}` must be a table like [worker]", path.display());
+            bail!(
+                "config file {}: `{section}` must be a table like [worker]",
+                path.display()
+            );
         };
         for (key, value) in values {
-            let name = format!("KILN_{}_{}", section.to_uppercase(), key.to_uppercase().replace('-', "_"));
+            let name = format!(
+                "KILN_{}_{}",
+                section.to_uppercase(),
+                key.to_uppercase().replace('-', "_")
+            );
             let value = match value {
                 toml::Value::String(s) => s,
-                toml::Value::Array(items) => items.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(","),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
                 other => other.to_string(),
             };
             if std::env::var_os(&name).is_none() {
@@ -59,13 +77,20 @@ impl WorkerOpts {
             bail!("--kv-blocks ({}) must be positive", env::WORKER_KV_BLOCKS);
         }
         if self.block_size == 0 || self.block_size > 1024 {
-            bail!("--block-size ({}) must be in 1..=1024", env::WORKER_BLOCK_SIZE);
+            bail!(
+                "--block-size ({}) must be in 1..=1024",
+                env::WORKER_BLOCK_SIZE
+            );
         }
         if self.max_batch == 0 {
             bail!("--max-batch ({}) must be positive", env::WORKER_MAX_BATCH);
         }
         if self.device != "cpu" && !self.device.starts_with("cuda:") {
-            bail!("--device ({}) must be `cpu` or `cuda:N`, got {:?}", env::WORKER_DEVICE, self.device);
+            bail!(
+                "--device ({}) must be `cpu` or `cuda:N`, got {:?}",
+                env::WORKER_DEVICE,
+                self.device
+            );
         }
         Ok(())
     }
@@ -87,11 +112,20 @@ pub struct BatchingOpts {
 
 impl BatchingOpts {
     pub fn validate(&self) -> Result<()> {
-        if self.max_steps_per_call == 0 || self.max_steps_per_call > kiln_worker::MAX_STEPS_PER_CALL as usize {
-            bail!("--max-steps-per-call ({}) must be in 1..={}", env::SCHEDULER_MAX_STEPS_PER_CALL, kiln_worker::MAX_STEPS_PER_CALL);
+        if self.max_steps_per_call == 0
+            || self.max_steps_per_call > kiln_worker::MAX_STEPS_PER_CALL as usize
+        {
+            bail!(
+                "--max-steps-per-call ({}) must be in 1..={}",
+                env::SCHEDULER_MAX_STEPS_PER_CALL,
+                kiln_worker::MAX_STEPS_PER_CALL
+            );
         }
         if self.max_prefill_tokens == 0 {
-            bail!("--max-prefill-tokens ({}) must be positive", env::SCHEDULER_MAX_PREFILL_TOKENS);
+            bail!(
+                "--max-prefill-tokens ({}) must be positive",
+                env::SCHEDULER_MAX_PREFILL_TOKENS
+            );
         }
         Ok(())
     }
@@ -123,7 +157,10 @@ pub struct GatewayOpts {
 impl GatewayOpts {
     pub fn validate(&self) -> Result<()> {
         if self.request_deadline == 0 {
-            bail!("--request-deadline ({}) must be positive", env::GATEWAY_REQUEST_DEADLINE);
+            bail!(
+                "--request-deadline ({}) must be positive",
+                env::GATEWAY_REQUEST_DEADLINE
+            );
         }
         Ok(())
     }
@@ -137,13 +174,20 @@ mod tests {
     fn file_fills_only_unset_variables() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.toml");
-        std::fs::write(&path, "[testsection]\nalpha = 7\nbeta = \"x\"\nlist = [\"a\", \"b\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "[testsection]\nalpha = 7\nbeta = \"x\"\nlist = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
         std::env::set_var("KILN_TESTSECTION_BETA", "from-env");
         apply_config_file(&path).unwrap();
         assert_eq!(std::env::var("KILN_TESTSECTION_ALPHA").unwrap(), "7");
         assert_eq!(std::env::var("KILN_TESTSECTION_BETA").unwrap(), "from-env");
         assert_eq!(std::env::var("KILN_TESTSECTION_LIST").unwrap(), "a,b");
         std::fs::write(&path, "top = 1\n").unwrap();
-        assert!(apply_config_file(&path).unwrap_err().to_string().contains("must be a table"));
+        assert!(apply_config_file(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("must be a table"));
     }
 }

@@ -50,7 +50,13 @@ pub struct GenerateArgs {
 
 impl GenerateArgs {
     /// The arguments `kiln up --generate` uses against its own gateway.
-    pub fn for_local(prompt: String, output: PathBuf, size: u32, gateway: SocketAddr, _data_dir: &Path) -> Self {
+    pub fn for_local(
+        prompt: String,
+        output: PathBuf,
+        size: u32,
+        gateway: SocketAddr,
+        _data_dir: &Path,
+    ) -> Self {
         GenerateArgs {
             prompt,
             output,
@@ -72,8 +78,13 @@ fn api_key(args: &GenerateArgs, data_dir: &Path) -> Result<String> {
         return Ok(k.clone());
     }
     let path = data_dir.join("dev-api-key");
-    let key = std::fs::read_to_string(&path)
-        .with_context(|| format!("no --api-key ({}) given and no development key at {}", env::API_KEY, path.display()))?;
+    let key = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no --api-key ({}) given and no development key at {}",
+            env::API_KEY,
+            path.display()
+        )
+    })?;
     Ok(key.trim().to_string())
 }
 
@@ -96,10 +107,27 @@ pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
         }),
         request_id: String::new(),
     });
-    request.metadata_mut().insert("authorization", format!("Bearer {key}").parse().context("API key is not valid metadata")?);
-    let mut stream = client.generate(request).await.map_err(describe)?.into_inner();
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} tokens {elapsed}").expect("static template").progress_chars("=> "));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}")
+            .parse()
+            .context("API key is not valid metadata")?,
+    );
+    let mut stream = client
+        .generate(request)
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} tokens {elapsed}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
     while let Some(event) = stream.next().await {
         let event = event.map_err(describe)?;
         match event.event {
@@ -112,7 +140,8 @@ pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
             }
             Some(Event::Completed(c)) => {
                 bar.finish_and_clear();
-                std::fs::write(&args.output, &c.png).with_context(|| format!("writing {}", args.output.display()))?;
+                std::fs::write(&args.output, &c.png)
+                    .with_context(|| format!("writing {}", args.output.display()))?;
                 let usage = c.usage.unwrap_or_default();
                 println!(
                     "wrote {} ({}x{}, {} bytes) request {} seed {} in {:.2}s queue + {:.2}s generation",

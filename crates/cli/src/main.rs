@@ -117,19 +117,35 @@ enum ModelCommand {
 
 fn main() -> Result<()> {
     // The config file only fills unset variables, so it must be read before clap reads them.
-    let early = std::env::args().skip_while(|a| a != "--config").nth(1).map(PathBuf::from).or_else(|| std::env::var_os(env::CONFIG).map(PathBuf::from));
+    let early = std::env::args()
+        .skip_while(|a| a != "--config")
+        .nth(1)
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os(env::CONFIG).map(PathBuf::from));
     if let Some(path) = early {
         config::apply_config_file(&path)?;
     }
     let cli = Cli::parse();
     kiln_telemetry::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Up { listen, workers, worker, batching, gateway, generate, output, size } => {
+        Command::Up {
+            listen,
+            workers,
+            worker,
+            batching,
+            gateway,
+            generate,
+            output,
+            size,
+        } => {
             worker.validate()?;
             batching.validate()?;
             gateway.validate()?;
@@ -147,17 +163,30 @@ async fn run(cli: Cli) -> Result<()> {
                 let engine = cluster::build_engine(&worker, &model_dir)?;
                 let listener = cluster::bind("127.0.0.1:0".parse()?, "worker listener").await?;
                 addresses.push(format!("http://{}", listener.local_addr()?));
-                tokio::spawn(kiln_worker::run(format!("worker-{i}"), engine, listener, shutdown.clone().wait()));
+                tokio::spawn(kiln_worker::run(
+                    format!("worker-{i}"),
+                    engine,
+                    listener,
+                    shutdown.clone().wait(),
+                ));
             }
-            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig { batching: batching.to_config(), workers: addresses, ..Default::default() });
+            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig {
+                batching: batching.to_config(),
+                workers: addresses,
+                ..Default::default()
+            });
             let gw = cluster::build_gateway(&gateway, &keys, Arc::new(handle.clone()))?;
             let listener = cluster::bind(listen, "--listen").await?;
             let addr = listener.local_addr()?;
             let server = tokio::spawn(kiln_gateway::run(gw, listener, shutdown.clone().wait()));
-            handle.wait_for_model(Duration::from_secs(60)).await.context("no worker came up within 60 s")?;
+            handle
+                .wait_for_model(Duration::from_secs(60))
+                .await
+                .context("no worker came up within 60 s")?;
             info!(gateway = %addr, workers, model = %model_dir.display(), "kiln is up");
             if let Some(prompt) = generate {
-                let args = generate::GenerateArgs::for_local(prompt, output, size, addr, &cli.data_dir);
+                let args =
+                    generate::GenerateArgs::for_local(prompt, output, size, addr, &cli.data_dir);
                 let result = generate::run(args, &cli.data_dir).await;
                 let _ = stop.send(true);
                 let _ = server.await;
@@ -167,37 +196,79 @@ async fn run(cli: Cli) -> Result<()> {
             server.await??;
             Ok(())
         }
-        Command::Gateway { listen, scheduler, gateway } => {
+        Command::Gateway {
+            listen,
+            scheduler,
+            gateway,
+        } => {
             gateway.validate()?;
-            let keys = gateway.keys.clone().context("--keys (KILN_GATEWAY_KEYS) is required: an API keys file")?;
-            let backend = kiln_gateway::backend::RemoteScheduler::new(&scheduler).map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
+            let keys = gateway
+                .keys
+                .clone()
+                .context("--keys (KILN_GATEWAY_KEYS) is required: an API keys file")?;
+            let backend = kiln_gateway::backend::RemoteScheduler::new(&scheduler)
+                .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
             let gw = cluster::build_gateway(&gateway, &keys, Arc::new(backend))?;
             let (_stop, shutdown) = Shutdown::on_signal();
-            kiln_gateway::run(gw, cluster::bind(listen, "--listen").await?, shutdown.wait()).await?;
+            let listener = cluster::bind(listen, "--listen").await?;
+            cluster::announce("gateway", &listener)?;
+            kiln_gateway::run(gw, listener, shutdown.wait()).await?;
             Ok(())
         }
-        Command::Scheduler { listen, workers, batching } => {
+        Command::Scheduler {
+            listen,
+            workers,
+            batching,
+        } => {
             batching.validate()?;
-            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig { batching: batching.to_config(), workers, ..Default::default() });
+            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig {
+                batching: batching.to_config(),
+                workers,
+                ..Default::default()
+            });
             let (_stop, shutdown) = Shutdown::on_signal();
-            kiln_scheduler::service::run(handle, cluster::bind(listen, "--listen").await?, shutdown.wait()).await?;
+            let listener = cluster::bind(listen, "--listen").await?;
+            cluster::announce("scheduler", &listener)?;
+            kiln_scheduler::service::run(handle, listener, shutdown.wait()).await?;
             Ok(())
         }
-        Command::Worker { listen, name, worker } => {
+        Command::Worker {
+            listen,
+            name,
+            worker,
+        } => {
             worker.validate()?;
             let model_dir = cluster::ensure_model(&worker, &cli.data_dir)?;
             let engine = cluster::build_engine(&worker, &model_dir)?;
             let listener = cluster::bind(listen, "--listen").await?;
-            let name = name.unwrap_or_else(|| format!("worker-{}", listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "worker-{}",
+                    listener.local_addr().map(|a| a.port()).unwrap_or(0)
+                )
+            });
             let (_stop, shutdown) = Shutdown::on_signal();
+            cluster::announce("worker", &listener)?;
             kiln_worker::run(name, engine, listener, shutdown.wait()).await?;
             Ok(())
         }
         Command::Generate(args) => generate::run(args, &cli.data_dir).await,
-        Command::Model { command: ModelCommand::Init { out, preset, seed } } => {
-            let cfg = if preset == "tiny" { kiln_model::ModelConfig::tiny() } else { kiln_model::ModelConfig::random_20m() };
-            kiln_model::Transformer::init_random(&cfg, seed, &out).with_context(|| format!("writing {}", out.display()))?;
-            println!("wrote {} ({} parameters) to {}", cfg.name, cfg.parameter_count(), out.display());
+        Command::Model {
+            command: ModelCommand::Init { out, preset, seed },
+        } => {
+            let cfg = if preset == "tiny" {
+                kiln_model::ModelConfig::tiny()
+            } else {
+                kiln_model::ModelConfig::random_20m()
+            };
+            kiln_model::Transformer::init_random(&cfg, seed, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} ({} parameters) to {}",
+                cfg.name,
+                cfg.parameter_count(),
+                out.display()
+            );
             Ok(())
         }
         Command::Bench(args) => bench::run(args, &cli.data_dir).await,

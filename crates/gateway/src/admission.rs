@@ -24,7 +24,11 @@ pub struct Ticket {
 
 #[tonic::async_trait]
 pub trait Admission: Send + Sync + 'static {
-    async fn admit(&self, identity: &Identity, request: &ValidRequest) -> Result<Ticket, GatewayError>;
+    async fn admit(
+        &self,
+        identity: &Identity,
+        request: &ValidRequest,
+    ) -> Result<Ticket, GatewayError>;
     /// Settles a ticket; consuming it makes a second settlement impossible.
     async fn settle(&self, ticket: Ticket, outcome: Outcome);
 }
@@ -43,9 +47,16 @@ impl Unlimited {
 
 #[tonic::async_trait]
 impl Admission for Unlimited {
-    async fn admit(&self, identity: &Identity, request: &ValidRequest) -> Result<Ticket, GatewayError> {
+    async fn admit(
+        &self,
+        identity: &Identity,
+        request: &ValidRequest,
+    ) -> Result<Ticket, GatewayError> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(Ticket { request_id: request.request_id.clone(), user: identity.user.clone() })
+        Ok(Ticket {
+            request_id: request.request_id.clone(),
+            user: identity.user.clone(),
+        })
     }
 
     async fn settle(&self, _ticket: Ticket, _outcome: Outcome) {

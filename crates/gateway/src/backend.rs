@@ -9,7 +9,9 @@ use futures::StreamExt;
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::{job_event, ClusterStatusRequest, Job};
 use kiln_scheduler::service::tier_to_wire;
-use kiln_scheduler::{JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle};
+use kiln_scheduler::{
+    JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle,
+};
 use tokio::sync::OnceCell;
 use tonic::transport::Channel;
 
@@ -44,10 +46,15 @@ impl RemoteScheduler {
     /// Connects lazily: the scheduler may start after the gateway.
     pub fn new(address: &str) -> Result<Self, SchedulerError> {
         let channel = Channel::from_shared(address.to_string())
-            .map_err(|e| SchedulerError::Unavailable(format!("scheduler address {address:?}: {e}")))?
+            .map_err(|e| {
+                SchedulerError::Unavailable(format!("scheduler address {address:?}: {e}"))
+            })?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
-        Ok(RemoteScheduler { client: SchedulerClient::new(channel).max_decoding_message_size(64 << 20), model: OnceCell::new() })
+        Ok(RemoteScheduler {
+            client: SchedulerClient::new(channel).max_decoding_message_size(64 << 20),
+            model: OnceCell::new(),
+        })
     }
 }
 
@@ -56,7 +63,12 @@ impl Backend for RemoteScheduler {
     async fn model(&self) -> Result<ModelDescription, SchedulerError> {
         self.model
             .get_or_try_init(|| async {
-                let status = self.client.clone().cluster_status(ClusterStatusRequest {}).await.map_err(|s| SchedulerError::from_status(&s))?;
+                let status = self
+                    .client
+                    .clone()
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+                    .map_err(|s| SchedulerError::from_status(&s))?;
                 let status = status.into_inner();
                 let m = status.model.ok_or(SchedulerError::NoWorkers)?;
                 Ok(ModelDescription {
@@ -82,16 +94,28 @@ impl Backend for RemoteScheduler {
             height: job.height,
             sampling: Some(job.sampling),
         };
-        let stream = self.client.clone().submit(wire).await.map_err(|s| SchedulerError::from_status(&s))?.into_inner();
+        let stream = self
+            .client
+            .clone()
+            .submit(wire)
+            .await
+            .map_err(|s| SchedulerError::from_status(&s))?
+            .into_inner();
         Ok(stream
             .filter_map(|event| async move {
                 match event {
                     Err(status) => Some(Err(SchedulerError::from_status(&status))),
                     Ok(e) => match e.event? {
-                        job_event::Event::QueuedPosition(position) => Some(Ok(JobUpdate::Queued { position })),
-                        job_event::Event::StartedWorker(worker) => Some(Ok(JobUpdate::Started { worker })),
+                        job_event::Event::QueuedPosition(position) => {
+                            Some(Ok(JobUpdate::Queued { position }))
+                        }
+                        job_event::Event::StartedWorker(worker) => {
+                            Some(Ok(JobUpdate::Started { worker }))
+                        }
                         // The gateway knows the total from the validated request.
-                        job_event::Event::TokensDone(done) => Some(Ok(JobUpdate::Progress { done, total: 0 })),
+                        job_event::Event::TokensDone(done) => {
+                            Some(Ok(JobUpdate::Progress { done, total: 0 }))
+                        }
                         job_event::Event::Completed(c) => {
                             let image = c.image.unwrap_or_default();
                             Some(Ok(JobUpdate::Completed(JobResult {

@@ -17,7 +17,10 @@ pub enum GatewayError {
     #[error("unknown or revoked API key")]
     UnknownApiKey,
     #[error("{field}: {description}")]
-    InvalidField { field: &'static str, description: String },
+    InvalidField {
+        field: &'static str,
+        description: String,
+    },
     #[error("prompt refused by the content policy: {0}")]
     PolicyRefused(String),
     #[error("quota exhausted: {0}")]
@@ -44,7 +47,9 @@ impl GatewayError {
             GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => "IMAGE_TOO_LARGE",
             GatewayError::Scheduler(SchedulerError::InvalidJob(_)) => "INVALID_ARGUMENT",
             GatewayError::Scheduler(SchedulerError::WorkerFailed(_)) => "WORKER_FAILED",
-            GatewayError::Scheduler(SchedulerError::ShuttingDown | SchedulerError::Unavailable(_)) => "UNAVAILABLE",
+            GatewayError::Scheduler(
+                SchedulerError::ShuttingDown | SchedulerError::Unavailable(_),
+            ) => "UNAVAILABLE",
             GatewayError::Internal(_) => "INTERNAL",
         }
     }
@@ -52,14 +57,19 @@ impl GatewayError {
     pub fn code(&self) -> Code {
         match self {
             GatewayError::MissingApiKey | GatewayError::UnknownApiKey => Code::Unauthenticated,
-            GatewayError::InvalidField { .. } | GatewayError::Scheduler(SchedulerError::InvalidJob(_)) => Code::InvalidArgument,
+            GatewayError::InvalidField { .. }
+            | GatewayError::Scheduler(SchedulerError::InvalidJob(_)) => Code::InvalidArgument,
             GatewayError::PolicyRefused(_) => Code::PermissionDenied,
-            GatewayError::QuotaExhausted(_) | GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => Code::ResourceExhausted,
+            GatewayError::QuotaExhausted(_)
+            | GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => Code::ResourceExhausted,
             GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            GatewayError::Scheduler(SchedulerError::NoWorkers | SchedulerError::ShuttingDown | SchedulerError::Unavailable(_)) => {
-                Code::Unavailable
-            }
-            GatewayError::Scheduler(SchedulerError::WorkerFailed(_)) | GatewayError::Internal(_) => Code::Internal,
+            GatewayError::Scheduler(
+                SchedulerError::NoWorkers
+                | SchedulerError::ShuttingDown
+                | SchedulerError::Unavailable(_),
+            ) => Code::Unavailable,
+            GatewayError::Scheduler(SchedulerError::WorkerFailed(_))
+            | GatewayError::Internal(_) => Code::Internal,
         }
     }
 
@@ -70,7 +80,11 @@ impl GatewayError {
             GatewayError::InvalidField { field, description } => {
                 details.add_bad_request_violation(*field, description.clone());
             }
-            GatewayError::Scheduler(SchedulerError::NoWorkers | SchedulerError::ShuttingDown | SchedulerError::Unavailable(_)) => {
+            GatewayError::Scheduler(
+                SchedulerError::NoWorkers
+                | SchedulerError::ShuttingDown
+                | SchedulerError::Unavailable(_),
+            ) => {
                 details.set_retry_info(Some(Duration::from_secs(1)));
             }
             _ => {}
@@ -79,7 +93,10 @@ impl GatewayError {
     }
 
     pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
-        GatewayError::InvalidField { field, description: description.into() }
+        GatewayError::InvalidField {
+            field,
+            description: description.into(),
+        }
     }
 }
 
@@ -95,11 +112,15 @@ mod tests {
 
     #[test]
     fn validation_errors_name_the_field_in_message_and_details() {
-        let status = GatewayError::invalid("sampling.top_p", "must be in (0, 1], got 1.5").to_status();
+        let status =
+            GatewayError::invalid("sampling.top_p", "must be in (0, 1], got 1.5").to_status();
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("sampling.top_p:"));
         let details = status.get_error_details();
-        let violations = &details.bad_request().expect("bad request detail").field_violations;
+        let violations = &details
+            .bad_request()
+            .expect("bad request detail")
+            .field_violations;
         assert_eq!(violations[0].field, "sampling.top_p");
         assert_eq!(details.error_info().unwrap().reason, "INVALID_ARGUMENT");
     }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use kiln_proto::v1::image_service_server::{ImageService, ImageServiceServer};
 use kiln_proto::v1::{
-    generate_event, Completed, GenerateEvent, GenerateRequest, GetModelInfoRequest, ModelInfo, Progress, Queued, Started, Usage,
+    generate_event, Completed, GenerateEvent, GenerateRequest, GetModelInfoRequest, ModelInfo,
+    Progress, Queued, Started, Usage,
 };
 use kiln_scheduler::{JobRequest, JobUpdate};
 use kiln_telemetry as telemetry;
@@ -35,7 +36,9 @@ pub struct GatewayConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { request_deadline: Duration::from_secs(600) }
+        GatewayConfig {
+            request_deadline: Duration::from_secs(600),
+        }
     }
 }
 
@@ -53,8 +56,12 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Se
 
 fn record(identity: Option<&Identity>, code: tonic::Code, start: Instant) {
     let tier = identity.map_or("unknown", |i| i.tier.as_str());
-    telemetry::GATEWAY_REQUESTS.with_label_values(&[tier, &format!("{code:?}")]).inc();
-    telemetry::GATEWAY_REQUEST_DURATION.with_label_values(&[tier]).observe(start.elapsed().as_secs_f64());
+    telemetry::GATEWAY_REQUESTS
+        .with_label_values(&[tier, &format!("{code:?}")])
+        .inc();
+    telemetry::GATEWAY_REQUEST_DURATION
+        .with_label_values(&[tier])
+        .observe(start.elapsed().as_secs_f64());
 }
 
 /// The gRPC face of a [`Gateway`].
@@ -65,17 +72,26 @@ pub struct ImageApi(pub Arc<Gateway>);
 impl ImageService for ImageApi {
     type GenerateStream = EventStream;
 
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         self.0.generate(request).await
     }
 
-    async fn get_model_info(&self, request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model_info(
+        &self,
+        request: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
         self.0.model_info(request).await
     }
 }
 
 impl Gateway {
-    async fn generate(self: &Arc<Self>, request: Request<GenerateRequest>) -> Result<Response<EventStream>, Status> {
+    async fn generate(
+        self: &Arc<Self>,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let start = Instant::now();
         let identity = match self.auth.authenticate(request.metadata()) {
             Ok(i) => i,
@@ -93,7 +109,11 @@ impl Gateway {
         let span = info_span!("generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str());
         span.in_scope(|| info!(key_id = %identity.key_id, width = valid.width, height = valid.height, "request accepted"));
         self.policy.check(&identity, &valid).map_err(fail)?;
-        let ticket = self.admission.admit(&identity, &valid).await.map_err(fail)?;
+        let ticket = self
+            .admission
+            .admit(&identity, &valid)
+            .await
+            .map_err(fail)?;
         let job = JobRequest {
             request_id: valid.request_id.clone(),
             user: identity.user.clone(),
@@ -116,7 +136,11 @@ impl Gateway {
         tokio::spawn(
             async move {
                 let result = gateway.relay(&valid, &model.model, updates, &tx).await;
-                let outcome = if result.is_ok() { Outcome::Delivered } else { Outcome::NotDelivered };
+                let outcome = if result.is_ok() {
+                    Outcome::Delivered
+                } else {
+                    Outcome::NotDelivered
+                };
                 gateway.admission.settle(ticket, outcome).await;
                 let code = match &result {
                     Ok(()) => tonic::Code::Ok,
@@ -138,9 +162,16 @@ impl Gateway {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn model_info(&self, request: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+    async fn model_info(
+        &self,
+        request: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
         self.auth.authenticate(request.metadata())?;
-        let m = self.backend.model().await.map_err(|e| GatewayError::from(e).to_status())?;
+        let m = self
+            .backend
+            .model()
+            .await
+            .map_err(|e| GatewayError::from(e).to_status())?;
         Ok(Response::new(ModelInfo {
             model: m.model,
             sizes: m.sizes,
@@ -163,7 +194,10 @@ impl Gateway {
     ) -> Result<(), Option<GatewayError>> {
         let deadline = tokio::time::sleep(self.config.request_deadline);
         tokio::pin!(deadline);
-        let event = |e: generate_event::Event| GenerateEvent { request_id: valid.request_id.clone(), event: Some(e) };
+        let event = |e: generate_event::Event| GenerateEvent {
+            request_id: valid.request_id.clone(),
+            event: Some(e),
+        };
         loop {
             let update = tokio::select! {
                 _ = tx.closed() => return Err(None),
@@ -171,15 +205,35 @@ impl Gateway {
                 update = updates.next() => update,
             };
             let out = match update {
-                None => return Err(Some(GatewayError::Internal("the scheduler ended the job without an image".into()))),
+                None => {
+                    return Err(Some(GatewayError::Internal(
+                        "the scheduler ended the job without an image".into(),
+                    )))
+                }
                 Some(Err(e)) => return Err(Some(e.into())),
-                Some(Ok(JobUpdate::Queued { position })) => event(generate_event::Event::Queued(Queued { position })),
-                Some(Ok(JobUpdate::Started { worker })) => event(generate_event::Event::Started(Started { worker })),
+                Some(Ok(JobUpdate::Queued { position })) => {
+                    event(generate_event::Event::Queued(Queued { position }))
+                }
+                Some(Ok(JobUpdate::Started { worker })) => {
+                    event(generate_event::Event::Started(Started { worker }))
+                }
                 Some(Ok(JobUpdate::Progress { done, .. })) => {
-                    event(generate_event::Event::Progress(Progress { tokens_done: done, tokens_total: valid.image_tokens }))
+                    event(generate_event::Event::Progress(Progress {
+                        tokens_done: done,
+                        tokens_total: valid.image_tokens,
+                    }))
                 }
                 Some(Ok(JobUpdate::Completed(result))) => {
-                    let png = self.signer.sign(result.png, &Provenance { request: valid, model }).map_err(Some)?;
+                    let png = self
+                        .signer
+                        .sign(
+                            result.png,
+                            &Provenance {
+                                request: valid,
+                                model,
+                            },
+                        )
+                        .map_err(Some)?;
                     let done = event(generate_event::Event::Completed(Completed {
                         png,
                         width: result.width,
@@ -214,7 +268,13 @@ pub async fn run(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(ImageServiceServer::new(ImageApi(Arc::new(gateway))).max_encoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .add_service(
+            ImageServiceServer::new(ImageApi(Arc::new(gateway)))
+                .max_encoding_message_size(64 << 20),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
 }

@@ -23,13 +23,22 @@ pub struct ValidRequest {
 }
 
 /// Checks every field of `request` against the served `model`.
-pub fn validate(request: GenerateRequest, model: &ModelDescription) -> Result<ValidRequest, GatewayError> {
+pub fn validate(
+    request: GenerateRequest,
+    model: &ModelDescription,
+) -> Result<ValidRequest, GatewayError> {
     let request_id = if request.request_id.is_empty() {
         uuid::Uuid::new_v4().to_string()
     } else if request.request_id.len() > MAX_REQUEST_ID_LEN
-        || !request.request_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        || !request
+            .request_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
     {
-        return Err(GatewayError::invalid("request_id", format!("must be 1 to {MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9_.-]")));
+        return Err(GatewayError::invalid(
+            "request_id",
+            format!("must be 1 to {MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9_.-]"),
+        ));
     } else {
         request.request_id
     };
@@ -41,36 +50,72 @@ pub fn validate(request: GenerateRequest, model: &ModelDescription) -> Result<Va
     if prompt.len() > model.max_prompt_bytes as usize {
         return Err(GatewayError::invalid(
             "prompt",
-            format!("is {} bytes; the model accepts at most {}", prompt.len(), model.max_prompt_bytes),
+            format!(
+                "is {} bytes; the model accepts at most {}",
+                prompt.len(),
+                model.max_prompt_bytes
+            ),
         ));
     }
-    if prompt.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(GatewayError::invalid("prompt", "must not contain control characters"));
+    if prompt
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(GatewayError::invalid(
+            "prompt",
+            "must not contain control characters",
+        ));
     }
 
     let side = |field: &'static str, value: u32| -> Result<u32, GatewayError> {
         match value {
             0 => Ok(model.default_size),
             v if model.sizes.contains(&v) => Ok(v),
-            v => Err(GatewayError::invalid(field, format!("{v} is not a supported size; use one of {:?} (or 0 for {})", model.sizes, model.default_size))),
+            v => Err(GatewayError::invalid(
+                field,
+                format!(
+                    "{v} is not a supported size; use one of {:?} (or 0 for {})",
+                    model.sizes, model.default_size
+                ),
+            )),
         }
     };
     let width = side("width", request.width)?;
     let height = side("height", request.height)?;
 
     let given = request.sampling.unwrap_or_default();
-    let temperature = if given.has_temperature { given.temperature } else { 1.0 };
+    let temperature = if given.has_temperature {
+        given.temperature
+    } else {
+        1.0
+    };
     if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
-        return Err(GatewayError::invalid("sampling.temperature", format!("must be in [0, 2], got {temperature}")));
+        return Err(GatewayError::invalid(
+            "sampling.temperature",
+            format!("must be in [0, 2], got {temperature}"),
+        ));
     }
     if given.top_k > MAX_TOP_K {
-        return Err(GatewayError::invalid("sampling.top_k", format!("must be at most {MAX_TOP_K} (0 disables it), got {}", given.top_k)));
+        return Err(GatewayError::invalid(
+            "sampling.top_k",
+            format!(
+                "must be at most {MAX_TOP_K} (0 disables it), got {}",
+                given.top_k
+            ),
+        ));
     }
     let top_p = if given.top_p == 0.0 { 1.0 } else { given.top_p };
-    if !top_p.is_finite() || !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(GatewayError::invalid("sampling.top_p", format!("must be in (0, 1] (0 means 1), got {}", given.top_p)));
+    if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+        return Err(GatewayError::invalid(
+            "sampling.top_p",
+            format!("must be in (0, 1] (0 means 1), got {}", given.top_p),
+        ));
     }
-    let seed = if given.seed == 0 { rand_seed() } else { given.seed };
+    let seed = if given.seed == 0 {
+        rand_seed()
+    } else {
+        given.seed
+    };
 
     let patch = model.patch_size.max(1);
     Ok(ValidRequest {
@@ -78,7 +123,12 @@ pub fn validate(request: GenerateRequest, model: &ModelDescription) -> Result<Va
         prompt,
         width,
         height,
-        sampling: Sampling { temperature, top_k: given.top_k, top_p, seed },
+        sampling: Sampling {
+            temperature,
+            top_k: given.top_k,
+            top_p,
+            seed,
+        },
         image_tokens: (width / patch) * (height / patch),
     })
 }
@@ -106,7 +156,10 @@ mod tests {
     }
 
     fn request(prompt: &str) -> GenerateRequest {
-        GenerateRequest { prompt: prompt.into(), ..Default::default() }
+        GenerateRequest {
+            prompt: prompt.into(),
+            ..Default::default()
+        }
     }
 
     fn field_of(r: GenerateRequest) -> &'static str {
@@ -119,8 +172,14 @@ mod tests {
     #[test]
     fn defaults_fill_what_the_caller_left_out() {
         let v = validate(request("  a red star "), &model()).unwrap();
-        assert_eq!((v.prompt.as_str(), v.width, v.height, v.image_tokens), ("a red star", 32, 32, 16));
-        assert_eq!((v.sampling.temperature, v.sampling.top_p, v.sampling.top_k), (1.0, 1.0, 0));
+        assert_eq!(
+            (v.prompt.as_str(), v.width, v.height, v.image_tokens),
+            ("a red star", 32, 32, 16)
+        );
+        assert_eq!(
+            (v.sampling.temperature, v.sampling.top_p, v.sampling.top_k),
+            (1.0, 1.0, 0)
+        );
         assert_ne!(v.sampling.seed, 0);
         assert!(!v.request_id.is_empty());
     }
@@ -130,23 +189,104 @@ mod tests {
         assert_eq!(field_of(request("   ")), "prompt");
         assert_eq!(field_of(request(&"x".repeat(21))), "prompt");
         assert_eq!(field_of(request("a\u{7}b")), "prompt");
-        assert_eq!(field_of(GenerateRequest { width: 33, ..request("a") }), "width");
-        assert_eq!(field_of(GenerateRequest { height: 128, ..request("a") }), "height");
-        let sampling = |s: SamplingParams| GenerateRequest { sampling: Some(s), ..request("a") };
-        assert_eq!(field_of(sampling(SamplingParams { temperature: 2.5, has_temperature: true, ..Default::default() })), "sampling.temperature");
-        assert_eq!(field_of(sampling(SamplingParams { temperature: f32::NAN, has_temperature: true, ..Default::default() })), "sampling.temperature");
-        assert_eq!(field_of(sampling(SamplingParams { top_k: 5000, ..Default::default() })), "sampling.top_k");
-        assert_eq!(field_of(sampling(SamplingParams { top_p: 1.5, ..Default::default() })), "sampling.top_p");
-        assert_eq!(field_of(sampling(SamplingParams { top_p: -0.1, ..Default::default() })), "sampling.top_p");
-        assert_eq!(field_of(GenerateRequest { request_id: "has space".into(), ..request("a") }), "request_id");
-        assert_eq!(field_of(GenerateRequest { request_id: "x".repeat(65), ..request("a") }), "request_id");
+        assert_eq!(
+            field_of(GenerateRequest {
+                width: 33,
+                ..request("a")
+            }),
+            "width"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                height: 128,
+                ..request("a")
+            }),
+            "height"
+        );
+        let sampling = |s: SamplingParams| GenerateRequest {
+            sampling: Some(s),
+            ..request("a")
+        };
+        assert_eq!(
+            field_of(sampling(SamplingParams {
+                temperature: 2.5,
+                has_temperature: true,
+                ..Default::default()
+            })),
+            "sampling.temperature"
+        );
+        assert_eq!(
+            field_of(sampling(SamplingParams {
+                temperature: f32::NAN,
+                has_temperature: true,
+                ..Default::default()
+            })),
+            "sampling.temperature"
+        );
+        assert_eq!(
+            field_of(sampling(SamplingParams {
+                top_k: 5000,
+                ..Default::default()
+            })),
+            "sampling.top_k"
+        );
+        assert_eq!(
+            field_of(sampling(SamplingParams {
+                top_p: 1.5,
+                ..Default::default()
+            })),
+            "sampling.top_p"
+        );
+        assert_eq!(
+            field_of(sampling(SamplingParams {
+                top_p: -0.1,
+                ..Default::default()
+            })),
+            "sampling.top_p"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                request_id: "has space".into(),
+                ..request("a")
+            }),
+            "request_id"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                request_id: "x".repeat(65),
+                ..request("a")
+            }),
+            "request_id"
+        );
     }
 
     #[test]
     fn explicit_greedy_and_seed_are_kept() {
-        let s = SamplingParams { temperature: 0.0, has_temperature: true, top_k: 7, top_p: 0.9, seed: 42 };
-        let v = validate(GenerateRequest { sampling: Some(s), width: 64, ..request("a") }, &model()).unwrap();
-        assert_eq!(v.sampling, Sampling { temperature: 0.0, top_k: 7, top_p: 0.9, seed: 42 });
+        let s = SamplingParams {
+            temperature: 0.0,
+            has_temperature: true,
+            top_k: 7,
+            top_p: 0.9,
+            seed: 42,
+        };
+        let v = validate(
+            GenerateRequest {
+                sampling: Some(s),
+                width: 64,
+                ..request("a")
+            },
+            &model(),
+        )
+        .unwrap();
+        assert_eq!(
+            v.sampling,
+            Sampling {
+                temperature: 0.0,
+                top_k: 7,
+                top_p: 0.9,
+                seed: 42
+            }
+        );
         assert_eq!(v.image_tokens, 8 * 4);
     }
 }

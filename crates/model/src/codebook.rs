@@ -23,13 +23,16 @@ impl Codebook {
     /// Builds a codebook from raw patches (`len * patch_size² * 3` bytes).
     pub fn new(patch_size: usize, patches: Vec<u8>) -> Result<Self, ModelError> {
         let per = patch_size * patch_size * 3;
-        if patch_size == 0 || patches.is_empty() || patches.len() % per != 0 {
+        if patch_size == 0 || patches.is_empty() || !patches.len().is_multiple_of(per) {
             return Err(ModelError::Weights(format!(
                 "codebook of {} bytes does not hold whole {patch_size}x{patch_size} RGB patches",
                 patches.len()
             )));
         }
-        Ok(Codebook { patch_size, patches })
+        Ok(Codebook {
+            patch_size,
+            patches,
+        })
     }
 
     /// A procedural codebook for untrained models: flat colours, gradients and edges over a palette,
@@ -62,7 +65,10 @@ impl Codebook {
                 }
             }
         }
-        Codebook { patch_size, patches }
+        Codebook {
+            patch_size,
+            patches,
+        }
     }
 
     /// Number of codes.
@@ -81,7 +87,12 @@ impl Codebook {
     }
 
     /// Renders raster-ordered codes into RGB pixels of a `width` x `height` image.
-    pub fn render_rgb(&self, codes: &[u32], width: u32, height: u32) -> Result<Vec<u8>, ModelError> {
+    pub fn render_rgb(
+        &self,
+        codes: &[u32],
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<u8>, ModelError> {
         let p = self.patch_size;
         let (w, h) = (width as usize, height as usize);
         let cols = w / p;
@@ -95,7 +106,10 @@ impl Codebook {
         for (i, &code) in codes.iter().enumerate() {
             let code = code as usize;
             if code >= self.len() {
-                return Err(ModelError::Encode(format!("code {code} outside codebook of {}", self.len())));
+                return Err(ModelError::Encode(format!(
+                    "code {code} outside codebook of {}",
+                    self.len()
+                )));
             }
             let (py, px) = (i / cols * p, i % cols * p);
             let patch = &self.patches[code * p * p * 3..(code + 1) * p * p * 3];

@@ -84,8 +84,11 @@ impl ModelConfig {
         if self.d_model == 0 || self.n_layers == 0 || self.d_ff == 0 || self.codebook_size == 0 {
             return bad("d_model, n_layers, d_ff and codebook_size must be positive".into());
         }
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            return bad(format!("n_heads ({}) must divide d_model ({})", self.n_heads, self.d_model));
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            return bad(format!(
+                "n_heads ({}) must divide d_model ({})",
+                self.n_heads, self.d_model
+            ));
         }
         if self.patch_size == 0 {
             return bad("patch_size must be positive".into());
@@ -94,12 +97,18 @@ impl ModelConfig {
             return bad("sizes must list at least one image side".into());
         }
         for &s in &self.sizes {
-            if s == 0 || s as usize % self.patch_size != 0 {
-                return bad(format!("size {s} is not a positive multiple of patch_size {}", self.patch_size));
+            if s == 0 || !(s as usize).is_multiple_of(self.patch_size) {
+                return bad(format!(
+                    "size {s} is not a positive multiple of patch_size {}",
+                    self.patch_size
+                ));
             }
         }
         if !self.sizes.contains(&self.default_size) {
-            return bad(format!("default_size {} is not in sizes", self.default_size));
+            return bad(format!(
+                "default_size {} is not in sizes",
+                self.default_size
+            ));
         }
         if self.max_prompt_bytes == 0 {
             return bad("max_prompt_bytes must be positive".into());
@@ -169,6 +178,10 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("n_heads"));
         let mut c = ModelConfig::tiny();
         c.default_size = 48;
-        assert!(c.validate().unwrap_err().to_string().contains("default_size"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default_size"));
     }
 }

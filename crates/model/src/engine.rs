@@ -28,7 +28,10 @@ pub struct EngineInfo {
 impl EngineInfo {
     /// KV blocks a sequence needs for its whole life: prefix plus every image input.
     pub fn blocks_needed(&self, prompt_bytes: usize, width: u32, height: u32) -> usize {
-        blocks_for(prompt_tokens(prompt_bytes) + self.image_tokens(width, height), self.block_size)
+        blocks_for(
+            prompt_tokens(prompt_bytes) + self.image_tokens(width, height),
+            self.block_size,
+        )
     }
 
     /// Image tokens of a `width` x `height` image.
@@ -104,7 +107,12 @@ impl CandleEngine {
     pub fn new(model: Transformer, kv_blocks: usize, block_size: usize, max_batch: usize) -> Self {
         let cfg = model.config();
         let cache = PagedKvCache::new(cfg.n_layers, kv_blocks, block_size, cfg.d_model);
-        CandleEngine { model, cache, max_batch, sequences: HashMap::new() }
+        CandleEngine {
+            model,
+            cache,
+            max_batch,
+            sequences: HashMap::new(),
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -113,52 +121,100 @@ impl CandleEngine {
 
     fn check(&self, seq: &NewSequence) -> Result<(), ModelError> {
         let cfg = self.model.config();
-        let bad = |m: String| Err(ModelError::InvalidSequence(format!("sequence {}: {m}", seq.id)));
+        let bad = |m: String| {
+            Err(ModelError::InvalidSequence(format!(
+                "sequence {}: {m}",
+                seq.id
+            )))
+        };
         if self.sequences.contains_key(&seq.id) {
             return bad("id already held".into());
         }
         if seq.prompt.len() > cfg.max_prompt_bytes {
-            return bad(format!("prompt of {} bytes exceeds {}", seq.prompt.len(), cfg.max_prompt_bytes));
+            return bad(format!(
+                "prompt of {} bytes exceeds {}",
+                seq.prompt.len(),
+                cfg.max_prompt_bytes
+            ));
         }
         if !cfg.sizes.contains(&seq.width) || !cfg.sizes.contains(&seq.height) {
-            return bad(format!("size {}x{} not among {:?}", seq.width, seq.height, cfg.sizes));
+            return bad(format!(
+                "size {}x{} not among {:?}",
+                seq.width, seq.height, cfg.sizes
+            ));
         }
         let total = cfg.image_tokens(seq.width, seq.height);
         if seq.generated.len() >= total {
-            return bad(format!("{} codes already generated of {total}", seq.generated.len()));
+            return bad(format!(
+                "{} codes already generated of {total}",
+                seq.generated.len()
+            ));
         }
-        if seq.generated.iter().any(|&c| c as usize >= cfg.codebook_size) {
+        if seq
+            .generated
+            .iter()
+            .any(|&c| c as usize >= cfg.codebook_size)
+        {
             return bad("generated code outside the codebook".into());
         }
-        let needed = self.info().blocks_needed(seq.prompt.len(), seq.width, seq.height);
+        let needed = self
+            .info()
+            .blocks_needed(seq.prompt.len(), seq.width, seq.height);
         if seq.kv_blocks != needed {
-            return bad(format!("reserved {} KV blocks, needs {needed}", seq.kv_blocks));
+            return bad(format!(
+                "reserved {} KV blocks, needs {needed}",
+                seq.kv_blocks
+            ));
         }
         Ok(())
     }
-
 }
 
 /// The image input at position `index`: BOI or the previous code, at the patch it predicts.
 fn image_input(cfg: &ModelConfig, seq: &Sequence, index: usize) -> TokenInput {
-        let cols = seq.width as usize / cfg.patch_size;
-        let token = if index == 0 { BOI } else { code_token(cfg, seq.generated[index - 1]) };
-        TokenInput { token, position: Position::Image { row: index / cols, col: index % cols } }
+    let cols = seq.width as usize / cfg.patch_size;
+    let token = if index == 0 {
+        BOI
+    } else {
+        code_token(cfg, seq.generated[index - 1])
+    };
+    TokenInput {
+        token,
+        position: Position::Image {
+            row: index / cols,
+            col: index % cols,
+        },
+    }
 }
 
 impl CandleEngine {
-
     /// Samples each sequence's next code from its logits; finishes the sequences that are complete.
-    fn advance(&mut self, ids: &[u64], logits: Vec<Vec<f32>>, outputs: &mut HashMap<u64, SequenceOutput>) -> Result<(), ModelError> {
+    fn advance(
+        &mut self,
+        ids: &[u64],
+        logits: Vec<Vec<f32>>,
+        outputs: &mut HashMap<u64, SequenceOutput>,
+    ) -> Result<(), ModelError> {
         for (id, logits) in ids.iter().zip(logits) {
-            let seq = self.sequences.get_mut(id).expect("ids come from the held sequences");
+            let seq = self
+                .sequences
+                .get_mut(id)
+                .expect("ids come from the held sequences");
             let code = sample(&logits, &seq.sampling, seq.generated.len());
             seq.generated.push(code);
-            let out = outputs.entry(*id).or_insert_with(|| SequenceOutput { id: *id, tokens: Vec::new(), image: None });
+            let out = outputs.entry(*id).or_insert_with(|| SequenceOutput {
+                id: *id,
+                tokens: Vec::new(),
+                image: None,
+            });
             out.tokens.push(code);
             if seq.generated.len() == seq.total {
                 let seq = self.sequences.remove(id).expect("present above");
-                out.image = Some(self.model.codebook().render_png(&seq.generated, seq.width, seq.height)?);
+                out.image = Some(self.model.codebook().render_png(
+                    &seq.generated,
+                    seq.width,
+                    seq.height,
+                )?);
                 self.cache.allocator.release(seq.blocks);
             }
         }
@@ -192,28 +248,40 @@ impl Engine for CandleEngine {
 
     fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError> {
         if self.sequences.len() + seqs.len() > self.max_batch {
-            return Err(ModelError::BatchFull { max_batch: self.max_batch });
+            return Err(ModelError::BatchFull {
+                max_batch: self.max_batch,
+            });
         }
         let mut seen = std::collections::HashSet::new();
         for seq in &seqs {
             self.check(seq)?;
             if !seen.insert(seq.id) {
-                return Err(ModelError::InvalidSequence(format!("sequence {} listed twice", seq.id)));
+                return Err(ModelError::InvalidSequence(format!(
+                    "sequence {} listed twice",
+                    seq.id
+                )));
             }
         }
         let needed: usize = seqs.iter().map(|s| s.kv_blocks).sum();
         if needed > self.cache.allocator.free() {
-            return Err(ModelError::OutOfBlocks { needed, free: self.cache.allocator.free() });
+            return Err(ModelError::OutOfBlocks {
+                needed,
+                free: self.cache.allocator.free(),
+            });
         }
         let cfg = self.model.config().clone();
         let mut inputs = Vec::with_capacity(seqs.len());
         for new in seqs {
             let blocks = self.cache.allocator.allocate(new.kv_blocks)?;
-            let mut tokens: Vec<TokenInput> = prefix_tokens(&cfg, &new.prompt, new.width, new.height)
-                .into_iter()
-                .enumerate()
-                .map(|(i, token)| TokenInput { token, position: Position::Text(i) })
-                .collect();
+            let mut tokens: Vec<TokenInput> =
+                prefix_tokens(&cfg, &new.prompt, new.width, new.height)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, token)| TokenInput {
+                        token,
+                        position: Position::Text(i),
+                    })
+                    .collect();
             let seq = Sequence {
                 width: new.width,
                 height: new.height,
@@ -230,7 +298,11 @@ impl Engine for CandleEngine {
         let ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
         let batch: Vec<SequenceInput> = inputs
             .iter()
-            .map(|(id, tokens)| SequenceInput { tokens: tokens.clone(), cached: 0, block_table: &self.sequences[id].blocks })
+            .map(|(id, tokens)| SequenceInput {
+                tokens: tokens.clone(),
+                cached: 0,
+                block_table: &self.sequences[id].blocks,
+            })
             .collect();
         let logits = self.model.forward(&batch, &mut self.cache)?;
         drop(batch);
@@ -244,11 +316,17 @@ impl Engine for CandleEngine {
 
     fn decode(&mut self, ids: &[u64], steps: usize) -> Result<Vec<SequenceOutput>, ModelError> {
         if let Some(id) = ids.iter().find(|id| !self.sequences.contains_key(id)) {
-            return Err(ModelError::InvalidSequence(format!("sequence {id} is not held")));
+            return Err(ModelError::InvalidSequence(format!(
+                "sequence {id} is not held"
+            )));
         }
         let mut outputs = HashMap::new();
         for _ in 0..steps.max(1) {
-            let active: Vec<u64> = ids.iter().copied().filter(|id| self.sequences.contains_key(id)).collect();
+            let active: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| self.sequences.contains_key(id))
+                .collect();
             if active.is_empty() {
                 break;
             }
@@ -299,19 +377,34 @@ mod tests {
         (dir, CandleEngine::new(model, blocks, 4, 8))
     }
 
-    fn new_seq(e: &CandleEngine, id: u64, prompt: &str, seed: u64, generated: Vec<u32>) -> NewSequence {
+    fn new_seq(
+        e: &CandleEngine,
+        id: u64,
+        prompt: &str,
+        seed: u64,
+        generated: Vec<u32>,
+    ) -> NewSequence {
         NewSequence {
             id,
             prompt: prompt.into(),
             width: 32,
             height: 16,
-            sampling: SamplingParams { temperature: 1.0, top_k: 20, top_p: 0.95, seed },
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_k: 20,
+                top_p: 0.95,
+                seed,
+            },
             generated,
             kv_blocks: e.info().blocks_needed(prompt.len(), 32, 16),
         }
     }
 
-    fn run_to_end(e: &mut CandleEngine, seqs: Vec<NewSequence>, steps: usize) -> HashMap<u64, (Vec<u32>, Image)> {
+    fn run_to_end(
+        e: &mut CandleEngine,
+        seqs: Vec<NewSequence>,
+        steps: usize,
+    ) -> HashMap<u64, (Vec<u32>, Image)> {
         let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
         let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
         let mut images = HashMap::new();
@@ -326,10 +419,16 @@ mod tests {
             if images.len() == ids.len() {
                 break;
             }
-            let live: Vec<u64> = ids.iter().copied().filter(|id| !images.contains_key(id)).collect();
+            let live: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !images.contains_key(id))
+                .collect();
             outs = e.decode(&live, steps).unwrap();
         }
-        ids.iter().map(|id| (*id, (tokens[id].clone(), images[id].clone()))).collect()
+        ids.iter()
+            .map(|id| (*id, (tokens[id].clone(), images[id].clone())))
+            .collect()
     }
 
     #[test]
@@ -337,8 +436,14 @@ mod tests {
         let (_d, mut e) = engine(64);
         let first = new_seq(&e, 1, "a red star", 7, vec![]);
         let alone = run_to_end(&mut e, vec![first], 1);
-        assert_eq!(e.free_blocks(), 64, "finished sequences give their blocks back");
-        let crowd: Vec<NewSequence> = (2..8).map(|i| new_seq(&e, i, &"x".repeat(i as usize * 3), i, vec![])).collect();
+        assert_eq!(
+            e.free_blocks(),
+            64,
+            "finished sequences give their blocks back"
+        );
+        let crowd: Vec<NewSequence> = (2..8)
+            .map(|i| new_seq(&e, i, &"x".repeat(i as usize * 3), i, vec![]))
+            .collect();
         let mut batch = crowd.clone();
         batch.insert(3, new_seq(&e, 100, "a red star", 7, vec![]));
         let together = run_to_end(&mut e, batch, 3);
@@ -368,7 +473,10 @@ mod tests {
         let (_d, mut e) = engine(10);
         let mut s = new_seq(&e, 1, "abc", 1, vec![]);
         s.kv_blocks += 1;
-        assert_eq!(e.prefill(vec![s]).unwrap_err().error_type(), "invalid_sequence");
+        assert_eq!(
+            e.prefill(vec![s]).unwrap_err().error_type(),
+            "invalid_sequence"
+        );
         // Each needs ceil((3 + 3 + 8) / 4) = 4 blocks: three do not fit in ten.
         let three: Vec<_> = (1..4).map(|i| new_seq(&e, i, "abc", 1, vec![])).collect();
         assert_eq!(e.prefill(three).unwrap_err().error_type(), "out_of_blocks");

@@ -14,7 +14,10 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(total: usize) -> Self {
         // Reversed so that low ids go out first: easier to read in logs and tests.
-        BlockAllocator { total, free: (0..total as u32).rev().collect() }
+        BlockAllocator {
+            total,
+            free: (0..total as u32).rev().collect(),
+        }
     }
 
     pub fn total(&self) -> usize {
@@ -28,7 +31,10 @@ impl BlockAllocator {
     /// Takes `n` blocks, all or none.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>, ModelError> {
         if n > self.free.len() {
-            return Err(ModelError::OutOfBlocks { needed: n, free: self.free.len() });
+            return Err(ModelError::OutOfBlocks {
+                needed: n,
+                free: self.free.len(),
+            });
         }
         Ok(self.free.split_off(self.free.len() - n))
     }
@@ -76,7 +82,8 @@ impl PagedKvCache {
     /// Offset of position `pos` of a sequence with block table `table`.
     #[inline]
     pub fn offset(&self, table: &[u32], pos: usize) -> usize {
-        (table[pos / self.block_size] as usize * self.block_size + pos % self.block_size) * self.d_model
+        (table[pos / self.block_size] as usize * self.block_size + pos % self.block_size)
+            * self.d_model
     }
 
     /// Stores the key and value of one position.

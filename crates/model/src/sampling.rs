@@ -19,7 +19,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -37,8 +42,16 @@ pub fn sample(logits: &[f32], params: &SamplingParams, index: usize) -> u32 {
     }
     // Candidates by descending logit, ties by lower code: a total order, so the result is stable.
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    let keep = if params.top_k > 0 { params.top_k.min(order.len()) } else { order.len() };
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let keep = if params.top_k > 0 {
+        params.top_k.min(order.len())
+    } else {
+        order.len()
+    };
     if keep < order.len() {
         order.select_nth_unstable_by(keep - 1, by_logit);
         order.truncate(keep);
@@ -47,7 +60,10 @@ pub fn sample(logits: &[f32], params: &SamplingParams, index: usize) -> u32 {
 
     let inv_t = 1.0 / params.temperature as f64;
     let max = logits[order[0] as usize] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&c| ((logits[c as usize] as f64 - max) * inv_t).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&c| ((logits[c as usize] as f64 - max) * inv_t).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
 
@@ -93,12 +109,20 @@ mod tests {
     use proptest::prelude::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        }
     }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &params(0.0, 0, 1.0, 7), 0), 1);
+        assert_eq!(
+            sample(&[0.1, 3.0, 3.0, -1.0], &params(0.0, 0, 1.0, 7), 0),
+            1
+        );
     }
 
     #[test]
@@ -115,16 +139,26 @@ mod tests {
         let logits: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
         let p = params(1.0, 0, 1.0, 42);
         let a: Vec<u32> = (0..100).map(|i| sample(&logits, &p, i)).collect();
-        let b: Vec<u32> = (0..100).rev().map(|i| sample(&logits, &p, i)).collect::<Vec<_>>().into_iter().rev().collect();
+        let b: Vec<u32> = (0..100)
+            .rev()
+            .map(|i| sample(&logits, &p, i))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         assert_eq!(a, b);
-        let other: Vec<u32> = (0..100).map(|i| sample(&logits, &params(1.0, 0, 1.0, 43), i)).collect();
+        let other: Vec<u32> = (0..100)
+            .map(|i| sample(&logits, &params(1.0, 0, 1.0, 43), i))
+            .collect();
         assert_ne!(a, other);
     }
 
     #[test]
     fn frequencies_follow_the_softmax() {
         let logits = [0.0f32, (3.0f32).ln()];
-        let ones = (0..4000).filter(|&i| sample(&logits, &params(1.0, 0, 1.0, 9), i) == 1).count();
+        let ones = (0..4000)
+            .filter(|&i| sample(&logits, &params(1.0, 0, 1.0, 9), i) == 1)
+            .count();
         // Expected 3000 of 4000; five standard deviations is about 137.
         assert!((2860..3140).contains(&ones), "{ones}");
     }

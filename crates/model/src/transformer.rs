@@ -104,7 +104,11 @@ impl Transformer {
             } else {
                 // Uniform with the standard deviation of a scaled normal init: 1/sqrt(fan_in), or
                 // 0.02-ish for embeddings.
-                let fan_in = if shape.len() == 2 && !name.contains("emb") && name != "text_pos" { shape[0] } else { 2500 };
+                let fan_in = if shape.len() == 2 && !name.contains("emb") && name != "text_pos" {
+                    shape[0]
+                } else {
+                    2500
+                };
                 let a = (3.0f32 / fan_in as f32).sqrt();
                 (0..n).map(|_| rng.random_range(-a..a)).collect()
             };
@@ -114,10 +118,15 @@ impl Transformer {
         let per = cfg.patch_size * cfg.patch_size * 3;
         tensors.insert(
             "codebook".to_string(),
-            Tensor::from_vec(codebook.as_bytes().to_vec(), (cfg.codebook_size, per), &Device::Cpu)?,
+            Tensor::from_vec(
+                codebook.as_bytes().to_vec(),
+                (cfg.codebook_size, per),
+                &Device::Cpu,
+            )?,
         );
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-        let json = serde_json::to_string_pretty(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
+        let json =
+            serde_json::to_string_pretty(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
         let config_path = dir.join("config.json");
         std::fs::write(&config_path, json).map_err(io(&config_path))?;
         Ok(())
@@ -126,8 +135,10 @@ impl Transformer {
     /// Loads `config.json` and `model.safetensors` from `dir` onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| ModelError::Io { path: config_path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+            path: config_path.display().to_string(),
+            source,
+        })?;
         let cfg: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?;
         cfg.validate()?;
@@ -140,14 +151,23 @@ impl Transformer {
         }
         let mut tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
-            let t = tensors.remove(name).ok_or_else(|| ModelError::Weights(format!("missing tensor {name}")))?;
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| ModelError::Weights(format!("missing tensor {name}")))?;
             if t.dims() != shape {
-                return Err(ModelError::Weights(format!("{name} has shape {:?}, config implies {shape:?}", t.dims())));
+                return Err(ModelError::Weights(format!(
+                    "{name} has shape {:?}, config implies {shape:?}",
+                    t.dims()
+                )));
             }
             Ok(t)
         };
-        let host = |t: Tensor| -> Result<Vec<f32>, ModelError> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
-        let dev = |t: Tensor| -> Result<Tensor, ModelError> { Ok(t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?) };
+        let host = |t: Tensor| -> Result<Vec<f32>, ModelError> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let dev = |t: Tensor| -> Result<Tensor, ModelError> {
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?)
+        };
         let shapes: HashMap<String, Vec<usize>> = weight_shapes(&cfg).into_iter().collect();
         let mut get = |name: &str| take(name, &shapes[name]);
         let tok_emb = host(get("tok_emb")?)?;
@@ -170,7 +190,10 @@ impl Transformer {
         }
         let per = cfg.patch_size * cfg.patch_size * 3;
         let codebook_tensor = take("codebook", &[cfg.codebook_size, per])?;
-        let codebook = Codebook::new(cfg.patch_size, codebook_tensor.flatten_all()?.to_vec1::<u8>()?)?;
+        let codebook = Codebook::new(
+            cfg.patch_size,
+            codebook_tensor.flatten_all()?.to_vec1::<u8>()?,
+        )?;
         Ok(Transformer {
             cfg,
             device: device.clone(),
@@ -226,7 +249,11 @@ impl Transformer {
 
     /// Runs the new tokens of every sequence through the model, appending their keys and values to
     /// the cache, and returns the logits over image codes of each sequence's last new token.
-    pub fn forward(&self, seqs: &[SequenceInput<'_>], cache: &mut PagedKvCache) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn forward(
+        &self,
+        seqs: &[SequenceInput<'_>],
+        cache: &mut PagedKvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let d = self.cfg.d_model;
         let hd = self.cfg.head_dim();
         // (sequence, absolute position) of every row.
@@ -258,7 +285,17 @@ impl Transformer {
                 let (r, head) = (i / self.cfg.n_heads, i % self.cfg.n_heads);
                 let (s, pos) = rows[r];
                 let q = &qkv[r * 3 * d + head * hd..r * 3 * d + (head + 1) * hd];
-                attend(q, keys, values, cache_ref, seqs[s].block_table, pos, head * hd, scale, out);
+                attend(
+                    q,
+                    keys,
+                    values,
+                    cache_ref,
+                    seqs[s].block_table,
+                    pos,
+                    head * hd,
+                    scale,
+                    out,
+                );
             });
             add_in_place(&mut x, &self.matmul(&att, n, &layer.wo)?);
             let h = rms_norm(&x, &layer.mlp_norm, self.cfg.norm_eps);
@@ -275,7 +312,10 @@ impl Transformer {
         }
         let last = rms_norm(&last, &self.final_norm, self.cfg.norm_eps);
         let logits = self.matmul(&last, seqs.len(), &self.head)?;
-        Ok(logits.chunks(self.cfg.codebook_size).map(<[f32]>::to_vec).collect())
+        Ok(logits
+            .chunks(self.cfg.codebook_size)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 
@@ -338,7 +378,12 @@ fn attend(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -384,7 +429,11 @@ mod tests {
             let alone = matmul(&Device::Cpu, &x[..k], 1, &w).unwrap();
             for rows in [2, 3, 7, 16, 33, 64, 80, 300, 1100] {
                 let batch = matmul(&Device::Cpu, &x[..rows * k], rows, &w).unwrap();
-                assert_eq!(&batch[..n], &alone[..], "row 0 of {k}x{n} differs in a batch of {rows}");
+                assert_eq!(
+                    &batch[..n],
+                    &alone[..],
+                    "row 0 of {k}x{n} differs in a batch of {rows}"
+                );
             }
         }
     }

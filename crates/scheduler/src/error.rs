@@ -37,7 +37,9 @@ impl SchedulerError {
     /// The status this error crosses the wire as.
     pub fn to_status(&self) -> Status {
         let code = match self {
-            SchedulerError::NoWorkers | SchedulerError::ShuttingDown | SchedulerError::Unavailable(_) => Code::Unavailable,
+            SchedulerError::NoWorkers
+            | SchedulerError::ShuttingDown
+            | SchedulerError::Unavailable(_) => Code::Unavailable,
             SchedulerError::InvalidJob(_) => Code::InvalidArgument,
             SchedulerError::TooLarge { .. } => Code::ResourceExhausted,
             SchedulerError::WorkerFailed(_) => Code::Internal,
@@ -51,17 +53,28 @@ impl SchedulerError {
 
     /// Rebuilds the error from a status of the scheduler's service.
     pub fn from_status(status: &Status) -> Self {
-        let kind = status.metadata().get(ERROR_TYPE_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let kind = status
+            .metadata()
+            .get(ERROR_TYPE_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let message = status.message().to_string();
         match kind {
             "no_workers" => SchedulerError::NoWorkers,
             "invalid_job" => SchedulerError::InvalidJob(message),
             "too_large" => SchedulerError::TooLarge {
-                kv_blocks: message.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0),
+                kv_blocks: message
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
             },
-            "worker_failed" => {
-                SchedulerError::WorkerFailed(message.strip_prefix("worker failed the job: ").unwrap_or(&message).to_string())
-            }
+            "worker_failed" => SchedulerError::WorkerFailed(
+                message
+                    .strip_prefix("worker failed the job: ")
+                    .unwrap_or(&message)
+                    .to_string(),
+            ),
             "shutting_down" => SchedulerError::ShuttingDown,
             _ => SchedulerError::Unavailable(format!("{}: {message}", status.code())),
         }
@@ -83,6 +96,9 @@ mod tests {
         ] {
             assert_eq!(SchedulerError::from_status(&e.to_status()), e);
         }
-        assert!(matches!(SchedulerError::from_status(&Status::unavailable("x")), SchedulerError::Unavailable(_)));
+        assert!(matches!(
+            SchedulerError::from_status(&Status::unavailable("x")),
+            SchedulerError::Unavailable(_)
+        ));
     }
 }

@@ -12,6 +12,7 @@ pub mod state;
 
 pub use error::SchedulerError;
 pub use runtime::{
-    spawn, JobRequest, JobResult, JobStream, JobUpdate, ModelDescription, RuntimeConfig, SchedulerHandle, Sampling,
+    spawn, JobRequest, JobResult, JobStream, JobUpdate, ModelDescription, RuntimeConfig, Sampling,
+    SchedulerHandle,
 };
 pub use state::{SchedulerConfig, Tier};

@@ -10,13 +10,19 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use kiln_proto::v1::worker_client::WorkerClient;
-use kiln_proto::v1::{self as pb, DecodeRequest, InfoRequest, NewSequence, PrefillRequest, ReleaseRequest, StepResponse, WorkerInfo};
+use kiln_proto::v1::{
+    self as pb, DecodeRequest, InfoRequest, NewSequence, PrefillRequest, ReleaseRequest,
+    StepResponse, WorkerInfo,
+};
 use kiln_telemetry as telemetry;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::state::{Capacity, Command, FailReason, Job, JobEvent, JobId, Output, SchedulerConfig, SchedulerState, SequenceReport, Tier, WorkerId};
+use crate::state::{
+    Capacity, Command, FailReason, Job, JobEvent, JobId, Output, SchedulerConfig, SchedulerState,
+    SequenceReport, Tier, WorkerId,
+};
 use crate::SchedulerError;
 
 /// Sampling parameters of a job, already validated by the gateway.
@@ -78,18 +84,37 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { batching: SchedulerConfig::default(), workers: Vec::new(), reconnect_interval: Duration::from_millis(500) }
+        RuntimeConfig {
+            batching: SchedulerConfig::default(),
+            workers: Vec::new(),
+            reconnect_interval: Duration::from_millis(500),
+        }
     }
 }
 
 type UpdateSender = mpsc::UnboundedSender<Result<JobUpdate, SchedulerError>>;
 
 enum Msg {
-    Submit { request: JobRequest, updates: UpdateSender, reply: oneshot::Sender<Result<JobId, SchedulerError>> },
+    Submit {
+        request: JobRequest,
+        updates: UpdateSender,
+        reply: oneshot::Sender<Result<JobId, SchedulerError>>,
+    },
     Cancel(JobId),
-    WorkerUp { id: WorkerId, address: String, info: WorkerInfo, calls: mpsc::UnboundedSender<WorkerCall> },
-    WorkerDown { id: WorkerId, error: String },
-    StepDone { id: WorkerId, response: StepResponse },
+    WorkerUp {
+        id: WorkerId,
+        address: String,
+        info: WorkerInfo,
+        calls: mpsc::UnboundedSender<WorkerCall>,
+    },
+    WorkerDown {
+        id: WorkerId,
+        error: String,
+    },
+    StepDone {
+        id: WorkerId,
+        response: StepResponse,
+    },
     Status(oneshot::Sender<pb::ClusterStatusResponse>),
 }
 
@@ -147,9 +172,20 @@ impl SchedulerHandle {
     pub async fn submit(&self, request: JobRequest) -> Result<JobStream, SchedulerError> {
         let (updates, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Msg::Submit { request, updates, reply }).map_err(|_| SchedulerError::ShuttingDown)?;
+        self.tx
+            .send(Msg::Submit {
+                request,
+                updates,
+                reply,
+            })
+            .map_err(|_| SchedulerError::ShuttingDown)?;
         let id = answer.await.map_err(|_| SchedulerError::ShuttingDown)??;
-        Ok(JobStream { id, rx, tx: self.tx.clone(), finished: false })
+        Ok(JobStream {
+            id,
+            rx,
+            tx: self.tx.clone(),
+            finished: false,
+        })
     }
 
     /// The model the workers serve, once one worker has been reached.
@@ -160,13 +196,19 @@ impl SchedulerHandle {
     /// Waits until a worker has described the model, or `timeout` passes.
     pub async fn wait_for_model(&self, timeout: Duration) -> Option<ModelDescription> {
         let mut rx = self.model.clone();
-        let described = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.ok()?.ok()?.clone();
+        let described = tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+            .await
+            .ok()?
+            .ok()?
+            .clone();
         described
     }
 
     pub async fn status(&self) -> Result<pb::ClusterStatusResponse, SchedulerError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Msg::Status(reply)).map_err(|_| SchedulerError::ShuttingDown)?;
+        self.tx
+            .send(Msg::Status(reply))
+            .map_err(|_| SchedulerError::ShuttingDown)?;
         answer.await.map_err(|_| SchedulerError::ShuttingDown)
     }
 }
@@ -176,7 +218,12 @@ pub fn spawn(config: RuntimeConfig) -> SchedulerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (model_tx, model) = watch::channel(None);
     for (i, address) in config.workers.iter().enumerate() {
-        tokio::spawn(drive_worker(i as WorkerId, address.clone(), tx.clone(), config.reconnect_interval));
+        tokio::spawn(drive_worker(
+            i as WorkerId,
+            address.clone(),
+            tx.clone(),
+            config.reconnect_interval,
+        ));
     }
     let owner = Owner {
         state: SchedulerState::new(config.batching),
@@ -220,7 +267,11 @@ impl Owner {
         while let Some(msg) = rx.recv().await {
             let now = self.start.elapsed();
             let outputs = match msg {
-                Msg::Submit { request, updates, reply } => match self.admit(request, updates) {
+                Msg::Submit {
+                    request,
+                    updates,
+                    reply,
+                } => match self.admit(request, updates) {
                     Ok((job, id)) => {
                         let _ = reply.send(Ok(id));
                         self.state.submit(job, now)
@@ -236,7 +287,12 @@ impl Owner {
                     }
                     self.state.cancel(id, now)
                 }
-                Msg::WorkerUp { id, address, info, calls } => {
+                Msg::WorkerUp {
+                    id,
+                    address,
+                    info,
+                    calls,
+                } => {
                     info!(worker = %info.name, %address, kv_blocks = info.kv_blocks_total, max_batch = info.max_batch, "worker joined");
                     self.model_tx.send_if_modified(|m| {
                         let described = m.is_none();
@@ -250,7 +306,14 @@ impl Owner {
                         block_size: info.block_size.max(1) as usize,
                         max_batch: info.max_batch as usize,
                     };
-                    self.workers.insert(id, LiveWorker { name: info.name, address, calls });
+                    self.workers.insert(
+                        id,
+                        LiveWorker {
+                            name: info.name,
+                            address,
+                            calls,
+                        },
+                    );
                     self.state.add_worker(id, capacity, now)
                 }
                 Msg::WorkerDown { id, error } => {
@@ -274,18 +337,32 @@ impl Owner {
     }
 
     /// Checks a job against the served model and stores its payload.
-    fn admit(&mut self, request: JobRequest, updates: UpdateSender) -> Result<(Job, JobId), SchedulerError> {
-        let model = self.model_tx.borrow().clone().ok_or(SchedulerError::NoWorkers)?;
+    fn admit(
+        &mut self,
+        request: JobRequest,
+        updates: UpdateSender,
+    ) -> Result<(Job, JobId), SchedulerError> {
+        let model = self
+            .model_tx
+            .borrow()
+            .clone()
+            .ok_or(SchedulerError::NoWorkers)?;
         if self.workers.is_empty() {
             return Err(SchedulerError::NoWorkers);
         }
         for (field, side) in [("width", request.width), ("height", request.height)] {
             if !model.sizes.contains(&side) {
-                return Err(SchedulerError::InvalidJob(format!("{field}: {side} is not one of {:?}", model.sizes)));
+                return Err(SchedulerError::InvalidJob(format!(
+                    "{field}: {side} is not one of {:?}",
+                    model.sizes
+                )));
             }
         }
         if request.prompt.len() > model.max_prompt_bytes as usize {
-            return Err(SchedulerError::InvalidJob(format!("prompt: longer than {} bytes", model.max_prompt_bytes)));
+            return Err(SchedulerError::InvalidJob(format!(
+                "prompt: longer than {} bytes",
+                model.max_prompt_bytes
+            )));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -293,8 +370,25 @@ impl Owner {
         let image_tokens = (request.width / model.patch_size) * (request.height / model.patch_size);
         let span = info_span!("job", request_id = %request.request_id, job = id, tier = request.tier.as_str());
         span.in_scope(|| debug!(prompt_tokens, image_tokens, "job queued"));
-        let job = Job { id, user: request.user.clone(), tier: request.tier, prompt_tokens: prompt_tokens as usize, image_tokens: image_tokens as usize };
-        self.payloads.insert(id, Payload { request, prompt_tokens, image_tokens, generated: Vec::new(), image: None, updates, span });
+        let job = Job {
+            id,
+            user: request.user.clone(),
+            tier: request.tier,
+            prompt_tokens: prompt_tokens as usize,
+            image_tokens: image_tokens as usize,
+        };
+        self.payloads.insert(
+            id,
+            Payload {
+                request,
+                prompt_tokens,
+                image_tokens,
+                generated: Vec::new(),
+                image: None,
+                updates,
+                span,
+            },
+        );
         Ok((job, id))
     }
 
@@ -310,7 +404,11 @@ impl Owner {
                         p.image = s.image.clone();
                     }
                 }
-                SequenceReport { job: s.id, new_tokens: s.tokens.len(), finished: s.image.is_some() }
+                SequenceReport {
+                    job: s.id,
+                    new_tokens: s.tokens.len(),
+                    finished: s.image.is_some(),
+                }
             })
             .collect()
     }
@@ -325,7 +423,8 @@ impl Owner {
     }
 
     fn send_command(&mut self, worker: WorkerId, command: Command) {
-        let release = |ids: Vec<JobId>| (!ids.is_empty()).then_some(ReleaseRequest { ids, all: false });
+        let release =
+            |ids: Vec<JobId>| (!ids.is_empty()).then_some(ReleaseRequest { ids, all: false });
         let call = match command {
             Command::Prefill { release: r, jobs } => WorkerCall {
                 release: release(r),
@@ -340,7 +439,9 @@ impl Owner {
                                 width: payload.request.width,
                                 height: payload.request.height,
                                 sampling: Some(payload.request.sampling),
-                                generated: payload.generated[..p.resume_from.min(payload.generated.len())].to_vec(),
+                                generated: payload.generated
+                                    [..p.resume_from.min(payload.generated.len())]
+                                    .to_vec(),
                                 kv_blocks: p.kv_blocks as u32,
                             })
                         })
@@ -348,10 +449,22 @@ impl Owner {
                 }),
                 decode: None,
             },
-            Command::Decode { release: r, jobs, steps } => {
-                WorkerCall { release: release(r), prefill: None, decode: Some(DecodeRequest { ids: jobs, steps: steps as u32 }) }
-            }
-            Command::Release { release: r } => WorkerCall { release: release(r), ..Default::default() },
+            Command::Decode {
+                release: r,
+                jobs,
+                steps,
+            } => WorkerCall {
+                release: release(r),
+                prefill: None,
+                decode: Some(DecodeRequest {
+                    ids: jobs,
+                    steps: steps as u32,
+                }),
+            },
+            Command::Release { release: r } => WorkerCall {
+                release: release(r),
+                ..Default::default()
+            },
         };
         if let Some(w) = self.workers.get(&worker) {
             // A closed channel means the driver is reconnecting; its WorkerDown is already queued.
@@ -360,27 +473,52 @@ impl Owner {
     }
 
     fn notify(&mut self, job: JobId, event: JobEvent) {
-        let Some(payload) = self.payloads.get_mut(&job) else { return };
+        let Some(payload) = self.payloads.get_mut(&job) else {
+            return;
+        };
         let _enter = payload.span.enter();
         let update = match event {
-            JobEvent::Queued { position } => Ok(JobUpdate::Queued { position: position as u32 }),
+            JobEvent::Queued { position } => Ok(JobUpdate::Queued {
+                position: position as u32,
+            }),
             JobEvent::Started { worker } => {
-                let name = self.workers.get(&worker).map(|w| w.name.clone()).unwrap_or_default();
+                let name = self
+                    .workers
+                    .get(&worker)
+                    .map(|w| w.name.clone())
+                    .unwrap_or_default();
                 info!(worker = %name, resume_from = payload.generated.len(), "job started");
                 Ok(JobUpdate::Started { worker: name })
             }
-            JobEvent::Progress { done, total } => Ok(JobUpdate::Progress { done: done as u32, total: total as u32 }),
+            JobEvent::Progress { done, total } => Ok(JobUpdate::Progress {
+                done: done as u32,
+                total: total as u32,
+            }),
             JobEvent::Requeued => {
-                telemetry::SCHEDULER_REQUEUED.with_label_values(&[payload.request.tier.as_str()]).inc();
-                info!(tokens_kept = payload.generated.len(), "job re-queued after its worker was lost");
+                telemetry::SCHEDULER_REQUEUED
+                    .with_label_values(&[payload.request.tier.as_str()])
+                    .inc();
+                info!(
+                    tokens_kept = payload.generated.len(),
+                    "job re-queued after its worker was lost"
+                );
                 return;
             }
-            JobEvent::Finished { queued_for, ran_for } => {
+            JobEvent::Finished {
+                queued_for,
+                ran_for,
+            } => {
                 drop(_enter);
                 let payload = self.payloads.remove(&job).expect("present above");
                 let result = match payload.image {
                     Some(image) => {
-                        payload.span.in_scope(|| info!(queue_s = queued_for.as_secs_f64(), generation_s = ran_for.as_secs_f64(), "job finished"));
+                        payload.span.in_scope(|| {
+                            info!(
+                                queue_s = queued_for.as_secs_f64(),
+                                generation_s = ran_for.as_secs_f64(),
+                                "job finished"
+                            )
+                        });
                         Ok(JobUpdate::Completed(JobResult {
                             png: image.png,
                             width: image.width,
@@ -391,7 +529,9 @@ impl Owner {
                             generation_seconds: ran_for.as_secs_f64(),
                         }))
                     }
-                    None => Err(SchedulerError::WorkerFailed("the worker finished the sequence without an image".into())),
+                    None => Err(SchedulerError::WorkerFailed(
+                        "the worker finished the sequence without an image".into(),
+                    )),
                 };
                 let _ = payload.updates.send(result);
                 return;
@@ -399,7 +539,9 @@ impl Owner {
             JobEvent::Failed(FailReason::TooLarge { kv_blocks }) => {
                 drop(_enter);
                 let payload = self.payloads.remove(&job).expect("present above");
-                let _ = payload.updates.send(Err(SchedulerError::TooLarge { kv_blocks }));
+                let _ = payload
+                    .updates
+                    .send(Err(SchedulerError::TooLarge { kv_blocks }));
                 return;
             }
             JobEvent::Cancelled => {
@@ -438,7 +580,9 @@ impl Owner {
     fn record_gauges(&self) {
         let snapshot = self.state.snapshot();
         for tier in Tier::ALL {
-            telemetry::SCHEDULER_QUEUE_DEPTH.with_label_values(&[tier.as_str()]).set(snapshot.waiting[tier as usize] as i64);
+            telemetry::SCHEDULER_QUEUE_DEPTH
+                .with_label_values(&[tier.as_str()])
+                .set(snapshot.waiting[tier as usize] as i64);
         }
         telemetry::SCHEDULER_RUNNING.set(snapshot.running as i64);
         telemetry::SCHEDULER_WORKERS.set(self.workers.len() as i64);
@@ -457,14 +601,27 @@ fn describe(info: &WorkerInfo) -> ModelDescription {
 }
 
 /// Connects to one worker, announces it, executes its calls, and reconnects after a failure.
-async fn drive_worker(id: WorkerId, address: String, owner: mpsc::UnboundedSender<Msg>, retry: Duration) {
+async fn drive_worker(
+    id: WorkerId,
+    address: String,
+    owner: mpsc::UnboundedSender<Msg>,
+    retry: Duration,
+) {
     let span = info_span!("worker_driver", worker = id, %address);
     async move {
         loop {
             match connect(&address).await {
                 Ok((mut client, info)) => {
                     let (calls, mut rx) = mpsc::unbounded_channel();
-                    if owner.send(Msg::WorkerUp { id, address: address.clone(), info, calls }).is_err() {
+                    if owner
+                        .send(Msg::WorkerUp {
+                            id,
+                            address: address.clone(),
+                            info,
+                            calls,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                     let error = loop {
@@ -491,16 +648,29 @@ async fn drive_worker(id: WorkerId, address: String, owner: mpsc::UnboundedSende
     .await
 }
 
-async fn connect(address: &str) -> Result<(WorkerClient<Channel>, WorkerInfo), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = Channel::from_shared(address.to_string())?.connect_timeout(Duration::from_secs(2)).connect().await?;
+async fn connect(
+    address: &str,
+) -> Result<(WorkerClient<Channel>, WorkerInfo), Box<dyn std::error::Error + Send + Sync>> {
+    let channel = Channel::from_shared(address.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
     let mut client = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
     let info = client.info(InfoRequest {}).await?.into_inner();
     // The scheduler that connects owns the worker's batch: anything left from before is dropped.
-    client.release(ReleaseRequest { ids: Vec::new(), all: true }).await?;
+    client
+        .release(ReleaseRequest {
+            ids: Vec::new(),
+            all: true,
+        })
+        .await?;
     Ok((client, info))
 }
 
-async fn execute(client: &mut WorkerClient<Channel>, call: WorkerCall) -> Result<StepResponse, tonic::Status> {
+async fn execute(
+    client: &mut WorkerClient<Channel>,
+    call: WorkerCall,
+) -> Result<StepResponse, tonic::Status> {
     if let Some(release) = call.release {
         client.release(release).await?;
     }

@@ -5,7 +5,9 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use kiln_proto::v1::scheduler_server::{Scheduler, SchedulerServer};
-use kiln_proto::v1::{self as pb, job_event, ClusterStatusRequest, ClusterStatusResponse, Job, JobEvent};
+use kiln_proto::v1::{
+    self as pb, job_event, ClusterStatusRequest, ClusterStatusResponse, Job, JobEvent,
+};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -31,7 +33,9 @@ pub fn tier_from_wire(tier: i32) -> Result<Tier, SchedulerError> {
         Ok(pb::Tier::Plus) => Ok(Tier::Plus),
         Ok(pb::Tier::Pro) => Ok(Tier::Pro),
         Ok(pb::Tier::Team) => Ok(Tier::Team),
-        _ => Err(SchedulerError::InvalidJob(format!("tier: {tier} is not a known tier"))),
+        _ => Err(SchedulerError::InvalidJob(format!(
+            "tier: {tier} is not a known tier"
+        ))),
     }
 }
 
@@ -52,7 +56,11 @@ pub fn update_to_wire(update: JobUpdate) -> JobEvent {
         JobUpdate::Started { worker } => job_event::Event::StartedWorker(worker),
         JobUpdate::Progress { done, .. } => job_event::Event::TokensDone(done),
         JobUpdate::Completed(r) => job_event::Event::Completed(pb::JobCompleted {
-            image: Some(pb::FinishedImage { png: r.png, width: r.width, height: r.height }),
+            image: Some(pb::FinishedImage {
+                png: r.png,
+                width: r.width,
+                height: r.height,
+            }),
             prompt_tokens: r.prompt_tokens,
             image_tokens: r.image_tokens,
             queue_seconds: r.queue_seconds,
@@ -69,10 +77,14 @@ impl Scheduler for SchedulerService {
     async fn submit(&self, request: Request<Job>) -> Result<Response<Self::SubmitStream>, Status> {
         let job = request.into_inner();
         if job.request_id.is_empty() || job.user.is_empty() {
-            return Err(SchedulerError::InvalidJob("request_id and user are required".into()).to_status());
+            return Err(
+                SchedulerError::InvalidJob("request_id and user are required".into()).to_status(),
+            );
         }
         let tier = tier_from_wire(job.tier).map_err(|e| e.to_status())?;
-        let sampling = job.sampling.ok_or_else(|| SchedulerError::InvalidJob("sampling: required".into()).to_status())?;
+        let sampling = job
+            .sampling
+            .ok_or_else(|| SchedulerError::InvalidJob("sampling: required".into()).to_status())?;
         let stream = self
             .handle
             .submit(JobRequest {
@@ -86,10 +98,15 @@ impl Scheduler for SchedulerService {
             })
             .await
             .map_err(|e| e.to_status())?;
-        Ok(Response::new(Box::pin(stream.map(|u| u.map(update_to_wire).map_err(|e| e.to_status())))))
+        Ok(Response::new(Box::pin(stream.map(|u| {
+            u.map(update_to_wire).map_err(|e| e.to_status())
+        }))))
     }
 
-    async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
         let mut status = self.handle.status().await.map_err(|e| e.to_status())?;
         if let Some(m) = self.handle.model() {
             status.model = Some(pb::ModelInfo {
@@ -113,11 +130,18 @@ pub async fn run(
 ) -> Result<(), tonic::transport::Error> {
     info!(addr = ?listener.local_addr().ok(), "scheduler serving");
     let (reporter, health, reflection) = kiln_proto::standard::services();
-    reporter.set_serving::<SchedulerServer<SchedulerService>>().await;
+    reporter
+        .set_serving::<SchedulerServer<SchedulerService>>()
+        .await;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(SchedulerServer::new(SchedulerService::new(handle)).max_encoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .add_service(
+            SchedulerServer::new(SchedulerService::new(handle)).max_encoding_message_size(64 << 20),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
 }

@@ -74,7 +74,11 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_steps_per_call: 4, max_prefill_tokens: 8192, static_batching: false }
+        SchedulerConfig {
+            max_steps_per_call: 4,
+            max_prefill_tokens: 8192,
+            static_batching: false,
+        }
     }
 }
 
@@ -90,9 +94,18 @@ pub struct Placement {
 /// One call for a worker. Releases run first, then the prefill or the decode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Prefill { release: Vec<JobId>, jobs: Vec<Placement> },
-    Decode { release: Vec<JobId>, jobs: Vec<JobId>, steps: usize },
-    Release { release: Vec<JobId> },
+    Prefill {
+        release: Vec<JobId>,
+        jobs: Vec<Placement>,
+    },
+    Decode {
+        release: Vec<JobId>,
+        jobs: Vec<JobId>,
+        steps: usize,
+    },
+    Release {
+        release: Vec<JobId>,
+    },
 }
 
 /// Why a job ended without an image.
@@ -105,11 +118,21 @@ pub enum FailReason {
 /// What a caller learns about its job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobEvent {
-    Queued { position: usize },
-    Started { worker: WorkerId },
-    Progress { done: usize, total: usize },
+    Queued {
+        position: usize,
+    },
+    Started {
+        worker: WorkerId,
+    },
+    Progress {
+        done: usize,
+        total: usize,
+    },
     /// The last token was generated; the worker's answer carries the image.
-    Finished { queued_for: Duration, ran_for: Duration },
+    Finished {
+        queued_for: Duration,
+        ran_for: Duration,
+    },
     /// The worker running it was lost; it waits again and resumes from its tokens so far.
     Requeued,
     Failed(FailReason),
@@ -178,7 +201,8 @@ impl TierQueue {
             Some(q) if front => q.push_front(job),
             Some(q) => q.push_back(job),
             None => {
-                self.per_user.insert(user.to_string(), VecDeque::from([job]));
+                self.per_user
+                    .insert(user.to_string(), VecDeque::from([job]));
                 if front {
                     self.users.push_front(user.to_string());
                 } else {
@@ -192,7 +216,10 @@ impl TierQueue {
     fn peek(&mut self, live: impl Fn(JobId) -> bool) -> Option<JobId> {
         loop {
             let user = self.users.front()?;
-            let q = self.per_user.get_mut(user).expect("every listed user has a queue");
+            let q = self
+                .per_user
+                .get_mut(user)
+                .expect("every listed user has a queue");
             match q.front() {
                 Some(&job) if live(job) => return Some(job),
                 Some(_) => {
@@ -249,25 +276,45 @@ pub struct WorkerSnapshot {
 
 impl SchedulerState {
     pub fn new(config: SchedulerConfig) -> Self {
-        SchedulerState { config, ..Default::default() }
+        SchedulerState {
+            config,
+            ..Default::default()
+        }
     }
 
     /// A job arrives. It is queued (and placed at once where a worker is free).
     pub fn submit(&mut self, job: Job, now: Time) -> Vec<Output> {
         let mut out = Vec::new();
-        if let Some(largest) = self.workers.values().map(|w| w.capacity).max_by_key(|c| c.kv_blocks) {
+        if let Some(largest) = self
+            .workers
+            .values()
+            .map(|w| w.capacity)
+            .max_by_key(|c| c.kv_blocks)
+        {
             let needed = blocks_for(&job, largest.block_size);
             if needed > largest.kv_blocks {
-                out.push(Output::Event { job: job.id, event: JobEvent::Failed(FailReason::TooLarge { kv_blocks: needed }) });
+                out.push(Output::Event {
+                    job: job.id,
+                    event: JobEvent::Failed(FailReason::TooLarge { kv_blocks: needed }),
+                });
                 return out;
             }
         }
         let position = self.queues[job.tier as usize..].iter().map(|q| q.len).sum();
         self.queues[job.tier as usize].push_back(&job.user, job.id);
-        out.push(Output::Event { job: job.id, event: JobEvent::Queued { position } });
+        out.push(Output::Event {
+            job: job.id,
+            event: JobEvent::Queued { position },
+        });
         self.jobs.insert(
             job.id,
-            JobState { kv_blocks: 0, job, done: 0, submitted: now, phase: Phase::Waiting },
+            JobState {
+                kv_blocks: 0,
+                job,
+                done: 0,
+                submitted: now,
+                phase: Phase::Waiting,
+            },
         );
         self.schedule_all(now, &mut out);
         out
@@ -276,19 +323,27 @@ impl SchedulerState {
     /// A caller gave up. A waiting job leaves the queue; a running one is released on its worker.
     pub fn cancel(&mut self, id: JobId, now: Time) -> Vec<Output> {
         let mut out = Vec::new();
-        let Some(state) = self.jobs.remove(&id) else { return out };
+        let Some(state) = self.jobs.remove(&id) else {
+            return out;
+        };
         match state.phase {
             // The queue entry is skipped lazily when it reaches the front.
             Phase::Waiting => self.queues[state.job.tier as usize].len -= 1,
             Phase::Running { worker, .. } => {
-                let w = self.workers.get_mut(&worker).expect("running jobs are on known workers");
+                let w = self
+                    .workers
+                    .get_mut(&worker)
+                    .expect("running jobs are on known workers");
                 w.running.retain(|&j| j != id);
                 w.free_blocks += state.kv_blocks;
                 w.pending_release.push(id);
                 self.schedule(worker, now, &mut out);
             }
         }
-        out.push(Output::Event { job: id, event: JobEvent::Cancelled });
+        out.push(Output::Event {
+            job: id,
+            event: JobEvent::Cancelled,
+        });
         out
     }
 
@@ -298,7 +353,13 @@ impl SchedulerState {
         let mut out = self.remove_worker(id, now);
         self.workers.insert(
             id,
-            WorkerState { capacity, free_blocks: capacity.kv_blocks, running: Vec::new(), pending_release: Vec::new(), busy: false },
+            WorkerState {
+                capacity,
+                free_blocks: capacity.kv_blocks,
+                running: Vec::new(),
+                pending_release: Vec::new(),
+                busy: false,
+            },
         );
         self.schedule(id, now, &mut out);
         out
@@ -308,33 +369,56 @@ impl SchedulerState {
     /// resume from the tokens they had.
     pub fn remove_worker(&mut self, id: WorkerId, now: Time) -> Vec<Output> {
         let mut out = Vec::new();
-        let Some(worker) = self.workers.remove(&id) else { return out };
+        let Some(worker) = self.workers.remove(&id) else {
+            return out;
+        };
         for job in worker.running.into_iter().rev() {
             let state = self.jobs.get_mut(&job).expect("running jobs are live");
             state.phase = Phase::Waiting;
             self.queues[state.job.tier as usize].push_front(&state.job.user, job);
-            out.push(Output::Event { job, event: JobEvent::Requeued });
+            out.push(Output::Event {
+                job,
+                event: JobEvent::Requeued,
+            });
         }
         self.schedule_all(now, &mut out);
         out
     }
 
     /// A worker answered its call: new tokens per sequence, finished ones gone from its batch.
-    pub fn step_done(&mut self, worker: WorkerId, reports: &[SequenceReport], now: Time) -> Vec<Output> {
+    pub fn step_done(
+        &mut self,
+        worker: WorkerId,
+        reports: &[SequenceReport],
+        now: Time,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
-        let Some(w) = self.workers.get_mut(&worker) else { return out };
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return out;
+        };
         w.busy = false;
         for report in reports {
             // Reports for jobs cancelled meanwhile are stale: their blocks were already accounted.
-            let Some(state) = self.jobs.get_mut(&report.job) else { continue };
-            let Phase::Running { worker: on, started } = state.phase else { continue };
+            let Some(state) = self.jobs.get_mut(&report.job) else {
+                continue;
+            };
+            let Phase::Running {
+                worker: on,
+                started,
+            } = state.phase
+            else {
+                continue;
+            };
             if on != worker {
                 continue;
             }
             state.done = (state.done + report.new_tokens).min(state.job.image_tokens);
             out.push(Output::Event {
                 job: report.job,
-                event: JobEvent::Progress { done: state.done, total: state.job.image_tokens },
+                event: JobEvent::Progress {
+                    done: state.done,
+                    total: state.job.image_tokens,
+                },
             });
             if report.finished {
                 let blocks = state.kv_blocks;
@@ -342,7 +426,13 @@ impl SchedulerState {
                 self.jobs.remove(&report.job);
                 w.free_blocks += blocks;
                 w.running.retain(|&j| j != report.job);
-                out.push(Output::Event { job: report.job, event: JobEvent::Finished { queued_for, ran_for: now.saturating_sub(started) } });
+                out.push(Output::Event {
+                    job: report.job,
+                    event: JobEvent::Finished {
+                        queued_for,
+                        ran_for: now.saturating_sub(started),
+                    },
+                });
             }
         }
         self.schedule(worker, now, &mut out);
@@ -362,15 +452,24 @@ impl SchedulerState {
             workers: self
                 .workers
                 .iter()
-                .map(|(&id, w)| WorkerSnapshot { id, capacity: w.capacity, free_blocks: w.free_blocks, running: w.running.len() })
+                .map(|(&id, w)| WorkerSnapshot {
+                    id,
+                    capacity: w.capacity,
+                    free_blocks: w.free_blocks,
+                    running: w.running.len(),
+                })
                 .collect(),
         }
     }
 
     /// Gives every free worker its next command, most free blocks first.
     fn schedule_all(&mut self, now: Time, out: &mut Vec<Output>) {
-        let mut idle: Vec<(usize, WorkerId)> =
-            self.workers.iter().filter(|(_, w)| !w.busy).map(|(&id, w)| (w.free_blocks, id)).collect();
+        let mut idle: Vec<(usize, WorkerId)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.busy)
+            .map(|(&id, w)| (w.free_blocks, id))
+            .collect();
         idle.sort_unstable_by(|a, b| b.cmp(a));
         for (_, id) in idle {
             self.schedule(id, now, out);
@@ -379,7 +478,9 @@ impl SchedulerState {
 
     /// The next command of one free worker: prefill what fits, else decode the batch, else release.
     fn schedule(&mut self, id: WorkerId, now: Time, out: &mut Vec<Output>) {
-        let Some(w) = self.workers.get(&id) else { return };
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
         if w.busy {
             return;
         }
@@ -388,9 +489,15 @@ impl SchedulerState {
         let release = std::mem::take(&mut w.pending_release);
         let command = if !placements.is_empty() {
             for p in &placements {
-                out.push(Output::Event { job: p.job, event: JobEvent::Started { worker: id } });
+                out.push(Output::Event {
+                    job: p.job,
+                    event: JobEvent::Started { worker: id },
+                });
             }
-            Command::Prefill { release, jobs: placements }
+            Command::Prefill {
+                release,
+                jobs: placements,
+            }
         } else if !w.running.is_empty() {
             let soonest = w
                 .running
@@ -402,14 +509,21 @@ impl SchedulerState {
                 .min()
                 .unwrap_or(1);
             let steps = soonest.clamp(1, self.config.max_steps_per_call.max(1));
-            Command::Decode { release, jobs: w.running.clone(), steps }
+            Command::Decode {
+                release,
+                jobs: w.running.clone(),
+                steps,
+            }
         } else if !release.is_empty() {
             Command::Release { release }
         } else {
             return;
         };
         w.busy = true;
-        out.push(Output::Command { worker: id, command });
+        out.push(Output::Command {
+            worker: id,
+            command,
+        });
     }
 
     /// Pops the waiting jobs that fit worker `id`, in tier order and fair order inside a tier. Stops at
@@ -424,12 +538,17 @@ impl SchedulerState {
         let jobs = &mut self.jobs;
         for tier in Tier::ALL.iter().rev() {
             let queue = &mut self.queues[*tier as usize];
-            while let Some(job) = queue.peek(|j| jobs.get(&j).is_some_and(|s| matches!(s.phase, Phase::Waiting))) {
+            while let Some(job) = queue.peek(|j| {
+                jobs.get(&j)
+                    .is_some_and(|s| matches!(s.phase, Phase::Waiting))
+            }) {
                 let state = jobs.get_mut(&job).expect("peek checked");
                 let blocks = blocks_for(&state.job, w.capacity.block_size);
                 let tokens = state.job.prompt_tokens + state.done + 1;
-                let over_budget = !placements.is_empty() && prefill_tokens + tokens > self.config.max_prefill_tokens;
-                if w.running.len() >= w.capacity.max_batch || blocks > w.free_blocks || over_budget {
+                let over_budget = !placements.is_empty()
+                    && prefill_tokens + tokens > self.config.max_prefill_tokens;
+                if w.running.len() >= w.capacity.max_batch || blocks > w.free_blocks || over_budget
+                {
                     return placements;
                 }
                 queue.pop_peeked();
@@ -437,8 +556,15 @@ impl SchedulerState {
                 w.free_blocks -= blocks;
                 w.running.push(job);
                 state.kv_blocks = blocks;
-                state.phase = Phase::Running { worker: id, started: now };
-                placements.push(Placement { job, kv_blocks: blocks, resume_from: state.done });
+                state.phase = Phase::Running {
+                    worker: id,
+                    started: now,
+                };
+                placements.push(Placement {
+                    job,
+                    kv_blocks: blocks,
+                    resume_from: state.done,
+                });
             }
         }
         placements
@@ -458,11 +584,21 @@ mod tests {
     const T0: Time = Duration::ZERO;
 
     fn job(id: JobId, user: &str, tier: Tier, image_tokens: usize) -> Job {
-        Job { id, user: user.into(), tier, prompt_tokens: 4, image_tokens }
+        Job {
+            id,
+            user: user.into(),
+            tier,
+            prompt_tokens: 4,
+            image_tokens,
+        }
     }
 
     fn cap(kv_blocks: usize, max_batch: usize) -> Capacity {
-        Capacity { kv_blocks, block_size: 4, max_batch }
+        Capacity {
+            kv_blocks,
+            block_size: 4,
+            max_batch,
+        }
     }
 
     fn commands(out: &[Output]) -> Vec<(WorkerId, Command)> {
@@ -500,21 +636,73 @@ mod tests {
         // Worker busy: job 2 waits for the next call.
         let out = s.submit(job(2, "b", Tier::Free, 16), T0);
         assert!(commands(&out).is_empty());
-        let out = s.step_done(1, &[SequenceReport { job: 1, new_tokens: 1, finished: false }], T0);
+        let out = s.step_done(
+            1,
+            &[SequenceReport {
+                job: 1,
+                new_tokens: 1,
+                finished: false,
+            }],
+            T0,
+        );
         assert_eq!(placed(&commands(&out)[0].1), vec![2]);
-        let out = s.step_done(1, &[SequenceReport { job: 2, new_tokens: 1, finished: false }], T0);
-        assert_eq!(commands(&out)[0].1, Command::Decode { release: vec![], jobs: vec![1, 2], steps: 4 });
+        let out = s.step_done(
+            1,
+            &[SequenceReport {
+                job: 2,
+                new_tokens: 1,
+                finished: false,
+            }],
+            T0,
+        );
+        assert_eq!(
+            commands(&out)[0].1,
+            Command::Decode {
+                release: vec![],
+                jobs: vec![1, 2],
+                steps: 4
+            }
+        );
     }
 
     #[test]
     fn decode_steps_stop_where_the_soonest_sequence_finishes() {
-        let mut s = SchedulerState::new(SchedulerConfig { max_steps_per_call: 8, ..Default::default() });
+        let mut s = SchedulerState::new(SchedulerConfig {
+            max_steps_per_call: 8,
+            ..Default::default()
+        });
         s.add_worker(1, cap(100, 8), T0);
         s.submit(job(1, "a", Tier::Free, 4), T0);
-        let out = s.step_done(1, &[SequenceReport { job: 1, new_tokens: 1, finished: false }], T0);
-        assert_eq!(commands(&out)[0].1, Command::Decode { release: vec![], jobs: vec![1], steps: 3 });
-        let out = s.step_done(1, &[SequenceReport { job: 1, new_tokens: 3, finished: true }], Duration::from_secs(2));
-        assert!(matches!(events(&out, 1).last(), Some(JobEvent::Finished { .. })));
+        let out = s.step_done(
+            1,
+            &[SequenceReport {
+                job: 1,
+                new_tokens: 1,
+                finished: false,
+            }],
+            T0,
+        );
+        assert_eq!(
+            commands(&out)[0].1,
+            Command::Decode {
+                release: vec![],
+                jobs: vec![1],
+                steps: 3
+            }
+        );
+        let out = s.step_done(
+            1,
+            &[SequenceReport {
+                job: 1,
+                new_tokens: 3,
+                finished: true,
+            }],
+            Duration::from_secs(2),
+        );
+        assert!(matches!(
+            events(&out, 1).last(),
+            Some(JobEvent::Finished { .. })
+        ));
         assert!(commands(&out).is_empty());
         assert_eq!(s.snapshot().workers[0].free_blocks, 100);
     }
@@ -523,7 +711,13 @@ mod tests {
     fn higher_tiers_go_first_and_users_take_turns_inside_a_tier() {
         let mut s = SchedulerState::new(SchedulerConfig::default());
         // No worker yet: everything waits.
-        for (id, user, tier) in [(1, "a", Tier::Free), (2, "a", Tier::Free), (3, "a", Tier::Free), (4, "b", Tier::Free), (5, "p", Tier::Pro)] {
+        for (id, user, tier) in [
+            (1, "a", Tier::Free),
+            (2, "a", Tier::Free),
+            (3, "a", Tier::Free),
+            (4, "b", Tier::Free),
+            (5, "p", Tier::Pro),
+        ] {
             s.submit(job(id, user, tier, 8), T0);
         }
         assert_eq!(s.waiting(), 5);
@@ -533,7 +727,15 @@ mod tests {
         for _ in 0..5 {
             let ids = placed(&commands(&out)[0].1);
             order.extend(&ids);
-            out = s.step_done(1, &[SequenceReport { job: ids[0], new_tokens: 8, finished: true }], T0);
+            out = s.step_done(
+                1,
+                &[SequenceReport {
+                    job: ids[0],
+                    new_tokens: 8,
+                    finished: true,
+                }],
+                T0,
+            );
         }
         assert_eq!(order, vec![5, 1, 4, 2, 3]);
     }
@@ -550,9 +752,27 @@ mod tests {
         assert_eq!(s.waiting(), 1);
         // Cancel the running job while its prefill is in flight: blocks return, release goes out next.
         s.cancel(1, T0);
-        let out = s.step_done(1, &[SequenceReport { job: 1, new_tokens: 1, finished: false }], T0);
+        let out = s.step_done(
+            1,
+            &[SequenceReport {
+                job: 1,
+                new_tokens: 1,
+                finished: false,
+            }],
+            T0,
+        );
         let (_, cmd) = &commands(&out)[0];
-        assert_eq!(cmd, &Command::Prefill { release: vec![1], jobs: vec![Placement { job: 2, kv_blocks: 3, resume_from: 0 }] });
+        assert_eq!(
+            cmd,
+            &Command::Prefill {
+                release: vec![1],
+                jobs: vec![Placement {
+                    job: 2,
+                    kv_blocks: 3,
+                    resume_from: 0
+                }]
+            }
+        );
         assert_eq!(s.waiting(), 0);
     }
 
@@ -561,12 +781,33 @@ mod tests {
         let mut s = SchedulerState::new(SchedulerConfig::default());
         s.add_worker(1, cap(100, 8), T0);
         s.submit(job(1, "a", Tier::Free, 16), T0);
-        s.step_done(1, &[SequenceReport { job: 1, new_tokens: 5, finished: false }], T0);
+        s.step_done(
+            1,
+            &[SequenceReport {
+                job: 1,
+                new_tokens: 5,
+                finished: false,
+            }],
+            T0,
+        );
         let out = s.remove_worker(1, T0);
         assert_eq!(events(&out, 1), vec![JobEvent::Requeued]);
         let out = s.add_worker(2, cap(100, 8), T0);
         let (w, cmd) = &commands(&out)[0];
-        assert_eq!((*w, cmd), (2, &Command::Prefill { release: vec![], jobs: vec![Placement { job: 1, kv_blocks: 5, resume_from: 5 }] }));
+        assert_eq!(
+            (*w, cmd),
+            (
+                2,
+                &Command::Prefill {
+                    release: vec![],
+                    jobs: vec![Placement {
+                        job: 1,
+                        kv_blocks: 5,
+                        resume_from: 5
+                    }]
+                }
+            )
+        );
     }
 
     #[test]
@@ -574,17 +815,31 @@ mod tests {
         let mut s = SchedulerState::new(SchedulerConfig::default());
         s.add_worker(1, cap(2, 8), T0);
         let out = s.submit(job(1, "a", Tier::Free, 16), T0);
-        assert_eq!(events(&out, 1), vec![JobEvent::Failed(FailReason::TooLarge { kv_blocks: 5 })]);
+        assert_eq!(
+            events(&out, 1),
+            vec![JobEvent::Failed(FailReason::TooLarge { kv_blocks: 5 })]
+        );
         assert_eq!(s.waiting(), 0);
     }
 
     #[test]
     fn static_batching_waits_for_an_empty_batch() {
-        let mut s = SchedulerState::new(SchedulerConfig { static_batching: true, ..Default::default() });
+        let mut s = SchedulerState::new(SchedulerConfig {
+            static_batching: true,
+            ..Default::default()
+        });
         s.add_worker(1, cap(100, 8), T0);
         s.submit(job(1, "a", Tier::Free, 8), T0);
         s.submit(job(2, "b", Tier::Free, 8), T0);
-        let out = s.step_done(1, &[SequenceReport { job: 1, new_tokens: 1, finished: false }], T0);
+        let out = s.step_done(
+            1,
+            &[SequenceReport {
+                job: 1,
+                new_tokens: 1,
+                finished: false,
+            }],
+            T0,
+        );
         assert!(matches!(commands(&out)[0].1, Command::Decode { .. }));
     }
 

@@ -8,8 +8,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Every metric name Kiln exports.
@@ -63,13 +63,21 @@ pub mod env_names {
 }
 
 /// Buckets for one model step: 1 ms to 10 s.
-const STEP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const STEP_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 /// Buckets for a whole request: 100 ms to 10 min.
-const REQUEST_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const REQUEST_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 pub static GATEWAY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(names::GATEWAY_REQUESTS, "Generate requests by tier and final gRPC code.", &["tier", "code"])
-        .expect("metric registered once")
+    register_int_counter_vec!(
+        names::GATEWAY_REQUESTS,
+        "Generate requests by tier and final gRPC code.",
+        &["tier", "code"]
+    )
+    .expect("metric registered once")
 });
 pub static GATEWAY_REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
@@ -81,18 +89,31 @@ pub static GATEWAY_REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 pub static SCHEDULER_QUEUE_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    register_int_gauge_vec!(names::SCHEDULER_QUEUE_DEPTH, "Jobs waiting for a worker, by tier.", &["tier"])
-        .expect("metric registered once")
+    register_int_gauge_vec!(
+        names::SCHEDULER_QUEUE_DEPTH,
+        "Jobs waiting for a worker, by tier.",
+        &["tier"]
+    )
+    .expect("metric registered once")
 });
 pub static SCHEDULER_RUNNING: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!(names::SCHEDULER_RUNNING, "Sequences placed on workers.").expect("metric registered once")
+    register_int_gauge!(names::SCHEDULER_RUNNING, "Sequences placed on workers.")
+        .expect("metric registered once")
 });
 pub static SCHEDULER_WORKERS: LazyLock<IntGauge> = LazyLock::new(|| {
-    register_int_gauge!(names::SCHEDULER_WORKERS, "Workers the scheduler can place jobs on.").expect("metric registered once")
+    register_int_gauge!(
+        names::SCHEDULER_WORKERS,
+        "Workers the scheduler can place jobs on."
+    )
+    .expect("metric registered once")
 });
 pub static SCHEDULER_REQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(names::SCHEDULER_REQUEUED, "Jobs re-queued after losing their worker.", &["tier"])
-        .expect("metric registered once")
+    register_int_counter_vec!(
+        names::SCHEDULER_REQUEUED,
+        "Jobs re-queued after losing their worker.",
+        &["tier"]
+    )
+    .expect("metric registered once")
 });
 pub static WORKER_STEP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
@@ -104,15 +125,24 @@ pub static WORKER_STEP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 pub static WORKER_KV_BLOCKS_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
-    register_gauge_vec!(names::WORKER_KV_BLOCKS_USED, "KV-cache blocks reserved by sequences.", &["worker"])
-        .expect("metric registered once")
+    register_gauge_vec!(
+        names::WORKER_KV_BLOCKS_USED,
+        "KV-cache blocks reserved by sequences.",
+        &["worker"]
+    )
+    .expect("metric registered once")
 });
 pub static WORKER_KV_BLOCKS_TOTAL: LazyLock<GaugeVec> = LazyLock::new(|| {
-    register_gauge_vec!(names::WORKER_KV_BLOCKS_TOTAL, "KV-cache blocks of the worker.", &["worker"])
-        .expect("metric registered once")
+    register_gauge_vec!(
+        names::WORKER_KV_BLOCKS_TOTAL,
+        "KV-cache blocks of the worker.",
+        &["worker"]
+    )
+    .expect("metric registered once")
 });
 pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(names::WORKER_TOKENS, "Image tokens generated.", &["worker"]).expect("metric registered once")
+    register_int_counter_vec!(names::WORKER_TOKENS, "Image tokens generated.", &["worker"])
+        .expect("metric registered once")
 });
 
 /// The process's metrics in the Prometheus text format.
@@ -131,11 +161,19 @@ pub fn init_logging() {
     let filter = std::env::var(env_names::LOG)
         .ok()
         .map(EnvFilter::new)
-        .unwrap_or_else(|| EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+        .unwrap_or_else(|| {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+        });
     let json = std::env::var(env_names::LOG_FORMAT).is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second initialisation (tests) keeps the first subscriber.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[cfg(test)]
@@ -147,7 +185,10 @@ mod tests {
         GATEWAY_REQUESTS.with_label_values(&["free", "OK"]).inc();
         SCHEDULER_QUEUE_DEPTH.with_label_values(&["free"]).set(3);
         let text = encode_metrics();
-        assert!(text.contains("kiln_gateway_requests_total{code=\"OK\",tier=\"free\"} 1"), "{text}");
+        assert!(
+            text.contains("kiln_gateway_requests_total{code=\"OK\",tier=\"free\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("kiln_scheduler_queue_depth{tier=\"free\"} 3"));
     }
 }

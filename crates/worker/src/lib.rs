@@ -12,8 +12,8 @@ use std::time::Instant;
 use kiln_model::{Engine, ModelError, NewSequence, SamplingParams, SequenceOutput};
 use kiln_proto::v1::worker_server::{Worker, WorkerServer};
 use kiln_proto::v1::{
-    DecodeRequest, FinishedImage, InfoRequest, PrefillRequest, ReleaseRequest, ReleaseResponse, SequenceTokens,
-    StepResponse, WorkerInfo,
+    DecodeRequest, FinishedImage, InfoRequest, PrefillRequest, ReleaseRequest, ReleaseResponse,
+    SequenceTokens, StepResponse, WorkerInfo,
 };
 use kiln_telemetry as telemetry;
 use tokio::net::TcpListener;
@@ -32,8 +32,13 @@ pub struct WorkerService<E: Engine> {
 impl<E: Engine> WorkerService<E> {
     pub fn new(name: String, engine: E) -> Self {
         let total = engine.info().kv_blocks_total as f64;
-        telemetry::WORKER_KV_BLOCKS_TOTAL.with_label_values(&[&name]).set(total);
-        WorkerService { name, engine: Arc::new(Mutex::new(engine)) }
+        telemetry::WORKER_KV_BLOCKS_TOTAL
+            .with_label_values(&[&name])
+            .set(total);
+        WorkerService {
+            name,
+            engine: Arc::new(Mutex::new(engine)),
+        }
     }
 
     /// Runs `f` on the engine on a blocking thread: steps take milliseconds to seconds.
@@ -43,7 +48,9 @@ impl<E: Engine> WorkerService<E> {
     ) -> Result<(T, usize), Status> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
-            let mut engine = engine.lock().map_err(|_| Status::internal("engine poisoned by an earlier panic"))?;
+            let mut engine = engine
+                .lock()
+                .map_err(|_| Status::internal("engine poisoned by an earlier panic"))?;
             let result = f(&mut engine).map_err(model_status)?;
             Ok((result, engine.free_blocks()))
         })
@@ -51,20 +58,40 @@ impl<E: Engine> WorkerService<E> {
         .map_err(|e| Status::internal(format!("engine task failed: {e}")))?
     }
 
-    fn step_response(&self, phase: &str, outputs: Vec<SequenceOutput>, steps: u32, batch: usize, start: Instant, free: usize) -> StepResponse {
+    fn step_response(
+        &self,
+        phase: &str,
+        outputs: Vec<SequenceOutput>,
+        steps: u32,
+        batch: usize,
+        start: Instant,
+        free: usize,
+    ) -> StepResponse {
         let seconds = start.elapsed().as_secs_f64();
-        telemetry::WORKER_STEP_DURATION.with_label_values(&[&self.name, phase]).observe(seconds);
+        telemetry::WORKER_STEP_DURATION
+            .with_label_values(&[&self.name, phase])
+            .observe(seconds);
         let tokens: usize = outputs.iter().map(|o| o.tokens.len()).sum();
-        telemetry::WORKER_TOKENS.with_label_values(&[&self.name]).inc_by(tokens as u64);
-        let total = telemetry::WORKER_KV_BLOCKS_TOTAL.with_label_values(&[&self.name]).get();
-        telemetry::WORKER_KV_BLOCKS_USED.with_label_values(&[&self.name]).set(total - free as f64);
+        telemetry::WORKER_TOKENS
+            .with_label_values(&[&self.name])
+            .inc_by(tokens as u64);
+        let total = telemetry::WORKER_KV_BLOCKS_TOTAL
+            .with_label_values(&[&self.name])
+            .get();
+        telemetry::WORKER_KV_BLOCKS_USED
+            .with_label_values(&[&self.name])
+            .set(total - free as f64);
         StepResponse {
             sequences: outputs
                 .into_iter()
                 .map(|o| SequenceTokens {
                     id: o.id,
                     tokens: o.tokens,
-                    image: o.image.map(|i| FinishedImage { png: i.png, width: i.width, height: i.height }),
+                    image: o.image.map(|i| FinishedImage {
+                        png: i.png,
+                        width: i.width,
+                        height: i.height,
+                    }),
                 })
                 .collect(),
             steps,
@@ -78,7 +105,9 @@ impl<E: Engine> WorkerService<E> {
 fn model_status(e: ModelError) -> Status {
     match e {
         ModelError::InvalidSequence(_) => Status::invalid_argument(e.to_string()),
-        ModelError::OutOfBlocks { .. } | ModelError::BatchFull { .. } => Status::failed_precondition(e.to_string()),
+        ModelError::OutOfBlocks { .. } | ModelError::BatchFull { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
@@ -86,7 +115,10 @@ fn model_status(e: ModelError) -> Status {
 #[tonic::async_trait]
 impl<E: Engine> Worker for WorkerService<E> {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {
-        let engine = self.engine.lock().map_err(|_| Status::internal("engine poisoned"))?;
+        let engine = self
+            .engine
+            .lock()
+            .map_err(|_| Status::internal("engine poisoned"))?;
         let info = engine.info();
         Ok(Response::new(WorkerInfo {
             name: self.name.clone(),
@@ -105,13 +137,24 @@ impl<E: Engine> Worker for WorkerService<E> {
         }))
     }
 
-    async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<StepResponse>, Status> {
+    async fn prefill(
+        &self,
+        request: Request<PrefillRequest>,
+    ) -> Result<Response<StepResponse>, Status> {
         let start = Instant::now();
         let mut seqs = Vec::new();
         for s in request.into_inner().sequences {
-            let sampling = s.sampling.ok_or_else(|| Status::invalid_argument(format!("sequence {}: sampling is required", s.id)))?;
-            if !(0.0..=2.0).contains(&sampling.temperature) || !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
-                return Err(Status::invalid_argument(format!("sequence {}: temperature must be in [0, 2] and top_p in (0, 1]", s.id)));
+            let sampling = s.sampling.ok_or_else(|| {
+                Status::invalid_argument(format!("sequence {}: sampling is required", s.id))
+            })?;
+            let valid = (0.0..=2.0).contains(&sampling.temperature)
+                && sampling.top_p > 0.0
+                && sampling.top_p <= 1.0;
+            if !valid {
+                return Err(Status::invalid_argument(format!(
+                    "sequence {}: temperature must be in [0, 2] and top_p in (0, 1]",
+                    s.id
+                )));
             }
             seqs.push(NewSequence {
                 id: s.id,
@@ -129,30 +172,51 @@ impl<E: Engine> Worker for WorkerService<E> {
             });
         }
         if seqs.is_empty() {
-            return Err(Status::invalid_argument("sequences: at least one sequence is required"));
+            return Err(Status::invalid_argument(
+                "sequences: at least one sequence is required",
+            ));
         }
         let batch = seqs.len();
         let (outputs, free) = self.with_engine(move |e| e.prefill(seqs)).await?;
-        Ok(Response::new(self.step_response("prefill", outputs, 1, batch, start, free)))
+        Ok(Response::new(
+            self.step_response("prefill", outputs, 1, batch, start, free),
+        ))
     }
 
-    async fn decode(&self, request: Request<DecodeRequest>) -> Result<Response<StepResponse>, Status> {
+    async fn decode(
+        &self,
+        request: Request<DecodeRequest>,
+    ) -> Result<Response<StepResponse>, Status> {
         let start = Instant::now();
         let DecodeRequest { ids, steps } = request.into_inner();
         if ids.is_empty() {
-            return Err(Status::invalid_argument("ids: at least one sequence is required"));
+            return Err(Status::invalid_argument(
+                "ids: at least one sequence is required",
+            ));
         }
         if steps == 0 || steps > MAX_STEPS_PER_CALL {
-            return Err(Status::invalid_argument(format!("steps: must be in 1..={MAX_STEPS_PER_CALL}, got {steps}")));
+            return Err(Status::invalid_argument(format!(
+                "steps: must be in 1..={MAX_STEPS_PER_CALL}, got {steps}"
+            )));
         }
         let batch = ids.len();
-        let (outputs, free) = self.with_engine(move |e| e.decode(&ids, steps as usize)).await?;
-        Ok(Response::new(self.step_response("decode", outputs, steps, batch, start, free)))
+        let (outputs, free) = self
+            .with_engine(move |e| e.decode(&ids, steps as usize))
+            .await?;
+        Ok(Response::new(self.step_response(
+            "decode", outputs, steps, batch, start, free,
+        )))
     }
 
-    async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
         let ReleaseRequest { ids, all } = request.into_inner();
-        let mut engine = self.engine.lock().map_err(|_| Status::internal("engine poisoned"))?;
+        let mut engine = self
+            .engine
+            .lock()
+            .map_err(|_| Status::internal("engine poisoned"))?;
         if all {
             let held = engine.held_ids();
             engine.release(&held);
@@ -161,8 +225,12 @@ impl<E: Engine> Worker for WorkerService<E> {
         }
         let free = engine.free_blocks();
         let total = engine.info().kv_blocks_total;
-        telemetry::WORKER_KV_BLOCKS_USED.with_label_values(&[&self.name]).set((total - free) as f64);
-        Ok(Response::new(ReleaseResponse { kv_blocks_free: free as u32 }))
+        telemetry::WORKER_KV_BLOCKS_USED
+            .with_label_values(&[&self.name])
+            .set((total - free) as f64);
+        Ok(Response::new(ReleaseResponse {
+            kv_blocks_free: free as u32,
+        }))
     }
 }
 
@@ -177,12 +245,20 @@ pub async fn run<E: Engine>(
     let info = engine.info();
     info!(worker = %name, ?addr, model = %info.model, device = %info.device, kv_blocks = info.kv_blocks_total, max_batch = info.max_batch, "worker serving");
     let (reporter, health, reflection) = kiln_proto::standard::services();
-    reporter.set_serving::<WorkerServer<WorkerService<E>>>().await;
+    reporter
+        .set_serving::<WorkerServer<WorkerService<E>>>()
+        .await;
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(WorkerServer::new(WorkerService::new(name.clone(), engine)).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .add_service(
+            WorkerServer::new(WorkerService::new(name.clone(), engine))
+                .max_decoding_message_size(64 << 20),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await;
     if let Err(e) = &result {
         warn!(worker = %name, error = %e, "worker server stopped with an error");

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test: installs what the build and tests need, checks formatting, then runs unit, property
+# and end-to-end tests (which start their own kiln processes on free loopback ports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh --test
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
