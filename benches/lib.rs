@@ -73,16 +73,17 @@ impl SchedulerFixture {
         let mut in_flight = vec![Vec::new(); workers];
         let mut next_job = 1;
         let now = Duration::ZERO;
-        // Each worker has room for exactly its share of running jobs: 19 blocks of 16 tokens each.
-        let per_worker = running / workers;
+        // Each worker has room for exactly its share of running jobs (19 blocks of 16 tokens each), so
+        // the queue cannot drain: every finished job lets exactly one waiting job in.
         for w in 0..workers {
+            let share = running / workers + usize::from(w < running % workers);
             let capacity = Capacity {
-                kv_blocks: per_worker * 19,
+                kv_blocks: share * 19,
                 block_size: 16,
                 max_batch: 64,
             };
             state.add_worker(w as u32, capacity, now);
-            for _ in 0..per_worker {
+            for _ in 0..share {
                 let out = state.submit(job(next_job), now);
                 next_job += 1;
                 record(&out, &mut in_flight);
@@ -101,8 +102,8 @@ impl SchedulerFixture {
         }
     }
 
-    /// One decision: the next worker reports its call (one job finished, the rest advanced by a
-    /// token), a new job arrives to keep the queue full, and the worker gets its next command.
+    /// One decision: the next worker reports its call (on every other turn one job finishes and a new
+    /// one arrives, keeping the queue at its depth), and the worker gets its next command.
     pub fn decide(&mut self) -> usize {
         self.now += Duration::from_millis(1);
         let w = self.turn % self.in_flight.len();
@@ -117,9 +118,12 @@ impl SchedulerFixture {
                 finished: i == 0 && self.turn.is_multiple_of(2),
             })
             .collect();
+        let finishes = reports.first().is_some_and(|r| r.finished);
         let mut out = self.state.step_done(w as u32, &reports, self.now);
-        out.extend(self.state.submit(job(self.next_job), self.now));
-        self.next_job += 1;
+        if finishes {
+            out.extend(self.state.submit(job(self.next_job), self.now));
+            self.next_job += 1;
+        }
         record(&out, &mut self.in_flight);
         out.len()
     }

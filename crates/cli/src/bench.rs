@@ -26,8 +26,8 @@ pub struct BenchArgs {
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 24)]
     pub steps: usize,
-    /// Images per batching run.
-    #[arg(long, default_value_t = 32)]
+    /// Images per batching run (all submitted at once; 64 fills one worker's batch).
+    #[arg(long, default_value_t = 64)]
     pub jobs: usize,
     /// Image side for the batching runs.
     #[arg(long, default_value_t = 64)]
@@ -213,10 +213,12 @@ fn scheduler() {
         std::hint::black_box(fixture.decide());
         times.push(start.elapsed().as_secs_f64() * 1e6);
     }
+    let snapshot = fixture.state.snapshot();
     println!(
-        "decisions: 20000, median {:.2} us, p99 {:.2} us, waiting now {}",
+        "decisions: 20000, median {:.2} us, p99 {:.2} us (after: {} waiting, {} running)",
         median(times.clone()),
         percentile(times, 0.99),
-        fixture.state.waiting()
+        snapshot.waiting.iter().sum::<usize>(),
+        snapshot.running
     );
 }

@@ -17,7 +17,7 @@ pub struct ModelConfig {
     pub n_layers: usize,
     /// Attention heads; `d_model` must be a multiple.
     pub n_heads: usize,
-    /// Hidden width of the MLP.
+    /// Hidden width of the MLP (ReLU: cheap, vectorises, deterministic).
     pub d_ff: usize,
     /// Image tokens in the codebook.
     pub codebook_size: usize,

