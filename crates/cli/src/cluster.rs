@@ -180,3 +180,15 @@ pub fn announce(role: &str, listener: &TcpListener) -> Result<()> {
     out.flush()?;
     Ok(())
 }
+
+/// Starts the `/metrics` endpoint when an address is configured.
+pub async fn serve_metrics(addr: Option<SocketAddr>, shutdown: &Shutdown) -> Result<()> {
+    if let Some(addr) = addr {
+        let listener = bind(addr, "--metrics-listen").await?;
+        tokio::spawn(kiln_telemetry::serve_metrics(
+            listener,
+            shutdown.clone().wait(),
+        ));
+    }
+    Ok(())
+}

@@ -39,6 +39,9 @@ enum Command {
         /// Public gateway address.
         #[arg(long, env = env::UP_LISTEN, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Prometheus `/metrics` address (off when absent).
+        #[arg(long, env = env::UP_METRICS_LISTEN)]
+        metrics_listen: Option<SocketAddr>,
         /// Workers to start (each its own gRPC server on loopback).
         #[arg(long, env = env::UP_WORKERS, default_value_t = 1)]
         workers: usize,
@@ -62,6 +65,9 @@ enum Command {
     Gateway {
         #[arg(long, env = env::GATEWAY_LISTEN, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Prometheus `/metrics` address (off when absent).
+        #[arg(long, env = env::GATEWAY_METRICS_LISTEN)]
+        metrics_listen: Option<SocketAddr>,
         /// Scheduler address.
         #[arg(long, env = env::GATEWAY_SCHEDULER, default_value = "http://127.0.0.1:50061")]
         scheduler: String,
@@ -72,6 +78,9 @@ enum Command {
     Scheduler {
         #[arg(long, env = env::SCHEDULER_LISTEN, default_value = "127.0.0.1:50061")]
         listen: SocketAddr,
+        /// Prometheus `/metrics` address (off when absent).
+        #[arg(long, env = env::SCHEDULER_METRICS_LISTEN)]
+        metrics_listen: Option<SocketAddr>,
         /// Worker addresses (repeat the flag, or comma-separate).
         #[arg(long = "worker", env = env::SCHEDULER_WORKERS, value_delimiter = ',', required = true)]
         workers: Vec<String>,
@@ -82,6 +91,9 @@ enum Command {
     Worker {
         #[arg(long, env = env::WORKER_LISTEN, default_value = "127.0.0.1:50071")]
         listen: SocketAddr,
+        /// Prometheus `/metrics` address (off when absent).
+        #[arg(long, env = env::WORKER_METRICS_LISTEN)]
+        metrics_listen: Option<SocketAddr>,
         /// Worker name (default: worker-<port>).
         #[arg(long, env = env::WORKER_NAME)]
         name: Option<String>,
@@ -138,6 +150,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up {
             listen,
+            metrics_listen,
             workers,
             worker,
             batching,
@@ -158,6 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
                 None => cluster::ensure_dev_key(&cli.data_dir, &gateway.pepper)?,
             };
             let (stop, shutdown) = Shutdown::on_signal();
+            cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let mut addresses = Vec::new();
             for i in 0..workers {
                 let engine = cluster::build_engine(&worker, &model_dir)?;
@@ -198,6 +212,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Gateway {
             listen,
+            metrics_listen,
             scheduler,
             gateway,
         } => {
@@ -210,6 +225,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
             let gw = cluster::build_gateway(&gateway, &keys, Arc::new(backend))?;
             let (_stop, shutdown) = Shutdown::on_signal();
+            cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let listener = cluster::bind(listen, "--listen").await?;
             cluster::announce("gateway", &listener)?;
             kiln_gateway::run(gw, listener, shutdown.wait()).await?;
@@ -217,6 +233,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Scheduler {
             listen,
+            metrics_listen,
             workers,
             batching,
         } => {
@@ -227,6 +244,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             });
             let (_stop, shutdown) = Shutdown::on_signal();
+            cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let listener = cluster::bind(listen, "--listen").await?;
             cluster::announce("scheduler", &listener)?;
             kiln_scheduler::service::run(handle, listener, shutdown.wait()).await?;
@@ -234,6 +252,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Worker {
             listen,
+            metrics_listen,
             name,
             worker,
         } => {
@@ -248,6 +267,7 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             });
             let (_stop, shutdown) = Shutdown::on_signal();
+            cluster::serve_metrics(metrics_listen, &shutdown).await?;
             cluster::announce("worker", &listener)?;
             kiln_worker::run(name, engine, listener, shutdown.wait()).await?;
             Ok(())

@@ -443,6 +443,7 @@ impl Owner {
                                     [..p.resume_from.min(payload.generated.len())]
                                     .to_vec(),
                                 kv_blocks: p.kv_blocks as u32,
+                                request_id: payload.request.request_id.clone(),
                             })
                         })
                         .collect(),

@@ -40,7 +40,10 @@ pub mod env_names {
 
     pub const UP_LISTEN: &str = "KILN_UP_LISTEN";
     pub const UP_WORKERS: &str = "KILN_UP_WORKERS";
-    pub const UP_MODEL: &str = "KILN_UP_MODEL";
+    pub const UP_METRICS_LISTEN: &str = "KILN_UP_METRICS_LISTEN";
+    pub const GATEWAY_METRICS_LISTEN: &str = "KILN_GATEWAY_METRICS_LISTEN";
+    pub const SCHEDULER_METRICS_LISTEN: &str = "KILN_SCHEDULER_METRICS_LISTEN";
+    pub const WORKER_METRICS_LISTEN: &str = "KILN_WORKER_METRICS_LISTEN";
 
     pub const GATEWAY_LISTEN: &str = "KILN_GATEWAY_LISTEN";
     pub const GATEWAY_SCHEDULER: &str = "KILN_GATEWAY_SCHEDULER";
@@ -153,6 +156,30 @@ pub fn encode_metrics() -> String {
     // Encoding into a Vec cannot fail for well-formed families.
     let _ = encoder.encode(&prometheus::gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on `listener` until `shutdown` resolves. Metrics get
+/// their own port, apart from the gRPC ones, so scrapers need no API key and reach no API.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4",
+                )],
+                encode_metrics(),
+            )
+        }),
+    );
+    tracing::info!(addr = ?listener.local_addr().ok(), "metrics serving on /metrics");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Logging: `KILN_LOG` (or `RUST_LOG`) filters, `KILN_LOG_FORMAT=json` for structured lines.

@@ -156,6 +156,7 @@ impl<E: Engine> Worker for WorkerService<E> {
                     s.id
                 )));
             }
+            info!(worker = %self.name, request_id = %s.request_id, sequence = s.id, resume_from = s.generated.len(), "sequence joins the batch");
             seqs.push(NewSequence {
                 id: s.id,
                 prompt: s.prompt,
@@ -264,4 +265,146 @@ pub async fn run<E: Engine>(
         warn!(worker = %name, error = %e, "worker server stopped with an error");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_model::{CandleEngine, ModelConfig, Transformer};
+    use kiln_proto::v1::{NewSequence as WireSequence, Sampling};
+    use tonic::Code;
+
+    fn service() -> (tempfile::TempDir, WorkerService<CandleEngine>) {
+        let dir = tempfile::tempdir().unwrap();
+        Transformer::init_random(&ModelConfig::tiny(), 3, dir.path()).unwrap();
+        let model = Transformer::load(dir.path(), &kiln_model::transformer::Device::Cpu).unwrap();
+        (
+            dir,
+            WorkerService::new("test-worker".into(), CandleEngine::new(model, 32, 4, 4)),
+        )
+    }
+
+    fn sequence(id: u64, kv_blocks: u32) -> WireSequence {
+        WireSequence {
+            id,
+            prompt: "abc".into(),
+            width: 16,
+            height: 16,
+            sampling: Some(Sampling {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 1,
+            }),
+            generated: vec![],
+            kv_blocks,
+            request_id: format!("req-{id}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_calls_are_invalid_arguments() {
+        let (_dir, w) = service();
+        let decode = |ids: Vec<u64>, steps| Request::new(DecodeRequest { ids, steps });
+        assert_eq!(
+            w.decode(decode(vec![], 1)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            w.decode(decode(vec![1], 0)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            w.decode(decode(vec![1], MAX_STEPS_PER_CALL + 1))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            w.decode(decode(vec![7], 1)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let prefill = |sequences| Request::new(PrefillRequest { sequences });
+        assert_eq!(
+            w.prefill(prefill(vec![])).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let mut no_sampling = sequence(1, 2);
+        no_sampling.sampling = None;
+        assert_eq!(
+            w.prefill(prefill(vec![no_sampling]))
+                .await
+                .unwrap_err()
+                .code(),
+            Code::InvalidArgument
+        );
+        // 3 + 3 prefix tokens + 4 image tokens = 10 tokens = 3 blocks of 4, not 2.
+        let status = w.prefill(prefill(vec![sequence(1, 2)])).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("needs 3"), "{}", status.message());
+        let mut hot = sequence(1, 3);
+        hot.sampling.as_mut().unwrap().temperature = 9.0;
+        assert_eq!(
+            w.prefill(prefill(vec![hot])).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+
+    #[tokio::test]
+    async fn blocks_follow_prefill_decode_and_release() {
+        let (_dir, w) = service();
+        let info = w
+            .info(Request::new(InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                info.kv_blocks_total,
+                info.kv_blocks_free,
+                info.prefix_overhead_tokens
+            ),
+            (32, 32, 3)
+        );
+        let r = w
+            .prefill(Request::new(PrefillRequest {
+                sequences: vec![sequence(1, 3), sequence(2, 3)],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.kv_blocks_free, r.batch_size, r.sequences.len()),
+            (26, 2, 2)
+        );
+        // Four image tokens: one from prefill, three more finish both images in one call.
+        let r = w
+            .decode(Request::new(DecodeRequest {
+                ids: vec![1, 2],
+                steps: 3,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r
+            .sequences
+            .iter()
+            .all(|s| s.tokens.len() == 3 && s.image.is_some()));
+        assert_eq!(r.kv_blocks_free, 32, "finished sequences free their blocks");
+        w.prefill(Request::new(PrefillRequest {
+            sequences: vec![sequence(3, 3)],
+        }))
+        .await
+        .unwrap();
+        let released = w
+            .release(Request::new(ReleaseRequest {
+                ids: vec![],
+                all: true,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(released.kv_blocks_free, 32);
+    }
 }
