@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Model directory (default: the data directory's default model).
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
+    /// Device for the decode figures: `cpu`, or `cuda:N` in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 24)]
     pub steps: usize,
@@ -47,10 +50,10 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize) -> WorkerOpts {
+fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize, device: &str) -> WorkerOpts {
     WorkerOpts {
         model: model.clone(),
-        device: "cpu".into(),
+        device: device.into(),
         kv_blocks: 64 * 96,
         block_size: 16,
         max_batch,
@@ -58,7 +61,7 @@ fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize) -> WorkerOp
 }
 
 pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
-    let model_dir = cluster::ensure_model(&worker_opts(&args.model, 64), data_dir)?;
+    let model_dir = cluster::ensure_model(&worker_opts(&args.model, 64, "cpu"), data_dir)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -81,8 +84,10 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
 fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
     println!("\n== decode step, 128x128 image, context ~100-200 tokens ==");
     println!("{:>6} {:>14} {:>16}", "batch", "median step ms", "tokens/s");
-    let mut engine =
-        cluster::build_engine(&worker_opts(&Some(model_dir.to_path_buf()), 64), model_dir)?;
+    let mut engine = cluster::build_engine(
+        &worker_opts(&Some(model_dir.to_path_buf()), 64, &args.device),
+        model_dir,
+    )?;
     for batch in [1usize, 4, 16, 64] {
         let ids = kiln_benches::decode_fixture(&mut engine, batch, 128, 0.4);
         let mut times = Vec::with_capacity(args.steps);
@@ -106,7 +111,7 @@ async fn batching_run(
     static_batching: bool,
 ) -> Result<f64> {
     let engine = cluster::build_engine(
-        &worker_opts(&Some(model_dir.to_path_buf()), max_batch),
+        &worker_opts(&Some(model_dir.to_path_buf()), max_batch, "cpu"),
         model_dir,
     )?;
     let listener = cluster::bind("127.0.0.1:0".parse()?, "bench worker").await?;

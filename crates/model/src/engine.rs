@@ -370,10 +370,40 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn engine(blocks: usize) -> (tempfile::TempDir, CandleEngine) {
+    /// One test body per device: always on CPU, and on CUDA when the `cuda` feature is on.
+    macro_rules! device_test {
+        ($name:ident, $body:ident) => {
+            mod $name {
+                #[test]
+                fn cpu() {
+                    super::$body(&candle_core::Device::Cpu)
+                }
+                #[cfg(feature = "cuda")]
+                #[test]
+                fn cuda() {
+                    super::$body(&candle_core::Device::new_cuda(0).expect("a CUDA device"))
+                }
+            }
+        };
+    }
+
+    device_test!(
+        same_seed_same_image_whatever_the_batch,
+        same_seed_same_image_whatever_the_batch_on
+    );
+    device_test!(
+        resuming_from_generated_codes_gives_the_same_image,
+        resuming_gives_the_same_image_on
+    );
+    device_test!(
+        refuses_wrong_reservations_and_full_pools_without_leaking,
+        refuses_without_leaking_on
+    );
+
+    fn engine(blocks: usize, device: &Device) -> (tempfile::TempDir, CandleEngine) {
         let dir = tempfile::tempdir().unwrap();
         Transformer::init_random(&ModelConfig::tiny(), 11, dir.path()).unwrap();
-        let model = Transformer::load(dir.path(), &Device::Cpu).unwrap();
+        let model = Transformer::load(dir.path(), device).unwrap();
         (dir, CandleEngine::new(model, blocks, 4, 8))
     }
 
@@ -431,9 +461,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn same_seed_same_image_whatever_the_batch() {
-        let (_d, mut e) = engine(64);
+    fn same_seed_same_image_whatever_the_batch_on(device: &Device) {
+        let (_d, mut e) = engine(64, device);
         let first = new_seq(&e, 1, "a red star", 7, vec![]);
         let alone = run_to_end(&mut e, vec![first], 1);
         assert_eq!(
@@ -454,9 +483,8 @@ mod tests {
         assert_ne!(other_seed[&9].0, alone[&1].0);
     }
 
-    #[test]
-    fn resuming_from_generated_codes_gives_the_same_image() {
-        let (_d, mut e) = engine(64);
+    fn resuming_gives_the_same_image_on(device: &Device) {
+        let (_d, mut e) = engine(64, device);
         let first = new_seq(&e, 1, "two blue circles", 3, vec![]);
         let full = run_to_end(&mut e, vec![first], 2);
         let (codes, image) = &full[&1];
@@ -468,9 +496,8 @@ mod tests {
         assert_eq!(&resumed[&2].1, image);
     }
 
-    #[test]
-    fn refuses_wrong_reservations_and_full_pools_without_leaking() {
-        let (_d, mut e) = engine(10);
+    fn refuses_without_leaking_on(device: &Device) {
+        let (_d, mut e) = engine(10, device);
         let mut s = new_seq(&e, 1, "abc", 1, vec![]);
         s.kv_blocks += 1;
         assert_eq!(

@@ -358,6 +358,14 @@ impl Owner {
                 )));
             }
         }
+        // Gateways validate too, but a job the worker refuses would be re-queued over and over.
+        let s = &request.sampling;
+        if !((0.0..=2.0).contains(&s.temperature) && s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(SchedulerError::InvalidJob(format!(
+                "sampling: temperature must be in [0, 2] and top_p in (0, 1], got {} and {}",
+                s.temperature, s.top_p
+            )));
+        }
         if request.prompt.len() > model.max_prompt_bytes as usize {
             return Err(SchedulerError::InvalidJob(format!(
                 "prompt: longer than {} bytes",
