@@ -115,6 +115,11 @@ enum Msg {
         id: WorkerId,
         response: StepResponse,
     },
+    PrefillRefused {
+        id: WorkerId,
+        jobs: Vec<JobId>,
+        error: String,
+    },
     Status(oneshot::Sender<pb::ClusterStatusResponse>),
 }
 
@@ -325,6 +330,10 @@ impl Owner {
                 Msg::StepDone { id, response } => {
                     let reports = self.absorb(&response);
                     self.state.step_done(id, &reports, now)
+                }
+                Msg::PrefillRefused { id, jobs, error } => {
+                    warn!(worker = id, %error, "worker refused a prefill; its jobs fail");
+                    self.state.prefill_refused(id, &jobs, &error, now)
                 }
                 Msg::Status(reply) => {
                     let _ = reply.send(self.status());
@@ -545,12 +554,15 @@ impl Owner {
                 let _ = payload.updates.send(result);
                 return;
             }
-            JobEvent::Failed(FailReason::TooLarge { kv_blocks }) => {
+            JobEvent::Failed(reason) => {
+                let error = match reason {
+                    FailReason::TooLarge { kv_blocks } => SchedulerError::TooLarge { kv_blocks },
+                    FailReason::Refused(why) => SchedulerError::WorkerFailed(why),
+                };
+                warn!(%error, "job failed");
                 drop(_enter);
                 let payload = self.payloads.remove(&job).expect("present above");
-                let _ = payload
-                    .updates
-                    .send(Err(SchedulerError::TooLarge { kv_blocks }));
+                let _ = payload.updates.send(Err(error));
                 return;
             }
             JobEvent::Cancelled => {
@@ -635,13 +647,17 @@ async fn drive_worker(
                     }
                     let error = loop {
                         let Some(call) = rx.recv().await else { return };
-                        match execute(&mut client, call).await {
-                            Ok(response) => {
-                                if owner.send(Msg::StepDone { id, response }).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(status) => break status.to_string(),
+                        let msg = match execute(&mut client, call).await {
+                            Ok(response) => Msg::StepDone { id, response },
+                            Err(CallError::Refused { jobs, status }) => Msg::PrefillRefused {
+                                id,
+                                jobs,
+                                error: status.message().to_string(),
+                            },
+                            Err(CallError::Failed(status)) => break status.to_string(),
+                        };
+                        if owner.send(msg).is_err() {
+                            return;
                         }
                     };
                     if owner.send(Msg::WorkerDown { id, error }).is_err() {
@@ -676,21 +692,45 @@ async fn connect(
     Ok((client, info))
 }
 
+/// How a worker call failed: the worker refused a prefill as invalid (the worker is fine), or the
+/// call failed otherwise (the worker is treated as lost and resynchronised).
+enum CallError {
+    Refused {
+        jobs: Vec<JobId>,
+        status: tonic::Status,
+    },
+    Failed(tonic::Status),
+}
+
 async fn execute(
     client: &mut WorkerClient<Channel>,
     call: WorkerCall,
-) -> Result<StepResponse, tonic::Status> {
+) -> Result<StepResponse, CallError> {
     if let Some(release) = call.release {
-        client.release(release).await?;
+        client.release(release).await.map_err(CallError::Failed)?;
     }
     let mut response = StepResponse::default();
     if let Some(prefill) = call.prefill {
         if !prefill.sequences.is_empty() {
-            response = client.prefill(prefill).await?.into_inner();
+            let jobs: Vec<JobId> = prefill.sequences.iter().map(|s| s.id).collect();
+            response = client
+                .prefill(prefill)
+                .await
+                .map_err(|status| match status.code() {
+                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+                        CallError::Refused { jobs, status }
+                    }
+                    _ => CallError::Failed(status),
+                })?
+                .into_inner();
         }
     }
     if let Some(decode) = call.decode {
-        response = client.decode(decode).await?.into_inner();
+        response = client
+            .decode(decode)
+            .await
+            .map_err(CallError::Failed)?
+            .into_inner();
     }
     Ok(response)
 }

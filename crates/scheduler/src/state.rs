@@ -113,6 +113,8 @@ pub enum Command {
 pub enum FailReason {
     /// The job can never fit any worker of the cluster.
     TooLarge { kv_blocks: usize },
+    /// The worker refused to take the job (its prefill was rejected as invalid).
+    Refused(String),
 }
 
 /// What a caller learns about its job.
@@ -432,6 +434,37 @@ impl SchedulerState {
                         queued_for,
                         ran_for: now.saturating_sub(started),
                     },
+                });
+            }
+        }
+        self.schedule(worker, now, &mut out);
+        out
+    }
+
+    /// A worker refused a prefill as invalid: those jobs fail (their reservations return) and the
+    /// worker stays, so one bad job cannot take a worker down or loop through re-queues.
+    pub fn prefill_refused(
+        &mut self,
+        worker: WorkerId,
+        jobs: &[JobId],
+        reason: &str,
+        now: Time,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return out;
+        };
+        w.busy = false;
+        for &job in jobs {
+            let on_this_worker = self.jobs.get(&job).is_some_and(
+                |s| matches!(s.phase, Phase::Running { worker: on, .. } if on == worker),
+            );
+            if let (true, Some(state)) = (on_this_worker, self.jobs.remove(&job)) {
+                w.free_blocks += state.kv_blocks;
+                w.running.retain(|&j| j != job);
+                out.push(Output::Event {
+                    job,
+                    event: JobEvent::Failed(FailReason::Refused(reason.to_string())),
                 });
             }
         }
@@ -808,6 +841,22 @@ mod tests {
                 }
             )
         );
+    }
+
+    #[test]
+    fn a_refused_prefill_fails_its_jobs_and_keeps_the_worker() {
+        let mut s = SchedulerState::new(SchedulerConfig::default());
+        s.add_worker(1, cap(100, 8), T0);
+        s.submit(job(1, "a", Tier::Free, 16), T0);
+        s.submit(job(2, "b", Tier::Free, 16), T0);
+        let out = s.prefill_refused(1, &[1], "bad", T0);
+        assert_eq!(
+            events(&out, 1),
+            vec![JobEvent::Failed(FailReason::Refused("bad".into()))]
+        );
+        // The worker is free again and takes the next job at once.
+        assert_eq!(placed(&commands(&out)[0].1), vec![2]);
+        assert_eq!(s.snapshot().workers[0].free_blocks, 100 - 5);
     }
 
     #[test]
