@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Image side for the batching runs.
     #[arg(long, default_value_t = 64)]
     pub size: u32,
+    /// Milliseconds between arrivals in the batching runs (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    pub arrival_ms: u64,
     /// Alternating repetitions of each batching mode (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -103,13 +106,14 @@ fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One run: `jobs` requests arrive at once; returns seconds until the last image.
+/// One run: `jobs` requests arrive `arrival_ms` apart; returns seconds until the last image and the
+/// median latency of one image.
 async fn batching_run(
     args: &BenchArgs,
     model_dir: &Path,
     max_batch: usize,
     static_batching: bool,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let engine = cluster::build_engine(
         &worker_opts(&Some(model_dir.to_path_buf()), max_batch, "cpu"),
         model_dir,
@@ -139,9 +143,10 @@ async fn batching_run(
         .wait_for_model(Duration::from_secs(30))
         .await
         .context("bench worker did not come up")?;
-    let start = Instant::now();
-    let mut streams = Vec::new();
-    for i in 0..args.jobs {
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_millis(args.arrival_ms);
+    let runs = (0..args.jobs).map(|i| {
+        let handle = handle.clone();
         let job = JobRequest {
             request_id: format!("bench-{i}"),
             user: format!("user-{i}"),
@@ -156,27 +161,37 @@ async fn batching_run(
                 seed: i as u64 + 1,
             },
         };
-        streams.push(handle.submit(job).await?);
-    }
-    for mut s in streams {
-        loop {
-            match s.next().await {
-                Some(Ok(JobUpdate::Completed(_))) => break,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => anyhow::bail!("bench job failed: {e}"),
-                None => anyhow::bail!("bench job stream ended without an image"),
+        // Open loop: job i arrives at i x interval, however slow the cluster is.
+        let arrival = start + interval * i as u32;
+        async move {
+            tokio::time::sleep_until(arrival).await;
+            let mut s = handle.submit(job).await?;
+            loop {
+                match s.next().await {
+                    Some(Ok(JobUpdate::Completed(_))) => {
+                        return Ok(arrival.elapsed().as_secs_f64())
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => anyhow::bail!("bench job failed: {e}"),
+                    None => anyhow::bail!("bench job stream ended without an image"),
+                }
             }
         }
-    }
+    });
+    let latencies = futures::future::try_join_all(runs).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let _ = stop.send(true);
     let _ = worker.await;
-    Ok(elapsed)
+    Ok((elapsed, median(latencies)))
 }
 
 async fn batching(args: &BenchArgs, model_dir: &Path) -> Result<()> {
+    let arrivals = match args.arrival_ms {
+        0 => "all at once".to_string(),
+        ms => format!("one every {ms} ms"),
+    };
     println!(
-        "\n== throughput: {} requests of {}x{} at once, one worker over gRPC ==",
+        "\n== throughput: {} requests of {}x{} arriving {arrivals}, one worker over gRPC ==",
         args.jobs, args.size, args.size
     );
     let modes: [(&str, usize, bool); 3] = [
@@ -184,23 +199,25 @@ async fn batching(args: &BenchArgs, model_dir: &Path) -> Result<()> {
         ("static batch", 64, true),
         ("continuous", 64, false),
     ];
-    let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    // Modes alternate inside each repetition so that machine noise hits them alike.
     for _ in 0..args.repeats {
         for (i, (_, max_batch, static_batching)) in modes.iter().enumerate() {
-            seconds[i].push(batching_run(args, model_dir, *max_batch, *static_batching).await?);
+            runs[i].push(batching_run(args, model_dir, *max_batch, *static_batching).await?);
         }
     }
     println!(
-        "{:>14} {:>12} {:>10} {:>14}",
-        "mode", "median s", "images/s", "vs one-at-a-time"
+        "{:>14} {:>10} {:>10} {:>17} {:>18}",
+        "mode", "median s", "images/s", "vs one-at-a-time", "median latency s"
     );
-    let base = median(seconds[0].clone());
+    let base = median(runs[0].iter().map(|r| r.0).collect());
     for (i, (name, _, _)) in modes.iter().enumerate() {
-        let m = median(seconds[i].clone());
+        let total = median(runs[i].iter().map(|r| r.0).collect());
+        let latency = median(runs[i].iter().map(|r| r.1).collect());
         println!(
-            "{name:>14} {m:>12.2} {:>10.2} {:>13.2}x",
-            args.jobs as f64 / m,
-            base / m
+            "{name:>14} {total:>10.2} {:>10.2} {:>16.2}x {latency:>18.2}",
+            args.jobs as f64 / total,
+            base / total
         );
     }
     Ok(())
