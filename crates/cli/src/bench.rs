@@ -69,8 +69,9 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!(
-        "kiln bench: model {} on cpu, {threads} threads",
-        model_dir.display()
+        "kiln bench: model {}, decode on {}, {threads} CPU threads",
+        model_dir.display(),
+        args.device
     );
     if matches!(args.only.as_str(), "all" | "decode") {
         decode(&args, &model_dir)?;

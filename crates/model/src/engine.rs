@@ -370,23 +370,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// One test body per device: always on CPU, and on CUDA when the `cuda` feature is on.
-    macro_rules! device_test {
-        ($name:ident, $body:ident) => {
-            mod $name {
-                #[test]
-                fn cpu() {
-                    super::$body(&candle_core::Device::Cpu)
-                }
-                #[cfg(feature = "cuda")]
-                #[test]
-                fn cuda() {
-                    super::$body(&candle_core::Device::new_cuda(0).expect("a CUDA device"))
-                }
-            }
-        };
-    }
-
     device_test!(
         same_seed_same_image_whatever_the_batch,
         same_seed_same_image_whatever_the_batch_on

@@ -6,6 +6,25 @@
 
 #![forbid(unsafe_code)]
 
+/// One test body per device: always on CPU, and on CUDA when the `cuda` feature is on (candle's
+/// `test_device!` pattern). Declared before the modules so that their tests can use it.
+#[cfg(test)]
+macro_rules! device_test {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn cpu() {
+                super::$body(&candle_core::Device::Cpu)
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() {
+                super::$body(&candle_core::Device::new_cuda(0).expect("a CUDA device"))
+            }
+        }
+    };
+}
+
 pub mod codebook;
 pub mod config;
 pub mod engine;

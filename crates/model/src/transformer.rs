@@ -319,13 +319,29 @@ impl Transformer {
     }
 }
 
-/// `x[rows, k] @ w[k, n]`, computed on `device`.
-///
-/// A single row is padded to two: the CPU backend takes a matrix-vector path for one row whose sums
-/// run in another order than its matrix-matrix path, and a sequence must get the same bits whether it
-/// runs alone or in a batch (see the test below).
+/// Rows per matrix product on CUDA: every product has exactly this many rows (see [`matmul`]).
+const CUDA_MATMUL_ROWS: usize = 64;
+
+/// `x[rows, k] @ w[k, n]`, computed on `device`, with every row's result independent of the other
+/// rows, because a sequence must get the same bits whether it runs alone or in a batch (see the test
+/// below):
+/// - on CPU a single row is padded to two: the backend takes a matrix-vector path for one row whose
+///   sums run in another order than its matrix-matrix path;
+/// - on CUDA, cuBLAS picks its kernel (and so its summation order) by shape, so rows go in chunks of
+///   exactly [`CUDA_MATMUL_ROWS`], the last one padded.
 fn matmul(device: &Device, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, ModelError> {
     let (k, n) = w.dims2()?;
+    if device.is_cuda() {
+        let mut out = Vec::with_capacity(rows * n);
+        for chunk in x.chunks(CUDA_MATMUL_ROWS * k) {
+            let mut padded = chunk.to_vec();
+            padded.resize(CUDA_MATMUL_ROWS * k, 0.0);
+            let t = Tensor::from_vec(padded, (CUDA_MATMUL_ROWS, k), device)?;
+            let product: Vec<f32> = t.matmul(w)?.flatten_all()?.to_vec1()?;
+            out.extend_from_slice(&product[..chunk.len() / k * n]);
+        }
+        return Ok(out);
+    }
     if rows == 1 {
         let padded = [x, x].concat();
         let mut out = matmul(device, &padded, 2, w)?;
@@ -429,18 +445,22 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 mod tests {
     use super::*;
 
-    /// The property the determinism guarantee rests on: a row's product does not depend on how many
-    /// other rows share the matrix multiplication.
-    #[test]
-    fn matmul_rows_are_batch_invariant() {
+    // The property the determinism guarantee rests on: a row's product does not depend on how many
+    // other rows share the matrix multiplication.
+    device_test!(
+        matmul_rows_are_batch_invariant,
+        matmul_rows_are_batch_invariant_on
+    );
+
+    fn matmul_rows_are_batch_invariant_on(device: &Device) {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for (k, n) in [(64, 128), (512, 1536), (2048, 512)] {
             let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-0.1..0.1)).collect();
-            let w = Tensor::from_vec(w, (k, n), &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(w, (k, n), device).unwrap();
             let x: Vec<f32> = (0..1100 * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let alone = matmul(&Device::Cpu, &x[..k], 1, &w).unwrap();
+            let alone = matmul(device, &x[..k], 1, &w).unwrap();
             for rows in [2, 3, 7, 16, 33, 64, 80, 300, 1100] {
-                let batch = matmul(&Device::Cpu, &x[..rows * k], rows, &w).unwrap();
+                let batch = matmul(device, &x[..rows * k], rows, &w).unwrap();
                 assert_eq!(
                     &batch[..n],
                     &alone[..],
