@@ -50,13 +50,7 @@ pub struct GenerateArgs {
 
 impl GenerateArgs {
     /// The arguments `kiln up --generate` uses against its own gateway.
-    pub fn for_local(
-        prompt: String,
-        output: PathBuf,
-        size: u32,
-        gateway: SocketAddr,
-        _data_dir: &Path,
-    ) -> Self {
+    pub fn for_local(prompt: String, output: PathBuf, size: u32, gateway: SocketAddr) -> Self {
         GenerateArgs {
             prompt,
             output,

@@ -199,8 +199,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .context("no worker came up within 60 s")?;
             info!(gateway = %addr, workers, model = %model_dir.display(), "kiln is up");
             if let Some(prompt) = generate {
-                let args =
-                    generate::GenerateArgs::for_local(prompt, output, size, addr, &cli.data_dir);
+                let args = generate::GenerateArgs::for_local(prompt, output, size, addr);
                 let result = generate::run(args, &cli.data_dir).await;
                 let _ = stop.send(true);
                 let _ = server.await;

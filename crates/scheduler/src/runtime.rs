@@ -599,13 +599,13 @@ impl Owner {
     }
 
     fn record_gauges(&self) {
-        let snapshot = self.state.snapshot();
+        let (waiting, running) = self.state.counts();
         for tier in Tier::ALL {
             telemetry::SCHEDULER_QUEUE_DEPTH
                 .with_label_values(&[tier.as_str()])
-                .set(snapshot.waiting[tier as usize] as i64);
+                .set(waiting[tier as usize] as i64);
         }
-        telemetry::SCHEDULER_RUNNING.set(snapshot.running as i64);
+        telemetry::SCHEDULER_RUNNING.set(running as i64);
         telemetry::SCHEDULER_WORKERS.set(self.workers.len() as i64);
     }
 }

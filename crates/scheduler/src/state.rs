@@ -472,6 +472,12 @@ impl SchedulerState {
         out
     }
 
+    /// Waiting jobs per tier (indexed by `Tier as usize`) and running jobs, without allocating.
+    pub fn counts(&self) -> ([usize; 4], usize) {
+        let running = self.workers.values().map(|w| w.running.len()).sum();
+        ([0, 1, 2, 3].map(|t| self.queues[t].len), running)
+    }
+
     /// Waiting jobs (all tiers).
     pub fn waiting(&self) -> usize {
         self.queues.iter().map(|q| q.len).sum()
@@ -626,6 +632,14 @@ mod tests {
         }
     }
 
+    fn report(job: JobId, new_tokens: usize, finished: bool) -> SequenceReport {
+        SequenceReport {
+            job,
+            new_tokens,
+            finished,
+        }
+    }
+
     fn cap(kv_blocks: usize, max_batch: usize) -> Capacity {
         Capacity {
             kv_blocks,
@@ -669,25 +683,9 @@ mod tests {
         // Worker busy: job 2 waits for the next call.
         let out = s.submit(job(2, "b", Tier::Free, 16), T0);
         assert!(commands(&out).is_empty());
-        let out = s.step_done(
-            1,
-            &[SequenceReport {
-                job: 1,
-                new_tokens: 1,
-                finished: false,
-            }],
-            T0,
-        );
+        let out = s.step_done(1, &[report(1, 1, false)], T0);
         assert_eq!(placed(&commands(&out)[0].1), vec![2]);
-        let out = s.step_done(
-            1,
-            &[SequenceReport {
-                job: 2,
-                new_tokens: 1,
-                finished: false,
-            }],
-            T0,
-        );
+        let out = s.step_done(1, &[report(2, 1, false)], T0);
         assert_eq!(
             commands(&out)[0].1,
             Command::Decode {
@@ -706,15 +704,7 @@ mod tests {
         });
         s.add_worker(1, cap(100, 8), T0);
         s.submit(job(1, "a", Tier::Free, 4), T0);
-        let out = s.step_done(
-            1,
-            &[SequenceReport {
-                job: 1,
-                new_tokens: 1,
-                finished: false,
-            }],
-            T0,
-        );
+        let out = s.step_done(1, &[report(1, 1, false)], T0);
         assert_eq!(
             commands(&out)[0].1,
             Command::Decode {
@@ -723,15 +713,7 @@ mod tests {
                 steps: 3
             }
         );
-        let out = s.step_done(
-            1,
-            &[SequenceReport {
-                job: 1,
-                new_tokens: 3,
-                finished: true,
-            }],
-            Duration::from_secs(2),
-        );
+        let out = s.step_done(1, &[report(1, 3, true)], Duration::from_secs(2));
         assert!(matches!(
             events(&out, 1).last(),
             Some(JobEvent::Finished { .. })
@@ -760,15 +742,7 @@ mod tests {
         for _ in 0..5 {
             let ids = placed(&commands(&out)[0].1);
             order.extend(&ids);
-            out = s.step_done(
-                1,
-                &[SequenceReport {
-                    job: ids[0],
-                    new_tokens: 8,
-                    finished: true,
-                }],
-                T0,
-            );
+            out = s.step_done(1, &[report(ids[0], 8, true)], T0);
         }
         assert_eq!(order, vec![5, 1, 4, 2, 3]);
     }
@@ -785,15 +759,7 @@ mod tests {
         assert_eq!(s.waiting(), 1);
         // Cancel the running job while its prefill is in flight: blocks return, release goes out next.
         s.cancel(1, T0);
-        let out = s.step_done(
-            1,
-            &[SequenceReport {
-                job: 1,
-                new_tokens: 1,
-                finished: false,
-            }],
-            T0,
-        );
+        let out = s.step_done(1, &[report(1, 1, false)], T0);
         let (_, cmd) = &commands(&out)[0];
         assert_eq!(
             cmd,
@@ -814,15 +780,7 @@ mod tests {
         let mut s = SchedulerState::new(SchedulerConfig::default());
         s.add_worker(1, cap(100, 8), T0);
         s.submit(job(1, "a", Tier::Free, 16), T0);
-        s.step_done(
-            1,
-            &[SequenceReport {
-                job: 1,
-                new_tokens: 5,
-                finished: false,
-            }],
-            T0,
-        );
+        s.step_done(1, &[report(1, 5, false)], T0);
         let out = s.remove_worker(1, T0);
         assert_eq!(events(&out, 1), vec![JobEvent::Requeued]);
         let out = s.add_worker(2, cap(100, 8), T0);
@@ -880,15 +838,7 @@ mod tests {
         s.add_worker(1, cap(100, 8), T0);
         s.submit(job(1, "a", Tier::Free, 8), T0);
         s.submit(job(2, "b", Tier::Free, 8), T0);
-        let out = s.step_done(
-            1,
-            &[SequenceReport {
-                job: 1,
-                new_tokens: 1,
-                finished: false,
-            }],
-            T0,
-        );
+        let out = s.step_done(1, &[report(1, 1, false)], T0);
         assert!(matches!(commands(&out)[0].1, Command::Decode { .. }));
     }
 
