@@ -1,0 +1,386 @@
+//! The in-memory store: the same semantics as the Redis scripts, for `kiln up`'s embedded default,
+//! for a gateway's fail-open limiter while Redis is down, and for unit tests. One mutex makes every
+//! operation atomic, as a script is in Redis. Expired entries are dropped as they are met and swept
+//! every few thousand operations, so memory stays bounded by live charges.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::store::{
+    Charge, ConfigStore, Decision, KeyRecord, KeyStore, Limit, QuotaStore, Refusal, Settlement,
+    Usage, WindowUsage,
+};
+use crate::tiers::Scope;
+use crate::QuotaError;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Charged,
+    Committed,
+    Refunded,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (subject, window ms) -> charge times and ids, oldest first.
+    windows: HashMap<(String, u64), Vec<(u64, String)>>,
+    /// subject -> theoretical arrival time (GCRA).
+    rates: HashMap<String, u64>,
+    /// subject -> charge id -> lease expiry.
+    in_flight: HashMap<String, HashMap<String, u64>>,
+    /// charge id -> (state, expiry).
+    charges: HashMap<String, (State, u64)>,
+    /// idempotency key -> (charge id, expiry).
+    idempotency: HashMap<String, (String, u64)>,
+    /// charge id -> (answer, expiry).
+    results: HashMap<String, (Vec<u8>, u64)>,
+    /// key id -> (digest, record).
+    keys: BTreeMap<String, (String, KeyRecord)>,
+    /// digest -> key id.
+    digests: HashMap<String, String>,
+    tiers: Option<String>,
+    operations: u64,
+}
+
+pub struct MemoryStore {
+    epoch: Instant,
+    inner: Mutex<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            epoch: Instant::now(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Milliseconds on this store's clock (monotonic; starts well above any window length so that
+    /// `now - window` never underflows).
+    fn now(&self) -> u64 {
+        ms(self.epoch.elapsed()) + (1 << 40)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every operation checks, then writes).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn live_window(&mut self, subject: &str, window_ms: u64, now: u64) -> &mut Vec<(u64, String)> {
+        let entries = self
+            .windows
+            .entry((subject.to_string(), window_ms))
+            .or_default();
+        entries.retain(|(t, _)| *t > now.saturating_sub(window_ms));
+        entries
+    }
+
+    fn live_flights(&mut self, subject: &str, now: u64) -> &mut HashMap<String, u64> {
+        let flights = self.in_flight.entry(subject.to_string()).or_default();
+        flights.retain(|_, expiry| *expiry > now);
+        flights
+    }
+
+    fn sweep(&mut self, now: u64) {
+        self.operations += 1;
+        if self.operations % 4096 != 0 {
+            return;
+        }
+        self.windows.retain(|(_, w), e| {
+            e.retain(|(t, _)| *t > now.saturating_sub(*w));
+            !e.is_empty()
+        });
+        self.rates.retain(|_, tat| *tat > now);
+        self.in_flight.retain(|_, f| {
+            f.retain(|_, e| *e > now);
+            !f.is_empty()
+        });
+        self.charges.retain(|_, (_, e)| *e > now);
+        self.idempotency.retain(|_, (_, e)| *e > now);
+        self.results.retain(|_, (_, e)| *e > now);
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaStore for MemoryStore {
+    async fn admit(&self, charge: &Charge<'_>) -> Result<Decision, QuotaError> {
+        let now = self.now();
+        let mut inner = self.lock();
+        inner.sweep(now);
+        if let Some(key) = charge.idempotency {
+            if let Some((cid, expiry)) = inner.idempotency.get(key) {
+                if *expiry > now {
+                    return Ok(Decision::Duplicate {
+                        charge_id: cid.clone(),
+                    });
+                }
+            }
+        }
+        let mut worst: Option<(i64, Refusal)> = None;
+        let mut refuse = |subject: &str, limit: Limit, retry: Option<u64>| {
+            let rank = retry.map_or(-1, |r| r as i64);
+            if worst.as_ref().is_none_or(|(w, _)| rank > *w) {
+                worst = Some((
+                    rank,
+                    Refusal {
+                        subject: subject.to_string(),
+                        limit,
+                        retry_after: retry.map(Duration::from_millis),
+                    },
+                ));
+            }
+        };
+        let mut new_tats = Vec::new();
+        for scope in charge.scopes {
+            for &(window_ms, images) in &scope.windows {
+                let entries = inner.live_window(&scope.subject, window_ms, now);
+                let used = entries.len();
+                if used >= images as usize {
+                    let retry = entries
+                        .get(used - images as usize)
+                        .map_or(window_ms, |(t, _)| t + window_ms - now);
+                    refuse(
+                        &scope.subject,
+                        Limit::Window {
+                            seconds: window_ms / 1000,
+                            images,
+                        },
+                        Some(retry),
+                    );
+                }
+            }
+            if let Some((interval, burst)) = scope.rate {
+                let tat = inner
+                    .rates
+                    .get(&scope.subject)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(now);
+                let allow_at = (tat + interval).saturating_sub(interval * u64::from(burst));
+                if now < allow_at {
+                    refuse(
+                        &scope.subject,
+                        Limit::Rate {
+                            interval_ms: interval,
+                            burst,
+                        },
+                        Some(allow_at - now),
+                    );
+                }
+                new_tats.push((scope.subject.clone(), tat + interval));
+            }
+            if let Some(max) = scope.max_in_flight {
+                if inner.live_flights(&scope.subject, now).len() >= max as usize {
+                    refuse(&scope.subject, Limit::InFlight { max }, None);
+                }
+            }
+        }
+        if let Some((_, refusal)) = worst {
+            return Ok(Decision::Refused(refusal));
+        }
+        let mut usage = Vec::new();
+        for scope in charge.scopes {
+            for &(window_ms, images) in &scope.windows {
+                let entries = inner.live_window(&scope.subject, window_ms, now);
+                entries.push((now, charge.charge_id.to_string()));
+                usage.push(WindowUsage {
+                    subject: scope.subject.clone(),
+                    window_seconds: window_ms / 1000,
+                    limit: images,
+                    used: entries.len() as u32,
+                    reset_after: Duration::from_millis(entries[0].0 + window_ms - now),
+                });
+            }
+            if scope.max_in_flight.is_some() {
+                inner
+                    .live_flights(&scope.subject, now)
+                    .insert(charge.charge_id.to_string(), now + ms(charge.lease));
+            }
+        }
+        inner.rates.extend(new_tats);
+        let keep = now + ms(charge.retention);
+        inner
+            .charges
+            .insert(charge.charge_id.to_string(), (State::Charged, keep));
+        if let Some(key) = charge.idempotency {
+            inner
+                .idempotency
+                .insert(key.to_string(), (charge.charge_id.to_string(), keep));
+        }
+        Ok(Decision::Admitted(usage))
+    }
+
+    async fn settle(
+        &self,
+        charge_id: &str,
+        idempotency: Option<&str>,
+        scopes: &[Scope],
+        settlement: Settlement,
+    ) -> Result<bool, QuotaError> {
+        let now = self.now();
+        let mut inner = self.lock();
+        for scope in scopes {
+            if let Some(f) = inner.in_flight.get_mut(&scope.subject) {
+                f.remove(charge_id);
+            }
+        }
+        let Some((state, expiry)) = inner.charges.get(charge_id).copied() else {
+            return Ok(false);
+        };
+        if state != State::Charged || expiry <= now {
+            return Ok(false);
+        }
+        let next = match settlement {
+            Settlement::Commit => State::Committed,
+            Settlement::Refund => {
+                for scope in scopes {
+                    for &(window_ms, _) in &scope.windows {
+                        if let Some(e) = inner.windows.get_mut(&(scope.subject.clone(), window_ms))
+                        {
+                            e.retain(|(_, id)| id != charge_id);
+                        }
+                    }
+                }
+                if let Some(key) = idempotency {
+                    if inner
+                        .idempotency
+                        .get(key)
+                        .is_some_and(|(c, _)| c == charge_id)
+                    {
+                        inner.idempotency.remove(key);
+                    }
+                }
+                State::Refunded
+            }
+        };
+        inner.charges.insert(charge_id.to_string(), (next, expiry));
+        Ok(true)
+    }
+
+    async fn renew(
+        &self,
+        charge_id: &str,
+        scopes: &[Scope],
+        lease: Duration,
+    ) -> Result<(), QuotaError> {
+        let now = self.now();
+        let mut inner = self.lock();
+        for scope in scopes {
+            if let Some(expiry) = inner.live_flights(&scope.subject, now).get_mut(charge_id) {
+                *expiry = now + ms(lease);
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, scopes: &[Scope]) -> Result<Usage, QuotaError> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let mut usage = Usage::default();
+        for scope in scopes {
+            for &(window_ms, images) in &scope.windows {
+                let entries = inner.live_window(&scope.subject, window_ms, now);
+                usage.windows.push(WindowUsage {
+                    subject: scope.subject.clone(),
+                    window_seconds: window_ms / 1000,
+                    limit: images,
+                    used: entries.len() as u32,
+                    reset_after: Duration::from_millis(
+                        entries.first().map_or(0, |(t, _)| t + window_ms - now),
+                    ),
+                });
+            }
+            let flights = inner.live_flights(&scope.subject, now).len() as u32;
+            usage.in_flight.push((scope.subject.clone(), flights));
+        }
+        Ok(usage)
+    }
+
+    async fn save_result(
+        &self,
+        charge_id: &str,
+        bytes: &[u8],
+        retention: Duration,
+    ) -> Result<(), QuotaError> {
+        let expiry = self.now() + ms(retention);
+        self.lock()
+            .results
+            .insert(charge_id.to_string(), (bytes.to_vec(), expiry));
+        Ok(())
+    }
+
+    async fn result(&self, charge_id: &str) -> Result<Option<Vec<u8>>, QuotaError> {
+        let now = self.now();
+        Ok(self
+            .lock()
+            .results
+            .get(charge_id)
+            .filter(|(_, e)| *e > now)
+            .map(|(b, _)| b.clone()))
+    }
+}
+
+#[tonic::async_trait]
+impl KeyStore for MemoryStore {
+    async fn create_key(&self, digest: &str, record: &KeyRecord) -> Result<(), QuotaError> {
+        let mut inner = self.lock();
+        if inner.keys.contains_key(&record.id) {
+            return Err(QuotaError::Conflict(format!(
+                "a key with id {:?} exists",
+                record.id
+            )));
+        }
+        inner
+            .keys
+            .insert(record.id.clone(), (digest.to_string(), record.clone()));
+        inner.digests.insert(digest.to_string(), record.id.clone());
+        Ok(())
+    }
+
+    async fn lookup_key(&self, digest: &str) -> Result<Option<KeyRecord>, QuotaError> {
+        let inner = self.lock();
+        Ok(inner
+            .digests
+            .get(digest)
+            .and_then(|id| inner.keys.get(id))
+            .map(|(_, r)| r.clone()))
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRecord>, QuotaError> {
+        Ok(self.lock().keys.values().map(|(_, r)| r.clone()).collect())
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool, QuotaError> {
+        let mut inner = self.lock();
+        let Some((digest, _)) = inner.keys.remove(id) else {
+            return Ok(false);
+        };
+        inner.digests.remove(&digest);
+        Ok(true)
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigStore for MemoryStore {
+    async fn tiers(&self) -> Result<Option<String>, QuotaError> {
+        Ok(self.lock().tiers.clone())
+    }
+
+    async fn set_tiers(&self, toml: &str) -> Result<(), QuotaError> {
+        self.lock().tiers = Some(toml.to_string());
+        Ok(())
+    }
+}
