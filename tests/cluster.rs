@@ -25,7 +25,7 @@ fn request(prompt: &str, size: u32, seed: u64) -> GenerateRequest {
             top_p: 0.95,
             seed,
         }),
-        request_id: String::new(),
+        ..Default::default()
     }
 }
 

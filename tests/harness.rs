@@ -48,10 +48,55 @@ pub enum Preset {
     TwentyM,
 }
 
+/// A tier table that never gets in the way of tests about something else.
+pub const GENEROUS_TIERS: &str = r#"
+[tiers.free]
+windows = [{ seconds = 86400, images = 100000 }]
+[tiers.plus]
+windows = [{ seconds = 86400, images = 100000 }]
+[tiers.pro]
+windows = [{ seconds = 86400, images = 100000 }]
+[tiers.team]
+windows = [{ seconds = 86400, images = 100000 }]
+org_pool = true
+"#;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub workers: usize,
+    pub preset: Preset,
+    /// Gateway processes (all on the same scheduler and store).
+    pub gateways: usize,
+    /// Redis URL for keys and quotas; without it each gateway keeps them in memory.
+    pub redis: Option<String>,
+    /// The gateways' initial tier table (TOML).
+    pub tiers: String,
+    /// More gateway flags.
+    pub gateway_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            workers: 1,
+            preset: Preset::Tiny,
+            gateways: 1,
+            redis: None,
+            tiers: GENEROUS_TIERS.into(),
+            gateway_args: Vec::new(),
+        }
+    }
+}
+
 /// A running cluster of separate processes.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The first gateway.
     pub gateway: String,
+    /// Every gateway.
+    pub gateways: Vec<String>,
+    pub redis: Option<String>,
     pub scheduler: String,
     pub workers: Vec<String>,
     children: Vec<(String, Child)>,
@@ -60,6 +105,19 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `workers` workers, a scheduler and a gateway, and waits until the gateway serves.
     pub async fn start(workers: usize, preset: Preset) -> Cluster {
+        Cluster::start_with(Options {
+            workers,
+            preset,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Starts the cluster `options` describe and waits until every gateway serves.
+    pub async fn start_with(options: Options) -> Cluster {
+        let Options {
+            workers, preset, ..
+        } = options;
         let dir = tempfile::tempdir().expect("temp dir");
         let model = dir.path().join("model");
         let preset_name = match preset {
@@ -75,9 +133,13 @@ impl Cluster {
         let digest = hex::encode(Sha256::digest(API_KEY.as_bytes()));
         std::fs::write(&keys, format!("[[keys]]\nid = \"e2e\"\nsha256 = \"{digest}\"\nuser = \"tester\"\ntier = \"pro\"\n")).expect("keys file");
 
+        let tiers = dir.path().join("tiers.toml");
+        std::fs::write(&tiers, &options.tiers).expect("tiers file");
         let mut cluster = Cluster {
             dir,
             gateway: String::new(),
+            gateways: Vec::new(),
+            redis: options.redis.clone(),
             scheduler: String::new(),
             workers: Vec::new(),
             children: Vec::new(),
@@ -107,18 +169,65 @@ impl Cluster {
         );
         let scheduler = cluster.scheduler.clone();
         let keys = keys.to_str().expect("utf-8 path");
-        let args = [
-            "gateway",
-            "--listen",
-            any_port,
-            "--scheduler",
-            &scheduler,
-            "--keys",
-            keys,
-        ];
-        cluster.gateway = cluster.spawn("gateway", &args);
+        let tiers = tiers.to_str().expect("utf-8 path");
+        for i in 0..options.gateways {
+            let mut args = vec![
+                "gateway",
+                "--listen",
+                any_port,
+                "--scheduler",
+                &scheduler,
+                "--keys",
+                keys,
+                "--tiers",
+                tiers,
+                "--refresh-ms",
+                "200",
+            ];
+            if let Some(url) = &options.redis {
+                args.extend(["--redis", url.as_str()]);
+            }
+            args.extend(options.gateway_args.iter().map(String::as_str));
+            let name = if i == 0 {
+                "gateway".to_string()
+            } else {
+                format!("gateway-{i}")
+            };
+            let addr = cluster.spawn(&name, &args);
+            cluster.gateways.push(addr);
+        }
+        cluster.gateway = cluster.gateways[0].clone();
         cluster.wait_ready().await;
         cluster
+    }
+
+    /// Runs `kiln admin` against the cluster's Redis and returns its stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let redis = self.redis.as_deref().expect("a cluster with Redis");
+        let out = Command::new(kiln_bin())
+            .args(["admin", "--redis", redis])
+            .args(args)
+            .output()
+            .expect("running kiln admin");
+        assert!(
+            out.status.success(),
+            "kiln admin {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Creates a key with `kiln admin keys create` and returns it.
+    pub fn create_key(&self, user: &str, tier: &str, org: Option<&str>) -> String {
+        let mut args = vec!["keys", "create", "--user", user, "--tier", tier];
+        if let Some(org) = org {
+            args.extend(["--org", org]);
+        }
+        let out = self.admin(&args);
+        out.lines()
+            .find_map(|l| l.strip_prefix("key: "))
+            .expect("the new key is printed")
+            .to_string()
     }
 
     /// Starts a server process on port 0 and returns the `http://` address it announced.
@@ -169,20 +278,22 @@ impl Cluster {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let (Ok(mut gateway), Ok(mut scheduler)) = (
-                ImageServiceClient::connect(self.gateway.clone()).await,
-                SchedulerClient::connect(self.scheduler.clone()).await,
-            ) {
+            if let Ok(mut scheduler) = SchedulerClient::connect(self.scheduler.clone()).await {
                 let workers = scheduler
                     .cluster_status(ClusterStatusRequest {})
                     .await
                     .map(|s| s.into_inner().workers.len());
-                if workers.is_ok_and(|n| n == self.workers.len())
-                    && gateway
-                        .get_model_info(authed(GetModelInfoRequest {}))
-                        .await
-                        .is_ok()
-                {
+                let mut gateways_ready = true;
+                for address in &self.gateways {
+                    gateways_ready &= match ImageServiceClient::connect(address.clone()).await {
+                        Ok(mut g) => g
+                            .get_model_info(authed(GetModelInfoRequest {}))
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    };
+                }
+                if workers.is_ok_and(|n| n == self.workers.len()) && gateways_ready {
                     return;
                 }
             }
@@ -197,10 +308,35 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> ImageServiceClient<Channel> {
-        ImageServiceClient::connect(self.gateway.clone())
+        self.client_at(0).await
+    }
+
+    /// A client of the `i`-th gateway.
+    pub async fn client_at(&self, i: usize) -> ImageServiceClient<Channel> {
+        ImageServiceClient::connect(self.gateways[i].clone())
             .await
             .expect("gateway reachable")
             .max_decoding_message_size(64 << 20)
+    }
+
+    /// Runs one Generate to its end on gateway `i` with `key`.
+    pub async fn generate_as(
+        &self,
+        i: usize,
+        key: &str,
+        request: GenerateRequest,
+    ) -> Result<Vec<GenerateEvent>, tonic::Status> {
+        let mut stream = self
+            .client_at(i)
+            .await
+            .generate(with_key(key, request))
+            .await?
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.next().await {
+            events.push(event?);
+        }
+        Ok(events)
     }
 
     /// Runs one Generate to its end: every event, or the status that ended it.
@@ -242,10 +378,15 @@ fn run_ok(cmd: &mut Command) {
 
 /// Wraps a message with the test API key.
 pub fn authed<T>(message: T) -> tonic::Request<T> {
+    with_key(API_KEY, message)
+}
+
+/// Wraps a message with `key`.
+pub fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {API_KEY}").parse().expect("ascii"),
+        format!("Bearer {key}").parse().expect("ascii"),
     );
     request
 }

@@ -8,16 +8,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use kiln_gateway::admission::Unlimited;
-use kiln_gateway::auth::{hash_key, KeyRecord, KeysFile, StaticKeys};
+use kiln_gateway::admission::{QuotaAdmission, QuotaSettings};
+use kiln_gateway::auth::{KeyFileEntry, KeysFile, StoreKeys};
 use kiln_gateway::backend::Backend;
-use kiln_gateway::policy::AllowAll;
+use kiln_gateway::policy::StyleRules;
 use kiln_gateway::signing::Unsigned;
 use kiln_gateway::{Gateway, GatewayConfig};
 use kiln_model::{CandleEngine, ModelConfig, Transformer};
+use kiln_quota::{keys::digest, MemoryStore, RedisConfig, RedisStore, Store, TierTable};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{GatewayOpts, WorkerOpts};
 
@@ -109,20 +110,67 @@ pub fn build_engine(opts: &WorkerOpts, model_dir: &Path) -> Result<CandleEngine>
     ))
 }
 
-/// Builds the gateway's pipeline over `backend`.
-pub fn build_gateway(
+/// Builds the gateway's pipeline over `backend`: the key and quota store (Redis, or memory seeded
+/// from the keys file), the tier table, the content policy, and their followers.
+pub async fn build_gateway(
     opts: &GatewayOpts,
-    keys: &Path,
+    keys: Option<&Path>,
     backend: Arc<dyn Backend>,
 ) -> Result<Gateway> {
-    let auth = StaticKeys::load(opts.pepper.clone(), keys).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store: Arc<dyn Store> = match &opts.redis {
+        Some(url) => {
+            let mut config = RedisConfig::new(url.clone());
+            config.prefix = opts.redis_prefix.clone();
+            Arc::new(RedisStore::new(config).map_err(|e| anyhow::anyhow!("--redis: {e}"))?)
+        }
+        None => Arc::new(MemoryStore::new()),
+    };
+    if let Some(path) = keys {
+        let file = KeysFile::load(path).map_err(|e| anyhow::anyhow!("--keys: {e}"))?;
+        file.import(&*store)
+            .await
+            .map_err(|e| anyhow::anyhow!("--keys: {e}"))?;
+    } else if opts.redis.is_none() {
+        bail!(
+            "--keys (KILN_GATEWAY_KEYS) is required without --redis: nobody could call the gateway"
+        );
+    }
+    let tiers = match &opts.tiers {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--tiers: reading {}", path.display()))?;
+            TierTable::from_toml(&text).with_context(|| format!("--tiers {}", path.display()))?
+        }
+        None => TierTable::shipped(),
+    };
+    let admission = Arc::new(QuotaAdmission::new(
+        store.clone(),
+        tiers,
+        QuotaSettings {
+            lease: Duration::from_secs(opts.quota_lease),
+            ..Default::default()
+        },
+    ));
+    let refresh = Duration::from_millis(opts.refresh_ms);
+    if let Err(e) = admission.refresh_tiers().await {
+        warn!(error = %e, "could not read the tier table from the store yet; using the configured one");
+    }
+    tokio::spawn(admission.clone().follow_tiers(refresh));
+    tokio::spawn(admission.clone().follow_load(backend.clone(), refresh));
+    let policy = match &opts.policy {
+        Some(path) => {
+            StyleRules::from_file(path.clone()).map_err(|e| anyhow::anyhow!("--policy: {e}"))?
+        }
+        None => StyleRules::shipped(),
+    };
+    tokio::spawn(policy.clone().follow(refresh));
     Ok(Gateway {
         config: GatewayConfig {
             request_deadline: Duration::from_secs(opts.request_deadline),
         },
-        auth: Arc::new(auth),
-        policy: Arc::new(AllowAll),
-        admission: Arc::new(Unlimited::default()),
+        auth: Arc::new(StoreKeys::new(opts.pepper.clone(), store)),
+        policy: Arc::new(policy),
+        admission,
         signer: Arc::new(Unsigned),
         backend,
     })
@@ -139,9 +187,9 @@ pub fn ensure_dev_key(data_dir: &Path, pepper: &str) -> Result<PathBuf> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let key = format!("kiln-dev-{}", uuid::Uuid::new_v4().simple());
     let file = KeysFile {
-        keys: vec![KeyRecord {
+        keys: vec![KeyFileEntry {
             id: "dev".into(),
-            sha256: hash_key(pepper, &key),
+            sha256: digest(pepper, &key),
             user: "dev".into(),
             org: None,
             tier: "pro".into(),

@@ -152,6 +152,26 @@ pub struct GatewayOpts {
     /// Seconds a request may take before it is cancelled with DEADLINE_EXCEEDED.
     #[arg(long, env = env::GATEWAY_REQUEST_DEADLINE, default_value_t = 600)]
     pub request_deadline: u64,
+    /// Redis URL holding API keys, quotas and the tier table, shared by every gateway. Without it the
+    /// gateway keeps them in memory (one gateway; keys from --keys).
+    #[arg(long, env = env::GATEWAY_REDIS)]
+    pub redis: Option<String>,
+    /// Prefix of every Redis key Kiln writes.
+    #[arg(long, env = env::GATEWAY_REDIS_PREFIX, default_value = "kiln:")]
+    pub redis_prefix: String,
+    /// Tier table (TOML) used until an operator stores one with `kiln admin tiers set`; the
+    /// launch-day defaults when not given.
+    #[arg(long, env = env::GATEWAY_TIERS)]
+    pub tiers: Option<PathBuf>,
+    /// Content-policy artist list (TOML), re-read when it changes; the shipped list when not given.
+    #[arg(long, env = env::GATEWAY_POLICY)]
+    pub policy: Option<PathBuf>,
+    /// Milliseconds between looks at the tier table, the policy file and the cluster's load.
+    #[arg(long, env = env::GATEWAY_REFRESH_MS, default_value_t = 2000)]
+    pub refresh_ms: u64,
+    /// Seconds an in-flight slot is held without renewal (a dead gateway's slots free after this).
+    #[arg(long, env = env::GATEWAY_QUOTA_LEASE, default_value_t = 30)]
+    pub quota_lease: u64,
 }
 
 impl GatewayOpts {
@@ -161,6 +181,28 @@ impl GatewayOpts {
                 "--request-deadline ({}) must be positive",
                 env::GATEWAY_REQUEST_DEADLINE
             );
+        }
+        if !(50..=600_000).contains(&self.refresh_ms) {
+            bail!(
+                "--refresh-ms ({}) must be 50 to 600000, got {}",
+                env::GATEWAY_REFRESH_MS,
+                self.refresh_ms
+            );
+        }
+        if !(3..=3600).contains(&self.quota_lease) {
+            bail!(
+                "--quota-lease ({}) must be 3 to 3600 seconds, got {}",
+                env::GATEWAY_QUOTA_LEASE,
+                self.quota_lease
+            );
+        }
+        if let Some(url) = &self.redis {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                bail!(
+                    "--redis ({}) must be a redis:// URL, got {url:?}",
+                    env::GATEWAY_REDIS
+                );
+            }
         }
         Ok(())
     }

@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// Top-p threshold in (0, 1] (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub top_p: f32,
+    /// Idempotency key: a retry with the same key is not charged again and returns the same image.
+    #[arg(long, default_value = "")]
+    pub idempotency_key: String,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -56,6 +59,7 @@ impl GenerateArgs {
             output,
             gateway: format!("http://{gateway}"),
             api_key: None,
+            idempotency_key: String::new(),
             width: size,
             height: size,
             seed: 0,
@@ -90,6 +94,7 @@ pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
         .max_decoding_message_size(64 << 20);
     let mut request = tonic::Request::new(GenerateRequest {
         prompt: args.prompt.clone(),
+        idempotency_key: args.idempotency_key.clone(),
         width: args.width,
         height: args.height,
         sampling: Some(SamplingParams {

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use kiln_telemetry::env_names as env;
 use tracing::info;
 
+mod admin;
 mod bench;
 mod cluster;
 mod config;
@@ -109,6 +110,8 @@ enum Command {
     },
     /// Measure decode steps, continuous batching and scheduler decisions on this machine.
     Bench(bench::BenchArgs),
+    /// Operator commands on the shared store: API keys and the tier table.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,7 +192,8 @@ async fn run(cli: Cli) -> Result<()> {
                 workers: addresses,
                 ..Default::default()
             });
-            let gw = cluster::build_gateway(&gateway, &keys, Arc::new(handle.clone()))?;
+            let gw =
+                cluster::build_gateway(&gateway, Some(&keys), Arc::new(handle.clone())).await?;
             let listener = cluster::bind(listen, "--listen").await?;
             let addr = listener.local_addr()?;
             let server = tokio::spawn(kiln_gateway::run(gw, listener, shutdown.clone().wait()));
@@ -216,13 +220,10 @@ async fn run(cli: Cli) -> Result<()> {
             gateway,
         } => {
             gateway.validate()?;
-            let keys = gateway
-                .keys
-                .clone()
-                .context("--keys (KILN_GATEWAY_KEYS) is required: an API keys file")?;
             let backend = kiln_gateway::backend::RemoteScheduler::new(&scheduler)
                 .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
-            let gw = cluster::build_gateway(&gateway, &keys, Arc::new(backend))?;
+            let gw = cluster::build_gateway(&gateway, gateway.keys.as_deref(), Arc::new(backend))
+                .await?;
             let (_stop, shutdown) = Shutdown::on_signal();
             cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let listener = cluster::bind(listen, "--listen").await?;
@@ -291,5 +292,6 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args, &cli.data_dir).await,
+        Command::Admin(args) => admin::run(args).await,
     }
 }

@@ -1,14 +1,19 @@
 //! Authentication: an API key in `authorization: Bearer <key>` becomes an [`Identity`]. Keys are
-//! stored only as SHA-256 digests of pepper + key; neither a key nor its digest is ever logged.
+//! looked up by their digest (SHA-256 of pepper + key) in the key store on every request, so a key
+//! revoked on one gateway stops working on all of them at once. Neither a key nor its digest is ever
+//! logged. While the store is unreachable, identities seen recently are still recognised (so that
+//! fail-open tiers keep working); unknown keys are then refused as unavailable, not unauthenticated.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tonic::metadata::MetadataMap;
-
+use kiln_quota::{keys, KeyRecord, KeyStore, QuotaError};
 use kiln_scheduler::Tier;
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataMap;
+use tracing::warn;
 
 use crate::GatewayError;
 
@@ -24,13 +29,129 @@ pub struct Identity {
 }
 
 /// Resolves the caller of a request.
+#[tonic::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, GatewayError>;
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, GatewayError>;
 }
 
-/// One stored key.
+/// Parses a tier name.
+pub fn parse_tier(name: &str) -> Option<Tier> {
+    Tier::ALL.into_iter().find(|t| t.as_str() == name)
+}
+
+/// The key in `authorization: Bearer <key>`.
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, GatewayError> {
+    let value = metadata
+        .get("authorization")
+        .ok_or(GatewayError::MissingApiKey)?;
+    let value = value.to_str().map_err(|_| GatewayError::UnknownApiKey)?;
+    let key = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or(GatewayError::MissingApiKey)?
+        .trim();
+    if key.is_empty() {
+        return Err(GatewayError::MissingApiKey);
+    }
+    Ok(key)
+}
+
+/// How long an identity is trusted from memory while the key store is unreachable.
+const OUTAGE_MEMORY: Duration = Duration::from_secs(600);
+/// Most identities remembered for outages.
+const OUTAGE_MEMORY_ENTRIES: usize = 100_000;
+
+/// Keys in a [`KeyStore`] (Redis, or memory for `kiln up`).
+pub struct StoreKeys {
+    pepper: String,
+    store: Arc<dyn KeyStore>,
+    /// digest -> identity and when it was last confirmed by the store; read only during outages.
+    recent: Mutex<HashMap<String, (Identity, Instant)>>,
+}
+
+impl StoreKeys {
+    pub fn new(pepper: String, store: Arc<dyn KeyStore>) -> Self {
+        StoreKeys {
+            pepper,
+            store,
+            recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn remember(&self, digest: &str, identity: &Identity) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= OUTAGE_MEMORY_ENTRIES {
+            recent.retain(|_, (_, at)| at.elapsed() < OUTAGE_MEMORY);
+            if recent.len() >= OUTAGE_MEMORY_ENTRIES {
+                recent.clear();
+            }
+        }
+        recent.insert(digest.to_string(), (identity.clone(), Instant::now()));
+    }
+
+    fn forget(&self, digest: &str) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(digest);
+    }
+
+    fn recalled(&self, digest: &str) -> Option<Identity> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .get(digest)
+            .filter(|(_, at)| at.elapsed() < OUTAGE_MEMORY)
+            .map(|(i, _)| i.clone())
+    }
+}
+
+fn identity(record: KeyRecord) -> Result<Identity, GatewayError> {
+    let tier = parse_tier(&record.tier).ok_or_else(|| {
+        GatewayError::Internal(format!(
+            "key {} has unknown tier {:?}",
+            record.id, record.tier
+        ))
+    })?;
+    Ok(Identity {
+        key_id: record.id,
+        user: record.user,
+        org: record.org,
+        tier,
+    })
+}
+
+#[tonic::async_trait]
+impl Authenticator for StoreKeys {
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, GatewayError> {
+        let digest = keys::digest(&self.pepper, bearer(metadata)?);
+        match self.store.lookup_key(&digest).await {
+            Ok(Some(record)) => {
+                let identity = identity(record)?;
+                self.remember(&digest, &identity);
+                Ok(identity)
+            }
+            Ok(None) => {
+                self.forget(&digest);
+                Err(GatewayError::UnknownApiKey)
+            }
+            Err(e @ QuotaError::Unavailable(_)) => {
+                crate::admission::count_store_error("auth");
+                match self.recalled(&digest) {
+                    Some(identity) => Ok(identity),
+                    None => {
+                        warn!(error = %e, "key store unreachable; cannot check an unfamiliar key");
+                        Err(GatewayError::StoreUnavailable(e.to_string()))
+                    }
+                }
+            }
+            Err(e) => Err(GatewayError::Internal(e.to_string())),
+        }
+    }
+}
+
+/// One key of a keys file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KeyRecord {
+pub struct KeyFileEntry {
     pub id: String,
     /// Hex SHA-256 of pepper + key.
     pub sha256: String,
@@ -40,95 +161,75 @@ pub struct KeyRecord {
     pub tier: String,
 }
 
-/// The keys file (TOML): `[[keys]]` tables of [`KeyRecord`].
+/// A keys file (TOML, `[[keys]]` tables): seeds the in-memory key store of a gateway without
+/// Redis (`kiln up`'s development key, tests).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeysFile {
     #[serde(default)]
-    pub keys: Vec<KeyRecord>,
+    pub keys: Vec<KeyFileEntry>,
 }
 
-/// Digest under which a key is stored.
-pub fn hash_key(pepper: &str, key: &str) -> String {
-    hex::encode(
-        Sha256::new()
-            .chain_update(pepper.as_bytes())
-            .chain_update(key.as_bytes())
-            .finalize(),
-    )
-}
-
-/// Parses a tier name.
-pub fn parse_tier(name: &str) -> Option<Tier> {
-    Tier::ALL.into_iter().find(|t| t.as_str() == name)
-}
-
-/// Keys loaded from a file at start.
-pub struct StaticKeys {
-    pepper: String,
-    by_hash: HashMap<String, Identity>,
-}
-
-impl StaticKeys {
-    pub fn new(pepper: String, file: KeysFile) -> Result<Self, GatewayError> {
-        let mut by_hash = HashMap::new();
-        for k in file.keys {
-            let tier = parse_tier(&k.tier).ok_or_else(|| {
-                GatewayError::Internal(format!("key {}: unknown tier {:?}", k.id, k.tier))
-            })?;
-            by_hash.insert(
-                k.sha256.to_ascii_lowercase(),
-                Identity {
-                    key_id: k.id,
-                    user: k.user,
-                    org: k.org,
-                    tier,
-                },
-            );
-        }
-        Ok(StaticKeys { pepper, by_hash })
-    }
-
-    pub fn load(pepper: String, path: &Path) -> Result<Self, GatewayError> {
+impl KeysFile {
+    pub fn load(path: &Path) -> Result<Self, GatewayError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| GatewayError::Internal(format!("keys file {}: {e}", path.display())))?;
-        let file: KeysFile = toml::from_str(&text)
-            .map_err(|e| GatewayError::Internal(format!("keys file {}: {e}", path.display())))?;
-        Self::new(pepper, file)
+        toml::from_str(&text)
+            .map_err(|e| GatewayError::Internal(format!("keys file {}: {e}", path.display())))
     }
-}
 
-impl Authenticator for StaticKeys {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity, GatewayError> {
-        let value = metadata
-            .get("authorization")
-            .ok_or(GatewayError::MissingApiKey)?;
-        let value = value.to_str().map_err(|_| GatewayError::UnknownApiKey)?;
-        let key = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or(GatewayError::MissingApiKey)?;
-        self.by_hash
-            .get(&hash_key(&self.pepper, key.trim()))
-            .cloned()
-            .ok_or(GatewayError::UnknownApiKey)
+    /// Stores every key of the file in `store`, keeping ids the store already has.
+    pub async fn import(&self, store: &dyn KeyStore) -> Result<(), GatewayError> {
+        for k in &self.keys {
+            if parse_tier(&k.tier).is_none() {
+                return Err(GatewayError::Internal(format!(
+                    "key {}: unknown tier {:?}",
+                    k.id, k.tier
+                )));
+            }
+            let record = KeyRecord {
+                id: k.id.clone(),
+                user: k.user.clone(),
+                org: k.org.clone(),
+                tier: k.tier.clone(),
+                created_unix: 0,
+            };
+            // A key imported by an earlier start (or another gateway) is kept as the store has it.
+            match store
+                .create_key(&k.sha256.to_ascii_lowercase(), &record)
+                .await
+            {
+                Ok(()) | Err(QuotaError::Conflict(_)) => {}
+                Err(e) => {
+                    return Err(GatewayError::Internal(format!(
+                        "importing key {}: {e}",
+                        k.id
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use kiln_quota::MemoryStore;
+
     use super::*;
 
-    fn keys() -> StaticKeys {
+    async fn keys() -> (StoreKeys, Arc<MemoryStore>) {
+        let store = Arc::new(MemoryStore::new());
         let file = KeysFile {
-            keys: vec![KeyRecord {
+            keys: vec![KeyFileEntry {
                 id: "k1".into(),
-                sha256: hash_key("pep", "secret-1"),
+                sha256: keys::digest("pep", "secret-1"),
                 user: "ana".into(),
-                org: None,
-                tier: "plus".into(),
+                org: Some("acme".into()),
+                tier: "team".into(),
             }],
         };
-        StaticKeys::new("pep".into(), file).unwrap()
+        file.import(&*store).await.unwrap();
+        (StoreKeys::new("pep".into(), store.clone()), store)
     }
 
     fn meta(value: Option<&str>) -> MetadataMap {
@@ -139,40 +240,52 @@ mod tests {
         m
     }
 
-    #[test]
-    fn a_known_key_names_the_user_and_tier() {
-        let id = keys().authenticate(&meta(Some("Bearer secret-1"))).unwrap();
+    #[tokio::test]
+    async fn a_known_key_names_the_user_org_and_tier() {
+        let (auth, _) = keys().await;
+        let id = auth
+            .authenticate(&meta(Some("Bearer secret-1")))
+            .await
+            .unwrap();
         assert_eq!(
-            (id.user.as_str(), id.tier, id.key_id.as_str()),
-            ("ana", Tier::Plus, "k1")
+            (
+                id.user.as_str(),
+                id.org.as_deref(),
+                id.tier,
+                id.key_id.as_str()
+            ),
+            ("ana", Some("acme"), Tier::Team, "k1")
         );
     }
 
-    #[test]
-    fn missing_malformed_and_unknown_keys_are_refused() {
+    #[tokio::test]
+    async fn missing_malformed_unknown_and_revoked_keys_are_refused() {
+        let (auth, store) = keys().await;
+        for (header, missing) in [
+            (None, true),
+            (Some("secret-1"), true),
+            (Some("Bearer "), true),
+            (Some("Bearer secret-2"), false),
+        ] {
+            let err = auth.authenticate(&meta(header)).await.unwrap_err();
+            assert_eq!(
+                matches!(err, GatewayError::MissingApiKey),
+                missing,
+                "{header:?}: {err}"
+            );
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        }
+        assert!(store.revoke_key("k1").await.unwrap());
         assert!(matches!(
-            keys().authenticate(&meta(None)),
-            Err(GatewayError::MissingApiKey)
-        ));
-        assert!(matches!(
-            keys().authenticate(&meta(Some("secret-1"))),
-            Err(GatewayError::MissingApiKey)
-        ));
-        assert!(matches!(
-            keys().authenticate(&meta(Some("Bearer secret-2"))),
+            auth.authenticate(&meta(Some("Bearer secret-1"))).await,
             Err(GatewayError::UnknownApiKey)
         ));
         // The digest depends on the pepper: the same key under another pepper is unknown.
-        let file = KeysFile {
-            keys: vec![KeyRecord {
-                id: "k".into(),
-                sha256: hash_key("other", "secret-1"),
-                user: "u".into(),
-                org: None,
-                tier: "free".into(),
-            }],
-        };
-        let other = StaticKeys::new("pep".into(), file).unwrap();
-        assert!(other.authenticate(&meta(Some("Bearer secret-1"))).is_err());
+        let (_, store) = keys().await;
+        let other = StoreKeys::new("other".into(), store);
+        assert!(other
+            .authenticate(&meta(Some("Bearer secret-1")))
+            .await
+            .is_err());
     }
 }

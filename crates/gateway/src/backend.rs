@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use kiln_proto::v1::scheduler_client::SchedulerClient;
-use kiln_proto::v1::{job_event, ClusterStatusRequest, Job};
+use kiln_proto::v1::{job_event, ClusterStatusRequest, ClusterStatusResponse, Job};
 use kiln_scheduler::service::tier_to_wire;
 use kiln_scheduler::{
     JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle,
@@ -23,6 +23,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn model(&self) -> Result<ModelDescription, SchedulerError>;
     /// Submits a job. Dropping the stream cancels it.
     async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError>;
+    /// The cluster's queues and workers (for demand tightening).
+    async fn status(&self) -> Result<ClusterStatusResponse, SchedulerError>;
 }
 
 #[tonic::async_trait]
@@ -33,6 +35,10 @@ impl Backend for SchedulerHandle {
 
     async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError> {
         Ok(SchedulerHandle::submit(self, job).await?.boxed())
+    }
+
+    async fn status(&self) -> Result<ClusterStatusResponse, SchedulerError> {
+        SchedulerHandle::status(self).await
     }
 }
 
@@ -82,6 +88,15 @@ impl Backend for RemoteScheduler {
             })
             .await
             .cloned()
+    }
+
+    async fn status(&self) -> Result<ClusterStatusResponse, SchedulerError> {
+        self.client
+            .clone()
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| SchedulerError::from_status(&s))
     }
 
     async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError> {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use kiln_policy::Refusal as PolicyRefusal;
+use kiln_quota::{Limit, Refusal as QuotaRefusal};
 use kiln_scheduler::SchedulerError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -22,9 +24,18 @@ pub enum GatewayError {
         description: String,
     },
     #[error("prompt refused by the content policy: {0}")]
-    PolicyRefused(String),
-    #[error("quota exhausted: {0}")]
-    QuotaExhausted(String),
+    PolicyRefused(PolicyRefusal),
+    #[error(
+        "quota exhausted: {} allows {}; retry in {:.0} s",
+        .0.subject,
+        .0.limit.describe(),
+        .0.retry_after.unwrap_or_default().as_secs_f64().ceil()
+    )]
+    QuotaExhausted(QuotaRefusal),
+    #[error("the quota store is unreachable and this tier admits nothing without it; retry shortly ({0})")]
+    StoreUnavailable(String),
+    #[error("a request with idempotency key {0:?} is still running; retry after it finishes")]
+    DuplicateInFlight(String),
     #[error("the request did not finish within {0:?}")]
     DeadlineExceeded(Duration),
     #[error(transparent)]
@@ -42,6 +53,8 @@ impl GatewayError {
             GatewayError::InvalidField { .. } => "INVALID_ARGUMENT",
             GatewayError::PolicyRefused(_) => "POLICY_REFUSED",
             GatewayError::QuotaExhausted(_) => "QUOTA_EXHAUSTED",
+            GatewayError::StoreUnavailable(_) => "QUOTA_STORE_UNAVAILABLE",
+            GatewayError::DuplicateInFlight(_) => "DUPLICATE_IN_FLIGHT",
             GatewayError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             GatewayError::Scheduler(SchedulerError::NoWorkers) => "NO_WORKERS",
             GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => "IMAGE_TOO_LARGE",
@@ -60,6 +73,8 @@ impl GatewayError {
             GatewayError::InvalidField { .. }
             | GatewayError::Scheduler(SchedulerError::InvalidJob(_)) => Code::InvalidArgument,
             GatewayError::PolicyRefused(_) => Code::PermissionDenied,
+            GatewayError::StoreUnavailable(_) => Code::Unavailable,
+            GatewayError::DuplicateInFlight(_) => Code::Aborted,
             GatewayError::QuotaExhausted(_)
             | GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => Code::ResourceExhausted,
             GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -75,10 +90,33 @@ impl GatewayError {
 
     /// The status a caller receives.
     pub fn to_status(&self) -> Status {
-        let mut details = ErrorDetails::with_error_info(self.error_type(), ERROR_DOMAIN, []);
+        let info: std::collections::HashMap<String, String> = match self {
+            GatewayError::PolicyRefused(r) => [
+                ("rule".into(), r.rule.to_string()),
+                ("artist".into(), r.artist.clone()),
+            ]
+            .into(),
+            GatewayError::QuotaExhausted(r) => [
+                ("subject".into(), r.subject.clone()),
+                ("limit".into(), r.limit.kind().into()),
+            ]
+            .into(),
+            _ => Default::default(),
+        };
+        let mut details = ErrorDetails::with_error_info(self.error_type(), ERROR_DOMAIN, info);
         match self {
             GatewayError::InvalidField { field, description } => {
                 details.add_bad_request_violation(*field, description.clone());
+            }
+            GatewayError::QuotaExhausted(r) => {
+                details.add_quota_failure_violation(
+                    format!("{}:{}", r.subject, r.limit.kind()),
+                    r.limit.describe(),
+                );
+                details.set_retry_info(r.retry_after);
+            }
+            GatewayError::StoreUnavailable(_) | GatewayError::DuplicateInFlight(_) => {
+                details.set_retry_info(Some(Duration::from_secs(1)));
             }
             GatewayError::Scheduler(
                 SchedulerError::NoWorkers
@@ -89,7 +127,21 @@ impl GatewayError {
             }
             _ => {}
         }
-        Status::with_error_details(self.code(), self.to_string(), details)
+        let mut status = Status::with_error_details(self.code(), self.to_string(), details);
+        if let GatewayError::QuotaExhausted(r) = self {
+            if let Limit::Window { seconds, images } = r.limit {
+                let reset = r.retry_after.unwrap_or_default();
+                crate::service::ratelimit_metadata(
+                    status.metadata_mut(),
+                    &r.subject,
+                    seconds,
+                    images,
+                    0,
+                    reset,
+                );
+            }
+        }
+        status
     }
 
     pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
@@ -123,6 +175,34 @@ mod tests {
             .field_violations;
         assert_eq!(violations[0].field, "sampling.top_p");
         assert_eq!(details.error_info().unwrap().reason, "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn quota_refusals_name_the_limit_and_when_it_resets() {
+        let refusal = QuotaRefusal {
+            subject: "user:ana".into(),
+            limit: Limit::Window {
+                seconds: 86400,
+                images: 3,
+            },
+            retry_after: Some(Duration::from_secs(3600)),
+        };
+        let status = GatewayError::QuotaExhausted(refusal).to_status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("3 images per 1 day"),
+            "{}",
+            status.message()
+        );
+        let details = status.get_error_details();
+        let quota = details.quota_failure().expect("quota failure");
+        assert_eq!(quota.violations[0].subject, "user:ana:window");
+        assert_eq!(
+            details.retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(status.metadata().get("x-ratelimit-remaining").unwrap(), "0");
+        assert_eq!(status.metadata().get("x-ratelimit-reset").unwrap(), "3600");
     }
 
     #[test]

@@ -8,18 +8,20 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use kiln_proto::v1::image_service_server::{ImageService, ImageServiceServer};
 use kiln_proto::v1::{
-    generate_event, Completed, GenerateEvent, GenerateRequest, GetModelInfoRequest, ModelInfo,
-    Progress, Queued, Started, Usage,
+    generate_event, Completed, GenerateEvent, GenerateRequest, GetModelInfoRequest,
+    GetQuotaRequest, ModelInfo, Progress, Queued, QuotaStatus, Started, Usage,
 };
 use kiln_scheduler::{JobRequest, JobUpdate};
 use kiln_telemetry as telemetry;
+use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::admission::{Admission, Outcome};
+use crate::admission::{Admission, Admitted, Outcome};
 use crate::auth::{Authenticator, Identity};
 use crate::backend::{Backend, UpdateStream};
 use crate::policy::ContentPolicy;
@@ -85,6 +87,58 @@ impl ImageService for ImageApi {
     ) -> Result<Response<ModelInfo>, Status> {
         self.0.model_info(request).await
     }
+
+    async fn get_quota(
+        &self,
+        request: Request<GetQuotaRequest>,
+    ) -> Result<Response<QuotaStatus>, Status> {
+        let identity = self.0.auth.authenticate(request.metadata()).await?;
+        let status = self.0.admission.status(&identity).await?;
+        let mut response = Response::new(status);
+        if let Some(w) = status_headline(response.get_ref()).cloned() {
+            ratelimit_metadata(
+                response.metadata_mut(),
+                &w.subject,
+                w.window_seconds,
+                w.limit,
+                w.remaining,
+                Duration::from_secs_f64(w.reset_seconds),
+            );
+        }
+        Ok(response)
+    }
+}
+
+fn status_headline(status: &QuotaStatus) -> Option<&kiln_proto::v1::QuotaWindow> {
+    status.windows.iter().min_by(|a, b| {
+        (a.remaining, -a.reset_seconds)
+            .partial_cmp(&(b.remaining, -b.reset_seconds))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    })
+}
+
+/// Writes the `x-ratelimit-*` metadata of one window (see `image.proto`).
+pub(crate) fn ratelimit_metadata(
+    metadata: &mut MetadataMap,
+    subject: &str,
+    window_seconds: u64,
+    limit: u32,
+    remaining: u32,
+    reset: Duration,
+) {
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = value.parse() {
+            metadata.insert(name, v);
+        }
+    };
+    put("x-ratelimit-limit", limit.to_string());
+    put("x-ratelimit-remaining", remaining.to_string());
+    put(
+        "x-ratelimit-reset",
+        format!("{}", reset.as_secs_f64().ceil() as u64),
+    );
+    let scope = subject.split(':').next().unwrap_or("user");
+    put("x-ratelimit-window", format!("{scope}:{window_seconds}s"));
 }
 
 impl Gateway {
@@ -93,7 +147,7 @@ impl Gateway {
         request: Request<GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let start = Instant::now();
-        let identity = match self.auth.authenticate(request.metadata()) {
+        let identity = match self.auth.authenticate(request.metadata()).await {
             Ok(i) => i,
             Err(e) => {
                 record(None, e.code(), start);
@@ -109,11 +163,26 @@ impl Gateway {
         let span = info_span!("generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str());
         span.in_scope(|| info!(key_id = %identity.key_id, width = valid.width, height = valid.height, "request accepted"));
         self.policy.check(&identity, &valid).map_err(fail)?;
-        let ticket = self
+        let ticket = match self
             .admission
             .admit(&identity, &valid)
             .await
-            .map_err(fail)?;
+            .map_err(fail)?
+        {
+            Admitted::Charged(ticket) => ticket,
+            Admitted::Replay(answer) => {
+                span.in_scope(|| info!("idempotent retry: sending the earlier answer again"));
+                record(Some(&identity), tonic::Code::Ok, start);
+                let event = GenerateEvent::decode(answer.as_slice()).map_err(|e| {
+                    fail(GatewayError::Internal(format!(
+                        "stored answer unreadable: {e}"
+                    )))
+                })?;
+                let stream = futures::stream::iter([Ok(event)]);
+                return Ok(Response::new(Box::pin(stream)));
+            }
+        };
+        let headline = ticket.headline.clone();
         let job = JobRequest {
             request_id: valid.request_id.clone(),
             user: identity.user.clone(),
@@ -136,11 +205,13 @@ impl Gateway {
         tokio::spawn(
             async move {
                 let result = gateway.relay(&valid, &model.model, updates, &tx).await;
-                let outcome = if result.is_ok() {
-                    Outcome::Delivered
-                } else {
-                    Outcome::NotDelivered
+                let outcome = match &result {
+                    Ok(done) => Outcome::Delivered {
+                        answer: ticket.keeps_answer().then(|| done.encode_to_vec()),
+                    },
+                    Err(_) => Outcome::NotDelivered,
                 };
+                let result = result.map(|_| ());
                 gateway.admission.settle(ticket, outcome).await;
                 let code = match &result {
                     Ok(()) => tonic::Code::Ok,
@@ -159,14 +230,25 @@ impl Gateway {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response: Response<EventStream> = Response::new(Box::pin(ReceiverStream::new(rx)));
+        if let Some(w) = headline {
+            ratelimit_metadata(
+                response.metadata_mut(),
+                &w.subject,
+                w.window_seconds,
+                w.limit,
+                w.remaining(),
+                w.reset_after,
+            );
+        }
+        Ok(response)
     }
 
     async fn model_info(
         &self,
         request: Request<GetModelInfoRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        self.auth.authenticate(request.metadata())?;
+        self.auth.authenticate(request.metadata()).await?;
         let m = self
             .backend
             .model()
@@ -183,15 +265,15 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Forwards the job's updates to the caller until the image is delivered. `Err(None)` means the
-    /// caller went away (the job is cancelled by dropping its stream).
+    /// Forwards the job's updates to the caller until the image is delivered, and returns the final
+    /// event. `Err(None)` means the caller went away (the job is cancelled by dropping its stream).
     async fn relay(
         &self,
         valid: &ValidRequest,
         model: &str,
         mut updates: UpdateStream,
         tx: &mpsc::Sender<Result<GenerateEvent, Status>>,
-    ) -> Result<(), Option<GatewayError>> {
+    ) -> Result<GenerateEvent, Option<GatewayError>> {
         let deadline = tokio::time::sleep(self.config.request_deadline);
         tokio::pin!(deadline);
         let event = |e: generate_event::Event| GenerateEvent {
@@ -246,7 +328,11 @@ impl Gateway {
                             generation_seconds: result.generation_seconds,
                         }),
                     }));
-                    return tx.send(Ok(done)).await.map_err(|_| None);
+                    return tx
+                        .send(Ok(done.clone()))
+                        .await
+                        .map(|_| done)
+                        .map_err(|_| None);
                 }
             };
             if tx.send(Ok(out)).await.is_err() {

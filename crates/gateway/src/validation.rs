@@ -10,6 +10,8 @@ use crate::GatewayError;
 pub const MAX_TOP_K: u32 = 4096;
 /// Longest caller-chosen request id.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 
 /// A request every field of which has been checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +22,7 @@ pub struct ValidRequest {
     pub height: u32,
     pub sampling: Sampling,
     pub image_tokens: u32,
+    pub idempotency_key: Option<String>,
 }
 
 /// Checks every field of `request` against the served `model`.
@@ -41,6 +44,22 @@ pub fn validate(
         ));
     } else {
         request.request_id
+    };
+
+    let idempotency_key = match request.idempotency_key.as_str() {
+        "" => None,
+        k if k.len() <= MAX_IDEMPOTENCY_KEY_LEN
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')) =>
+        {
+            Some(k.to_string())
+        }
+        _ => {
+            return Err(GatewayError::invalid(
+                "idempotency_key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters of [A-Za-z0-9_.:-]"),
+            ))
+        }
     };
 
     let prompt = request.prompt.trim().to_string();
@@ -130,6 +149,7 @@ pub fn validate(
             seed,
         },
         image_tokens: (width / patch) * (height / patch),
+        idempotency_key,
     })
 }
 
@@ -140,9 +160,14 @@ fn rand_seed() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kiln_proto::v1::SamplingParams;
+
+    /// A valid request for tests of later stages.
+    pub(crate) fn valid_request() -> ValidRequest {
+        validate(request("a red star"), &model()).expect("valid")
+    }
 
     fn model() -> ModelDescription {
         ModelDescription {
@@ -258,6 +283,24 @@ mod tests {
             }),
             "request_id"
         );
+        for bad in ["with space", "ü", &"k".repeat(129)] {
+            assert_eq!(
+                field_of(GenerateRequest {
+                    idempotency_key: bad.to_string(),
+                    ..request("a")
+                }),
+                "idempotency_key"
+            );
+        }
+        let kept = validate(
+            GenerateRequest {
+                idempotency_key: "order-17:retry.ok_1".into(),
+                ..request("a")
+            },
+            &model(),
+        )
+        .unwrap();
+        assert_eq!(kept.idempotency_key.as_deref(), Some("order-17:retry.ok_1"));
     }
 
     #[test]

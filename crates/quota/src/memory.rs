@@ -96,7 +96,7 @@ impl Inner {
 
     fn sweep(&mut self, now: u64) {
         self.operations += 1;
-        if self.operations % 4096 != 0 {
+        if !self.operations.is_multiple_of(4096) {
             return;
         }
         self.windows.retain(|(_, w), e| {

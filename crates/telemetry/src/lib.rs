@@ -16,6 +16,14 @@ use prometheus::{
 pub mod names {
     pub const GATEWAY_REQUESTS: &str = "kiln_gateway_requests_total";
     pub const GATEWAY_REQUEST_DURATION: &str = "kiln_gateway_request_duration_seconds";
+    pub const GATEWAY_QUOTA_REFUSALS: &str = "kiln_gateway_quota_refusals_total";
+    pub const GATEWAY_QUOTA_REFUNDS: &str = "kiln_gateway_quota_refunds_total";
+    pub const GATEWAY_QUOTA_FAIL_OPEN: &str = "kiln_gateway_quota_fail_open_admissions_total";
+    pub const GATEWAY_STORE_ERRORS: &str = "kiln_gateway_store_errors_total";
+    pub const GATEWAY_ADMISSION_DURATION: &str = "kiln_gateway_admission_duration_seconds";
+    pub const GATEWAY_TIGHTENING: &str = "kiln_gateway_quota_tightening_ratio";
+    pub const GATEWAY_POLICY_REFUSALS: &str = "kiln_gateway_policy_refusals_total";
+    pub const GATEWAY_IDEMPOTENT_REPLAYS: &str = "kiln_gateway_idempotent_replays_total";
     pub const SCHEDULER_QUEUE_DEPTH: &str = "kiln_scheduler_queue_depth";
     pub const SCHEDULER_RUNNING: &str = "kiln_scheduler_running_sequences";
     pub const SCHEDULER_WORKERS: &str = "kiln_scheduler_workers";
@@ -49,6 +57,14 @@ pub mod env_names {
     pub const GATEWAY_SCHEDULER: &str = "KILN_GATEWAY_SCHEDULER";
     pub const GATEWAY_KEYS: &str = "KILN_GATEWAY_KEYS";
     pub const GATEWAY_REQUEST_DEADLINE: &str = "KILN_GATEWAY_REQUEST_DEADLINE";
+    pub const GATEWAY_REDIS: &str = "KILN_GATEWAY_REDIS";
+    pub const GATEWAY_REDIS_PREFIX: &str = "KILN_GATEWAY_REDIS_PREFIX";
+    pub const GATEWAY_TIERS: &str = "KILN_GATEWAY_TIERS";
+    pub const GATEWAY_POLICY: &str = "KILN_GATEWAY_POLICY";
+    pub const GATEWAY_REFRESH_MS: &str = "KILN_GATEWAY_REFRESH_MS";
+    pub const GATEWAY_QUOTA_LEASE: &str = "KILN_GATEWAY_QUOTA_LEASE";
+    pub const ADMIN_REDIS: &str = "KILN_ADMIN_REDIS";
+    pub const ADMIN_REDIS_PREFIX: &str = "KILN_ADMIN_REDIS_PREFIX";
 
     pub const SCHEDULER_LISTEN: &str = "KILN_SCHEDULER_LISTEN";
     pub const SCHEDULER_WORKERS: &str = "KILN_SCHEDULER_WORKERS";
@@ -88,6 +104,69 @@ pub static GATEWAY_REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
         "End-to-end Generate latency by tier.",
         &["tier"],
         REQUEST_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_QUOTA_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::GATEWAY_QUOTA_REFUSALS,
+        "Requests refused by a quota, by tier, limit kind (window, rate, in_flight) and scope (user, org).",
+        &["tier", "limit", "scope"]
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_QUOTA_REFUNDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::GATEWAY_QUOTA_REFUNDS,
+        "Charges returned because no image was delivered, by tier.",
+        &["tier"]
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_QUOTA_FAIL_OPEN: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::GATEWAY_QUOTA_FAIL_OPEN,
+        "Requests admitted by the gateway-local limiter while the quota store was unreachable, by tier.",
+        &["tier"]
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::GATEWAY_STORE_ERRORS,
+        "Quota/key store operations that failed because the store was unreachable, by operation.",
+        &["operation"]
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_ADMISSION_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::GATEWAY_ADMISSION_DURATION,
+        "Time to admit or refuse a request against its quota, by decision.",
+        &["decision"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_TIGHTENING: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    prometheus::register_gauge!(
+        names::GATEWAY_TIGHTENING,
+        "Current demand-tightening factor applied to the tightened tiers' limits (1 = none)."
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_POLICY_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::GATEWAY_POLICY_REFUSALS,
+        "Prompts refused by the content policy, by rule.",
+        &["rule"]
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_IDEMPOTENT_REPLAYS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        names::GATEWAY_IDEMPOTENT_REPLAYS,
+        "Retries answered with the stored result of an earlier request with the same idempotency key."
     )
     .expect("metric registered once")
 });
