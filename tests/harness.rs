@@ -217,17 +217,20 @@ impl Cluster {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
-    /// Creates a key with `kiln admin keys create` and returns it.
-    pub fn create_key(&self, user: &str, tier: &str, org: Option<&str>) -> String {
+    /// Creates a key with `kiln admin keys create`; returns (id, key).
+    pub fn create_key(&self, user: &str, tier: &str, org: Option<&str>) -> (String, String) {
         let mut args = vec!["keys", "create", "--user", user, "--tier", tier];
         if let Some(org) = org {
             args.extend(["--org", org]);
         }
         let out = self.admin(&args);
-        out.lines()
-            .find_map(|l| l.strip_prefix("key: "))
-            .expect("the new key is printed")
-            .to_string()
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{name} not printed: {out}"))
+                .to_string()
+        };
+        (field("id: "), field("key: "))
     }
 
     /// Starts a server process on port 0 and returns the `http://` address it announced.

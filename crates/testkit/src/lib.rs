@@ -20,20 +20,34 @@ pub fn free_port() -> u16 {
         .expect("binding a loopback port")
 }
 
-/// A `redis-server` process without persistence, on loopback.
+/// A `redis-server` process on loopback.
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Keep data across a kill and restart (append-only file, fsync on every write).
+    persistent: bool,
 }
 
 impl RedisServer {
-    /// Starts a server on a free port; panics with the server's output when it cannot.
+    /// Starts a server without persistence on a free port; panics with the server's output when
+    /// it cannot.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// Starts a server whose data survives [`RedisServer::kill`] and [`RedisServer::restart`], as a
+    /// production Redis with an append-only file would.
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: 0,
             dir: tempfile::tempdir().expect("temp dir"),
+            persistent,
         };
         let mut last = String::new();
         for _ in 0..5 {
@@ -53,14 +67,12 @@ impl RedisServer {
         let log = self.dir.path().join("redis.log");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
+            .args(["--save", "", "--protected-mode", "yes"])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
