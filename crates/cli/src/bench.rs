@@ -15,11 +15,22 @@ use tokio::sync::watch;
 use crate::cluster;
 use crate::config::WorkerOpts;
 
+mod admission;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Which figures: all, decode, batching or scheduler.
-    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler"])]
+    /// Which figures: all, decode, batching, scheduler or admission.
+    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission"])]
     pub only: String,
+    /// Redis for the admission figures (default: a redis-server started for the run).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Concurrent clients of the admission figures.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Requests per admission figure.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: usize,
     /// Model directory (default: the data directory's default model).
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
@@ -81,6 +92,14 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
     }
     if matches!(args.only.as_str(), "all" | "scheduler") {
         scheduler();
+    }
+    if matches!(args.only.as_str(), "all" | "admission") {
+        admission::run(
+            args.redis.as_deref(),
+            args.clients.max(1),
+            args.requests.max(1),
+        )
+        .await?;
     }
     Ok(())
 }

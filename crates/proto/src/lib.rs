@@ -15,6 +15,12 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln
 pub mod standard {
     use tonic_health::server::HealthReporter;
 
+    /// The connections of a bound listener, with Nagle's algorithm off: streamed answers are
+    /// small frames, and delayed ACKs would otherwise hold each one back by tens of milliseconds.
+    pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+    }
+
     /// Health service, its reporter, and the reflection service.
     pub fn services() -> (
         HealthReporter,

@@ -22,6 +22,9 @@ use crate::store::{
 use crate::tiers::Scope;
 use crate::QuotaError;
 
+/// The admission script (also run by `kiln bench` through `redis-benchmark`).
+pub const ADMIT_SCRIPT: &str = include_str!("../lua/admit.lua");
+
 /// Settings of the Redis connection.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -73,7 +76,7 @@ impl RedisStore {
             client,
             config,
             conn: OnceCell::new(),
-            admit: Script::new(include_str!("../lua/admit.lua")),
+            admit: Script::new(ADMIT_SCRIPT),
             settle: Script::new(include_str!("../lua/settle.lua")),
             renew: Script::new(include_str!("../lua/renew.lua")),
             usage: Script::new(include_str!("../lua/usage.lua")),

@@ -139,9 +139,6 @@ pub async fn run(
         .add_service(
             SchedulerServer::new(SchedulerService::new(handle)).max_encoding_message_size(64 << 20),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(kiln_proto::standard::incoming(listener), shutdown)
         .await
 }

@@ -256,10 +256,7 @@ pub async fn run<E: Engine>(
             WorkerServer::new(WorkerService::new(name.clone(), engine))
                 .max_decoding_message_size(64 << 20),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(kiln_proto::standard::incoming(listener), shutdown)
         .await;
     if let Err(e) = &result {
         warn!(worker = %name, error = %e, "worker server stopped with an error");
