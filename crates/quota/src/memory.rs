@@ -43,17 +43,19 @@ struct Inner {
     operations: u64,
 }
 
+/// Milliseconds on some monotonic clock.
+pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
+
 pub struct MemoryStore {
-    epoch: Instant,
+    clock: Clock,
     inner: Mutex<Inner>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore {
-            epoch: Instant::now(),
-            inner: Mutex::new(Inner::default()),
-        }
+        let epoch = Instant::now();
+        // Starts well above any window length so that `now - window` never underflows.
+        Self::with_clock(Box::new(move || ms(epoch.elapsed()) + (1 << 40)))
     }
 }
 
@@ -66,10 +68,16 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Milliseconds on this store's clock (monotonic; starts well above any window length so that
-    /// `now - window` never underflows).
+    /// A store on the given clock (virtual time for tests and simulations).
+    pub fn with_clock(clock: Clock) -> Self {
+        MemoryStore {
+            clock,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
     fn now(&self) -> u64 {
-        ms(self.epoch.elapsed()) + (1 << 40)
+        (self.clock)()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -382,5 +390,128 @@ impl ConfigStore for MemoryStore {
     async fn set_tiers(&self, toml: &str) -> Result<(), QuotaError> {
         self.lock().tiers = Some(toml.to_string());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Admit { user: usize },
+        Settle { charge: usize, refund: bool },
+        Advance { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..3usize).prop_map(|user| Op::Admit { user }),
+            3 => (0..64usize, any::<bool>()).prop_map(|(charge, refund)| Op::Settle { charge, refund }),
+            3 => (0..40_000u64).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    const WINDOWS: [(u64, u32); 2] = [(60_000, 3), (10_000, 2)];
+    const RATE: (u64, u32) = (5_000, 2);
+    const IN_FLIGHT: u32 = 2;
+    const LEASE: u64 = 30_000;
+
+    fn scope(user: usize) -> Scope {
+        Scope {
+            subject: format!("user:{user}"),
+            windows: WINDOWS.to_vec(),
+            rate: Some(RATE),
+            max_in_flight: Some(IN_FLIGHT),
+        }
+    }
+
+    /// What the model remembers of one admitted charge.
+    struct Admitted {
+        user: usize,
+        at: u64,
+        settled: bool,
+        refunded: bool,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Against a plain model of the rules, under random admissions, settlements (repeated
+        /// ones included) and time steps: every decision is the model's, so no limit is ever
+        /// exceeded, nothing is refused that had room, and each charge is settled once.
+        #[test]
+        fn decisions_follow_the_model(ops in proptest::collection::vec(op(), 1..120)) {
+            let clock = Arc::new(AtomicU64::new(1 << 40));
+            let time = clock.clone();
+            let store = MemoryStore::with_clock(Box::new(move || time.load(Ordering::SeqCst)));
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut charges: Vec<Admitted> = Vec::new();
+            let mut admits: Vec<Vec<u64>> = vec![Vec::new(); 3];
+            let mut tat = [0u64; 3];
+            for op in ops {
+                let now = clock.load(Ordering::SeqCst);
+                match op {
+                    Op::Advance { ms } => {
+                        clock.fetch_add(ms, Ordering::SeqCst);
+                    }
+                    Op::Admit { user } => {
+                        let live = |c: &&Admitted| c.user == user && !c.refunded;
+                        let window_room = WINDOWS.iter().all(|&(w, limit)| {
+                            charges.iter().filter(live).filter(|c| c.at > now - w).count() < limit as usize
+                        });
+                        let flying = charges
+                            .iter()
+                            .filter(|c| c.user == user && !c.settled && c.at + LEASE > now)
+                            .count();
+                        let t = tat[user].max(now);
+                        let rate_room = now + RATE.0 * u64::from(RATE.1) >= t + RATE.0;
+                        let expected = window_room && flying < IN_FLIGHT as usize && rate_room;
+                        let id = charges.len().to_string();
+                        let scopes = [scope(user)];
+                        let decision = rt.block_on(store.admit(&Charge {
+                            charge_id: &id,
+                            idempotency: None,
+                            scopes: &scopes,
+                            lease: Duration::from_millis(LEASE),
+                            retention: Duration::from_secs(86_400),
+                        })).unwrap();
+                        prop_assert_eq!(matches!(decision, Decision::Admitted(_)), expected, "{:?}", decision);
+                        if expected {
+                            // A refused request spends no rate.
+                            tat[user] = t + RATE.0;
+                            charges.push(Admitted { user, at: now, settled: false, refunded: false });
+                            admits[user].push(now);
+                        }
+                    }
+                    Op::Settle { charge, refund } => {
+                        let Some(c) = charges.get_mut(charge) else { continue };
+                        let settlement = if refund { Settlement::Refund } else { Settlement::Commit };
+                        let settled = rt.block_on(store.settle(
+                            &charge.to_string(), None, &[scope(c.user)], settlement,
+                        )).unwrap();
+                        prop_assert_eq!(settled, !c.settled, "settled exactly once");
+                        if !c.settled {
+                            c.settled = true;
+                            c.refunded = refund;
+                        }
+                    }
+                }
+            }
+            // GCRA's guarantee: in any span of t ms, at most burst + t / interval admissions.
+            for times in &admits {
+                for (i, &start) in times.iter().enumerate() {
+                    for span in [0, 5_000, 10_000, 30_000] {
+                        let n = times[i..].iter().take_while(|&&t| t <= start + span).count() as u64;
+                        prop_assert!(n <= u64::from(RATE.1) + span / RATE.0, "{} in {} ms", n, span);
+                    }
+                }
+            }
+        }
     }
 }
