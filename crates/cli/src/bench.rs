@@ -255,7 +255,7 @@ fn scheduler() {
         std::hint::black_box(fixture.decide());
         times.push(start.elapsed().as_secs_f64() * 1e6);
     }
-    let snapshot = fixture.state.snapshot();
+    let snapshot = fixture.state.snapshot(Duration::ZERO);
     println!(
         "decisions: 20000, median {:.2} us, p99 {:.2} us (after: {} waiting, {} running)",
         median(times.clone()),

@@ -108,6 +108,16 @@ pub struct BatchingOpts {
     /// Static batching (benchmark baseline): new jobs join only an empty batch.
     #[arg(long, env = env::SCHEDULER_STATIC_BATCHING, default_value_t = false)]
     pub static_batching: bool,
+    /// Seconds from arrival to last token per tier (free,plus,pro,team); a job predicted to finish
+    /// later is shed with RESOURCE_EXHAUSTED and a retry delay.
+    #[arg(long, env = env::SCHEDULER_DEADLINES, default_value = "90,60,45,45", value_delimiter = ',')]
+    pub deadlines: Vec<f64>,
+    /// Most jobs waiting at once; beyond it the lowest tier's newest job is shed.
+    #[arg(long, env = env::SCHEDULER_MAX_WAITING, default_value_t = 4096)]
+    pub max_waiting: usize,
+    /// Shed only at the queue bound, never by predicted finish time (benchmark baseline).
+    #[arg(long, env = env::SCHEDULER_NO_DEADLINE_SHEDDING, default_value_t = false)]
+    pub no_deadline_shedding: bool,
 }
 
 impl BatchingOpts {
@@ -127,11 +137,30 @@ impl BatchingOpts {
                 env::SCHEDULER_MAX_PREFILL_TOKENS
             );
         }
+        if self.deadlines.len() != 4 || self.deadlines.iter().any(|d| !(*d > 0.0 && *d < 86400.0)) {
+            bail!(
+                "--deadlines ({}) must be four positive seconds (free,plus,pro,team), got {:?}",
+                env::SCHEDULER_DEADLINES,
+                self.deadlines
+            );
+        }
+        if self.max_waiting == 0 {
+            bail!(
+                "--max-waiting ({}) must be positive",
+                env::SCHEDULER_MAX_WAITING
+            );
+        }
         Ok(())
     }
 
     pub fn to_config(&self) -> kiln_scheduler::SchedulerConfig {
+        let d = |i: usize| {
+            std::time::Duration::from_secs_f64(self.deadlines.get(i).copied().unwrap_or(60.0))
+        };
         kiln_scheduler::SchedulerConfig {
+            deadlines: [d(0), d(1), d(2), d(3)],
+            max_waiting: self.max_waiting,
+            shed_by_deadline: !self.no_deadline_shedding,
             max_steps_per_call: self.max_steps_per_call,
             max_prefill_tokens: self.max_prefill_tokens,
             static_batching: self.static_batching,

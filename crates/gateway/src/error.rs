@@ -60,6 +60,7 @@ impl GatewayError {
             GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => "IMAGE_TOO_LARGE",
             GatewayError::Scheduler(SchedulerError::InvalidJob(_)) => "INVALID_ARGUMENT",
             GatewayError::Scheduler(SchedulerError::WorkerFailed(_)) => "WORKER_FAILED",
+            GatewayError::Scheduler(SchedulerError::Shed { .. }) => "SHED",
             GatewayError::Scheduler(
                 SchedulerError::ShuttingDown | SchedulerError::Unavailable(_),
             ) => "UNAVAILABLE",
@@ -76,7 +77,9 @@ impl GatewayError {
             GatewayError::StoreUnavailable(_) => Code::Unavailable,
             GatewayError::DuplicateInFlight(_) => Code::Aborted,
             GatewayError::QuotaExhausted(_)
-            | GatewayError::Scheduler(SchedulerError::TooLarge { .. }) => Code::ResourceExhausted,
+            | GatewayError::Scheduler(
+                SchedulerError::TooLarge { .. } | SchedulerError::Shed { .. },
+            ) => Code::ResourceExhausted,
             GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             GatewayError::Scheduler(
                 SchedulerError::NoWorkers
@@ -101,6 +104,9 @@ impl GatewayError {
                 ("limit".into(), r.limit.kind().into()),
             ]
             .into(),
+            GatewayError::Scheduler(SchedulerError::Shed { reason, .. }) => {
+                [("shed_reason".into(), reason.clone())].into()
+            }
             _ => Default::default(),
         };
         let mut details = ErrorDetails::with_error_info(self.error_type(), ERROR_DOMAIN, info);
@@ -114,6 +120,9 @@ impl GatewayError {
                     r.limit.describe(),
                 );
                 details.set_retry_info(r.retry_after);
+            }
+            GatewayError::Scheduler(SchedulerError::Shed { retry_after, .. }) => {
+                details.set_retry_info(Some(*retry_after));
             }
             GatewayError::StoreUnavailable(_) | GatewayError::DuplicateInFlight(_) => {
                 details.set_retry_info(Some(Duration::from_secs(1)));

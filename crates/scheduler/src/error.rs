@@ -20,7 +20,16 @@ pub enum SchedulerError {
     ShuttingDown,
     #[error("scheduler unreachable: {0}")]
     Unavailable(String),
+    #[error("the cluster is at capacity ({reason}); retry in {:.0} s", retry_after.as_secs_f64().ceil())]
+    Shed {
+        reason: String,
+        retry_after: std::time::Duration,
+    },
 }
+
+/// Metadata keys that carry a shed job's reason and retry delay across the wire.
+const SHED_REASON_METADATA: &str = "kiln-shed-reason";
+const RETRY_AFTER_METADATA: &str = "kiln-retry-after-ms";
 
 impl SchedulerError {
     pub fn error_type(&self) -> &'static str {
@@ -31,6 +40,7 @@ impl SchedulerError {
             SchedulerError::WorkerFailed(_) => "worker_failed",
             SchedulerError::ShuttingDown => "shutting_down",
             SchedulerError::Unavailable(_) => "unavailable",
+            SchedulerError::Shed { .. } => "shed",
         }
     }
 
@@ -41,12 +51,27 @@ impl SchedulerError {
             | SchedulerError::ShuttingDown
             | SchedulerError::Unavailable(_) => Code::Unavailable,
             SchedulerError::InvalidJob(_) => Code::InvalidArgument,
-            SchedulerError::TooLarge { .. } => Code::ResourceExhausted,
+            SchedulerError::TooLarge { .. } | SchedulerError::Shed { .. } => {
+                Code::ResourceExhausted
+            }
             SchedulerError::WorkerFailed(_) => Code::Internal,
         };
         let mut status = Status::new(code, self.to_string());
         if let Ok(v) = self.error_type().parse() {
             status.metadata_mut().insert(ERROR_TYPE_METADATA, v);
+        }
+        if let SchedulerError::Shed {
+            reason,
+            retry_after,
+        } = self
+        {
+            let meta = status.metadata_mut();
+            if let Ok(v) = reason.parse() {
+                meta.insert(SHED_REASON_METADATA, v);
+            }
+            if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                meta.insert(RETRY_AFTER_METADATA, v);
+            }
         }
         status
     }
@@ -76,6 +101,22 @@ impl SchedulerError {
                     .to_string(),
             ),
             "shutting_down" => SchedulerError::ShuttingDown,
+            "shed" => {
+                let meta = |key| {
+                    status
+                        .metadata()
+                        .get(key)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                SchedulerError::Shed {
+                    reason: meta(SHED_REASON_METADATA),
+                    retry_after: std::time::Duration::from_millis(
+                        meta(RETRY_AFTER_METADATA).parse().unwrap_or(1000),
+                    ),
+                }
+            }
             _ => SchedulerError::Unavailable(format!("{}: {message}", status.code())),
         }
     }
@@ -93,6 +134,10 @@ mod tests {
             SchedulerError::TooLarge { kv_blocks: 90 },
             SchedulerError::WorkerFailed("boom".into()),
             SchedulerError::ShuttingDown,
+            SchedulerError::Shed {
+                reason: "deadline".into(),
+                retry_after: std::time::Duration::from_millis(2500),
+            },
         ] {
             assert_eq!(SchedulerError::from_status(&e.to_status()), e);
         }

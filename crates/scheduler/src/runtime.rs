@@ -231,6 +231,7 @@ pub fn spawn(config: RuntimeConfig) -> SchedulerHandle {
         ));
     }
     let owner = Owner {
+        deadlines: config.batching.deadlines,
         state: SchedulerState::new(config.batching),
         start: Instant::now(),
         next_id: 1,
@@ -259,6 +260,7 @@ struct LiveWorker {
 }
 
 struct Owner {
+    deadlines: [Duration; 4],
     state: SchedulerState,
     start: Instant,
     next_id: JobId,
@@ -558,6 +560,18 @@ impl Owner {
                 let error = match reason {
                     FailReason::TooLarge { kv_blocks } => SchedulerError::TooLarge { kv_blocks },
                     FailReason::Refused(why) => SchedulerError::WorkerFailed(why),
+                    FailReason::Shed {
+                        reason,
+                        retry_after,
+                    } => {
+                        telemetry::SCHEDULER_SHED
+                            .with_label_values(&[payload.request.tier.as_str(), reason.as_str()])
+                            .inc();
+                        SchedulerError::Shed {
+                            reason: reason.as_str().into(),
+                            retry_after,
+                        }
+                    }
                 };
                 warn!(%error, "job failed");
                 drop(_enter);
@@ -575,8 +589,20 @@ impl Owner {
     }
 
     fn status(&self) -> pb::ClusterStatusResponse {
-        let snapshot = self.state.snapshot();
+        let snapshot = self.state.snapshot(self.start.elapsed());
         pb::ClusterStatusResponse {
+            tiers: Tier::ALL
+                .iter()
+                .map(|&t| pb::TierQueue {
+                    tier: t.as_str().into(),
+                    waiting: snapshot.waiting[t as usize] as u32,
+                    oldest_wait_seconds: snapshot.oldest_wait[t as usize].as_secs_f64(),
+                    shed_total: snapshot.shed[t as usize],
+                    deadline_seconds: self.deadlines[t as usize].as_secs_f64(),
+                })
+                .collect(),
+            tokens_per_second: snapshot.tokens_per_second,
+            backlog_seconds: snapshot.backlog_seconds,
             waiting: snapshot.waiting.iter().sum::<usize>() as u32,
             running: snapshot.running as u32,
             workers: snapshot
@@ -591,6 +617,8 @@ impl Owner {
                         kv_blocks_free: w.free_blocks as u32,
                         max_batch: w.capacity.max_batch as u32,
                         running: w.running as u32,
+                        tokens_per_second: w.tokens_per_second,
+                        last_call_ms: w.last_call.as_secs_f64() * 1e3,
                     })
                 })
                 .collect(),

@@ -28,6 +28,7 @@ pub mod names {
     pub const SCHEDULER_RUNNING: &str = "kiln_scheduler_running_sequences";
     pub const SCHEDULER_WORKERS: &str = "kiln_scheduler_workers";
     pub const SCHEDULER_REQUEUED: &str = "kiln_scheduler_requeued_total";
+    pub const SCHEDULER_SHED: &str = "kiln_scheduler_shed_total";
     pub const WORKER_STEP_DURATION: &str = "kiln_worker_step_duration_seconds";
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
     pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_total";
@@ -71,6 +72,9 @@ pub mod env_names {
     pub const SCHEDULER_MAX_STEPS_PER_CALL: &str = "KILN_SCHEDULER_MAX_STEPS_PER_CALL";
     pub const SCHEDULER_MAX_PREFILL_TOKENS: &str = "KILN_SCHEDULER_MAX_PREFILL_TOKENS";
     pub const SCHEDULER_STATIC_BATCHING: &str = "KILN_SCHEDULER_STATIC_BATCHING";
+    pub const SCHEDULER_DEADLINES: &str = "KILN_SCHEDULER_DEADLINES";
+    pub const SCHEDULER_MAX_WAITING: &str = "KILN_SCHEDULER_MAX_WAITING";
+    pub const SCHEDULER_NO_DEADLINE_SHEDDING: &str = "KILN_SCHEDULER_NO_DEADLINE_SHEDDING";
 
     pub const WORKER_LISTEN: &str = "KILN_WORKER_LISTEN";
     pub const WORKER_NAME: &str = "KILN_WORKER_NAME";
@@ -167,6 +171,14 @@ pub static GATEWAY_IDEMPOTENT_REPLAYS: LazyLock<prometheus::IntCounter> = LazyLo
     prometheus::register_int_counter!(
         names::GATEWAY_IDEMPOTENT_REPLAYS,
         "Retries answered with the stored result of an earlier request with the same idempotency key."
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::SCHEDULER_SHED,
+        "Jobs shed because the cluster could not serve them in time, by tier and reason (deadline, queue_full).",
+        &["tier", "reason"]
     )
     .expect("metric registered once")
 });
