@@ -1,6 +1,6 @@
-//! Test support shared by the crates' integration tests and the end-to-end suite: starts a real
-//! `redis-server` (and, for the cluster, `etcd`) on a free loopback port in a temporary directory,
-//! waits until it answers, and kills it when dropped. It owns no Kiln logic; `scripts/bootstrap.sh
+//! Test support shared by the crates' integration tests, the end-to-end suite and `kiln bench`:
+//! starts a real `redis-server` or `etcd` on free loopback ports in a temporary directory, waits
+//! until it answers, and kills it when dropped. It owns no Kiln logic; `scripts/bootstrap.sh
 //! --test` installs the servers it needs.
 
 #![forbid(unsafe_code)]
@@ -135,6 +135,129 @@ impl Drop for RedisServer {
     }
 }
 
+/// A single-member `etcd` on loopback (client and peer ports free), data in a temporary directory.
+pub struct EtcdServer {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts etcd; panics with its log when it cannot.
+    pub fn start() -> EtcdServer {
+        let mut server = EtcdServer {
+            child: None,
+            client_port: 0,
+            peer_port: 0,
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        let mut last = String::new();
+        for _ in 0..5 {
+            server.client_port = free_port();
+            server.peer_port = free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => {
+                    server.kill();
+                    last = e;
+                }
+            }
+        }
+        panic!("could not start etcd: {last}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = self.dir.path().join("etcd.log");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let child = Command::new("etcd")
+            .args(["--name", "kiln-test"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("kiln-test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("etcd not runnable ({e}); run scripts/bootstrap.sh --test"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_ok(self.client_port, "/health", "true") {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!("exited with {status}: {}", read(&log)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "did not become healthy within 20 s: {}",
+            read(&log)
+        ))
+    }
+
+    /// `http://127.0.0.1:<client port>`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd at once (its data stays on disk for a restart).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => panic!("restarting etcd: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether `GET path` on loopback answers 200 with a body containing `needle`.
+fn http_ok(port: u16, path: &str, needle: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.starts_with("HTTP/1.") && body.contains(" 200 ") && body.contains(needle)
+}
+
 fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -154,6 +277,16 @@ fn read(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_starts_healthy_and_restarts_with_its_data() {
+        let mut etcd = EtcdServer::start();
+        assert!(http_ok(etcd.client_port, "/health", "true"));
+        etcd.kill();
+        assert!(!http_ok(etcd.client_port, "/health", "true"));
+        etcd.restart();
+        assert!(http_ok(etcd.client_port, "/health", "true"));
+    }
 
     #[test]
     fn redis_starts_answers_and_restarts_on_the_same_port() {
