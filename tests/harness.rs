@@ -12,7 +12,8 @@ use futures::StreamExt;
 use kiln_proto::v1::image_service_client::ImageServiceClient;
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::{
-    generate_event, ClusterStatusRequest, GenerateEvent, GenerateRequest, GetModelInfoRequest,
+    generate_event, ClusterStatusRequest, ClusterStatusResponse, GenerateEvent, GenerateRequest,
+    GetModelInfoRequest,
 };
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
@@ -74,6 +75,10 @@ pub struct Options {
     pub tiers: String,
     /// More gateway flags.
     pub gateway_args: Vec<String>,
+    /// etcd endpoint: workers register there, schedulers elect a leader, gateways follow it.
+    pub etcd: Option<String>,
+    /// Scheduler replicas (more than one needs etcd).
+    pub schedulers: usize,
 }
 
 impl Default for Options {
@@ -85,6 +90,8 @@ impl Default for Options {
             redis: None,
             tiers: GENEROUS_TIERS.into(),
             gateway_args: Vec::new(),
+            etcd: None,
+            schedulers: 1,
         }
     }
 }
@@ -97,7 +104,10 @@ pub struct Cluster {
     /// Every gateway.
     pub gateways: Vec<String>,
     pub redis: Option<String>,
+    /// The first scheduler.
     pub scheduler: String,
+    /// Every scheduler replica, named `scheduler`, `scheduler-1`, ...
+    pub schedulers: Vec<String>,
     pub workers: Vec<String>,
     children: Vec<(String, Child)>,
 }
@@ -139,6 +149,7 @@ impl Cluster {
             dir,
             gateway: String::new(),
             gateways: Vec::new(),
+            schedulers: Vec::new(),
             redis: options.redis.clone(),
             scheduler: String::new(),
             workers: Vec::new(),
@@ -146,9 +157,22 @@ impl Cluster {
         };
         let any_port = "127.0.0.1:0";
         let model = model.to_str().expect("utf-8 path");
+        let etcd_args: Vec<String> = options
+            .etcd
+            .iter()
+            .flat_map(|e| {
+                [
+                    "--etcd".to_string(),
+                    e.clone(),
+                    "--lease-ttl".into(),
+                    "2".into(),
+                ]
+            })
+            .collect();
+        let etcd_args: Vec<&str> = etcd_args.iter().map(String::as_str).collect();
         for i in 0..workers {
             let name = format!("worker-{i}");
-            let args = [
+            let mut args = vec![
                 "worker",
                 "--listen",
                 any_port,
@@ -159,14 +183,27 @@ impl Cluster {
                 "--model",
                 model,
             ];
+            args.extend(&etcd_args);
             let addr = cluster.spawn(&name, &args);
             cluster.workers.push(addr);
         }
         let worker_list = cluster.workers.join(",");
-        cluster.scheduler = cluster.spawn(
-            "scheduler",
-            &["scheduler", "--listen", any_port, "--worker", &worker_list],
-        );
+        for i in 0..options.schedulers.max(1) {
+            let mut args = vec!["scheduler", "--listen", any_port];
+            if options.etcd.is_some() {
+                args.extend(&etcd_args);
+            } else {
+                args.extend(["--worker", &worker_list]);
+            }
+            let name = if i == 0 {
+                "scheduler".to_string()
+            } else {
+                format!("scheduler-{i}")
+            };
+            let addr = cluster.spawn(&name, &args);
+            cluster.schedulers.push(addr);
+        }
+        cluster.scheduler = cluster.schedulers[0].clone();
         let scheduler = cluster.scheduler.clone();
         let keys = keys.to_str().expect("utf-8 path");
         let tiers = tiers.to_str().expect("utf-8 path");
@@ -187,6 +224,7 @@ impl Cluster {
             if let Some(url) = &options.redis {
                 args.extend(["--redis", url.as_str()]);
             }
+            args.extend(&etcd_args);
             args.extend(options.gateway_args.iter().map(String::as_str));
             let name = if i == 0 {
                 "gateway".to_string()
@@ -281,11 +319,8 @@ impl Cluster {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut scheduler) = SchedulerClient::connect(self.scheduler.clone()).await {
-                let workers = scheduler
-                    .cluster_status(ClusterStatusRequest {})
-                    .await
-                    .map(|s| s.into_inner().workers.len());
+            if let Some(workers) = self.leader_status().await.map(|s| s.workers.len()) {
+                let workers: Result<usize, ()> = Ok(workers);
                 let mut gateways_ready = true;
                 for address in &self.gateways {
                     gateways_ready &= match ImageServiceClient::connect(address.clone()).await {
@@ -308,6 +343,22 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The cluster view of the leading scheduler (the only one without etcd).
+    pub async fn leader_status(&self) -> Option<ClusterStatusResponse> {
+        for address in &self.schedulers {
+            let Ok(mut client) = SchedulerClient::connect(address.clone()).await else {
+                continue;
+            };
+            if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await {
+                let status = status.into_inner();
+                if status.is_leader {
+                    return Some(status);
+                }
+            }
+        }
+        None
     }
 
     pub async fn client(&self) -> ImageServiceClient<Channel> {

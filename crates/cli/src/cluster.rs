@@ -240,3 +240,77 @@ pub async fn serve_metrics(addr: Option<SocketAddr>, shutdown: &Shutdown) -> Res
     }
     Ok(())
 }
+
+/// A scheduler replica under etcd election: it serves at once (a standby answers `Submit` with a
+/// retryable `UNAVAILABLE` naming the leader), campaigns, and once elected starts the runtime and
+/// follows the worker set in etcd. A leader that loses its lease exits, so that it can never drive
+/// workers beside its successor; its supervisor restarts it as a standby.
+pub async fn run_elected_scheduler(
+    config: kiln_membership::EtcdConfig,
+    me: String,
+    runtime: kiln_scheduler::RuntimeConfig,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let (handle_tx, handle_rx) = watch::channel(None);
+    let leader = kiln_membership::follow_leader(config.clone());
+    let service = kiln_scheduler::service::SchedulerService::elected(handle_rx, me.clone(), leader);
+    let server = tokio::spawn(kiln_scheduler::service::run(
+        service,
+        listener,
+        shutdown.clone().wait(),
+    ));
+    info!(%me, "standing by; campaigning for leadership");
+    let mut leadership = tokio::select! {
+        l = kiln_membership::campaign(&config, &me) => l,
+        _ = shutdown.clone().wait() => {
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    let handle = kiln_scheduler::spawn(runtime);
+    let mut members = kiln_membership::watch_workers(config);
+    let membership = {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut addresses: std::collections::HashMap<String, String> = Default::default();
+            while let Some(event) = members.recv().await {
+                match event {
+                    kiln_membership::MembershipEvent::Up(record) => {
+                        if let Some(old) =
+                            addresses.insert(record.name.clone(), record.address.clone())
+                        {
+                            if old != record.address {
+                                handle.leave_worker(old);
+                            }
+                        }
+                        handle.join_worker(record.address);
+                    }
+                    kiln_membership::MembershipEvent::Down { name } => {
+                        if let Some(address) = addresses.remove(&name) {
+                            handle.leave_worker(address);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let _ = handle_tx.send(Some(handle));
+    telemetry_leader(true);
+    tokio::select! {
+        _ = leadership.lost() => {
+            tracing::error!(%me, "lost scheduler leadership (lease not renewed); exiting so that a standby takes over");
+            std::process::exit(3);
+        }
+        _ = shutdown.clone().wait() => {
+            membership.abort();
+            leadership.resign().await;
+        }
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+fn telemetry_leader(leading: bool) {
+    kiln_telemetry::SCHEDULER_LEADER.set(i64::from(leading));
+}

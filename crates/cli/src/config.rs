@@ -168,6 +168,59 @@ impl BatchingOpts {
     }
 }
 
+/// Cluster membership in etcd (shared by worker, scheduler and gateway).
+#[derive(Args, Clone, Debug)]
+pub struct EtcdOpts {
+    /// etcd endpoints (`http://host:port`, comma-separated). Workers register there, schedulers
+    /// elect a leader and watch the workers, gateways follow the leader.
+    #[arg(long, env = env::ETCD, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Prefix of Kiln's etcd keys.
+    #[arg(long, env = env::ETCD_PREFIX, default_value = "kiln/")]
+    pub etcd_prefix: String,
+    /// Seconds a member's lease lives without renewal (how long a crashed member stays listed).
+    #[arg(long, env = env::LEASE_TTL, default_value_t = 5)]
+    pub lease_ttl: u64,
+    /// Address others reach this process at (default: `http://` + the bound listen address).
+    #[arg(long, env = env::ADVERTISE)]
+    pub advertise: Option<String>,
+}
+
+impl EtcdOpts {
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=300).contains(&self.lease_ttl) {
+            bail!("--lease-ttl ({}) must be 1 to 300 seconds", env::LEASE_TTL);
+        }
+        if let Some(e) = self
+            .etcd
+            .iter()
+            .find(|e| !e.starts_with("http://") && !e.starts_with("https://"))
+        {
+            bail!(
+                "--etcd ({}) endpoints must be http(s)://host:port, got {e:?}",
+                env::ETCD
+            );
+        }
+        Ok(())
+    }
+
+    /// The membership settings, when etcd is configured.
+    pub fn config(&self) -> Option<kiln_membership::EtcdConfig> {
+        (!self.etcd.is_empty()).then(|| kiln_membership::EtcdConfig {
+            endpoints: self.etcd.clone(),
+            prefix: self.etcd_prefix.clone(),
+            lease_ttl: std::time::Duration::from_secs(self.lease_ttl),
+        })
+    }
+
+    /// The address to advertise for a server bound at `bound`.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"))
+    }
+}
+
 /// Gateway admission settings.
 #[derive(Args, Clone, Debug)]
 pub struct GatewayOpts {

@@ -15,9 +15,10 @@ mod bench;
 mod cluster;
 mod config;
 mod generate;
+mod status;
 
 use cluster::Shutdown;
-use config::{BatchingOpts, GatewayOpts, WorkerOpts};
+use config::{BatchingOpts, EtcdOpts, GatewayOpts, WorkerOpts};
 
 /// Kiln: a cluster that serves autoregressive image generation.
 #[derive(Parser, Debug)]
@@ -69,11 +70,13 @@ enum Command {
         /// Prometheus `/metrics` address (off when absent).
         #[arg(long, env = env::GATEWAY_METRICS_LISTEN)]
         metrics_listen: Option<SocketAddr>,
-        /// Scheduler address.
+        /// Scheduler address (ignored with --etcd: the gateway follows the elected leader).
         #[arg(long, env = env::GATEWAY_SCHEDULER, default_value = "http://127.0.0.1:50061")]
         scheduler: String,
         #[command(flatten)]
         gateway: GatewayOpts,
+        #[command(flatten)]
+        etcd: EtcdOpts,
     },
     /// Run the scheduler against workers in other processes.
     Scheduler {
@@ -82,11 +85,17 @@ enum Command {
         /// Prometheus `/metrics` address (off when absent).
         #[arg(long, env = env::SCHEDULER_METRICS_LISTEN)]
         metrics_listen: Option<SocketAddr>,
-        /// Worker addresses (repeat the flag, or comma-separate).
-        #[arg(long = "worker", env = env::SCHEDULER_WORKERS, value_delimiter = ',', required = true)]
+        /// Worker addresses (repeat the flag, or comma-separate); with --etcd, workers registered
+        /// there join and leave by themselves.
+        #[arg(long = "worker", env = env::SCHEDULER_WORKERS, value_delimiter = ',')]
         workers: Vec<String>,
+        /// Seconds a worker call may take before the worker is treated as lost.
+        #[arg(long, env = env::SCHEDULER_CALL_TIMEOUT, default_value_t = 60)]
+        call_timeout: u64,
         #[command(flatten)]
         batching: BatchingOpts,
+        #[command(flatten)]
+        etcd: EtcdOpts,
     },
     /// Run one worker serving the internal worker protocol.
     Worker {
@@ -100,6 +109,8 @@ enum Command {
         name: Option<String>,
         #[command(flatten)]
         worker: WorkerOpts,
+        #[command(flatten)]
+        etcd: EtcdOpts,
     },
     /// Generate an image through a gateway, with a progress bar.
     Generate(generate::GenerateArgs),
@@ -112,6 +123,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Operator commands on the shared store: API keys and the tier table.
     Admin(admin::AdminArgs),
+    /// The cluster view: leader, workers' saturation, queues per tier, shedding.
+    Status(status::StatusArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,10 +231,17 @@ async fn run(cli: Cli) -> Result<()> {
             metrics_listen,
             scheduler,
             gateway,
+            etcd,
         } => {
             gateway.validate()?;
-            let backend = kiln_gateway::backend::RemoteScheduler::new(&scheduler)
-                .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?;
+            etcd.validate()?;
+            let backend = match etcd.config() {
+                Some(config) => kiln_gateway::backend::RemoteScheduler::following(
+                    kiln_membership::follow_leader(config),
+                ),
+                None => kiln_gateway::backend::RemoteScheduler::new(&scheduler)
+                    .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+            };
             let gw = cluster::build_gateway(&gateway, gateway.keys.as_deref(), Arc::new(backend))
                 .await?;
             let (_stop, shutdown) = Shutdown::on_signal();
@@ -235,19 +255,41 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             metrics_listen,
             workers,
+            call_timeout,
             batching,
+            etcd,
         } => {
             batching.validate()?;
-            let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig {
+            etcd.validate()?;
+            if workers.is_empty() && etcd.etcd.is_empty() {
+                anyhow::bail!(
+                    "give --worker ({}) or --etcd ({}): the scheduler needs workers",
+                    env::SCHEDULER_WORKERS,
+                    env::ETCD
+                );
+            }
+            let runtime = kiln_scheduler::RuntimeConfig {
                 batching: batching.to_config(),
                 workers,
+                call_timeout: Duration::from_secs(call_timeout.max(1)),
                 ..Default::default()
-            });
+            };
             let (_stop, shutdown) = Shutdown::on_signal();
             cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let listener = cluster::bind(listen, "--listen").await?;
             cluster::announce("scheduler", &listener)?;
-            kiln_scheduler::service::run(handle, listener, shutdown.wait()).await?;
+            match etcd.config() {
+                None => {
+                    let service = kiln_scheduler::service::SchedulerService::new(
+                        kiln_scheduler::spawn(runtime),
+                    );
+                    kiln_scheduler::service::run(service, listener, shutdown.wait()).await?;
+                }
+                Some(config) => {
+                    let me = etcd.advertised(listener.local_addr()?);
+                    cluster::run_elected_scheduler(config, me, runtime, listener, shutdown).await?;
+                }
+            }
             Ok(())
         }
         Command::Worker {
@@ -255,8 +297,10 @@ async fn run(cli: Cli) -> Result<()> {
             metrics_listen,
             name,
             worker,
+            etcd,
         } => {
             worker.validate()?;
+            etcd.validate()?;
             let model_dir = cluster::ensure_model(&worker, &cli.data_dir)?;
             let engine = cluster::build_engine(&worker, &model_dir)?;
             let listener = cluster::bind(listen, "--listen").await?;
@@ -269,7 +313,29 @@ async fn run(cli: Cli) -> Result<()> {
             let (_stop, shutdown) = Shutdown::on_signal();
             cluster::serve_metrics(metrics_listen, &shutdown).await?;
             cluster::announce("worker", &listener)?;
+            let registration = etcd.config().map(|config| {
+                use kiln_model::Engine;
+                let info = engine.info();
+                let record = kiln_membership::WorkerRecord {
+                    name: name.clone(),
+                    address: etcd.advertised(listener.local_addr().expect("bound")),
+                    model: info.model,
+                    device: info.device,
+                    kv_blocks: info.kv_blocks_total as u32,
+                    block_size: info.block_size as u32,
+                    max_batch: info.max_batch as u32,
+                };
+                tokio::spawn(kiln_membership::register_worker(
+                    config,
+                    record,
+                    shutdown.clone().wait(),
+                ))
+            });
             kiln_worker::run(name, engine, listener, shutdown.wait()).await?;
+            if let Some(registration) = registration {
+                // Deregistration is quick; wait for it so the scheduler learns at once.
+                let _ = tokio::time::timeout(Duration::from_secs(3), registration).await;
+            }
             Ok(())
         }
         Command::Generate(args) => generate::run(args, &cli.data_dir).await,
@@ -293,5 +359,6 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args, &cli.data_dir).await,
         Command::Admin(args) => admin::run(args).await,
+        Command::Status(args) => status::run(args).await,
     }
 }

@@ -12,7 +12,9 @@ use kiln_scheduler::service::tier_to_wire;
 use kiln_scheduler::{
     JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle,
 };
-use tokio::sync::OnceCell;
+use std::sync::Mutex;
+
+use tokio::sync::{watch, OnceCell};
 use tonic::transport::Channel;
 
 pub type UpdateStream = BoxStream<'static, Result<JobUpdate, SchedulerError>>;
@@ -42,25 +44,55 @@ impl Backend for SchedulerHandle {
     }
 }
 
-/// A scheduler in another process, over `kiln.v1.Scheduler`.
+/// A scheduler in another process, over `kiln.v1.Scheduler`: a fixed address, or whichever
+/// replica etcd says leads (the client follows leader changes by itself).
 pub struct RemoteScheduler {
-    client: SchedulerClient<Channel>,
+    leader: watch::Receiver<Option<String>>,
+    client: Mutex<Option<(String, SchedulerClient<Channel>)>>,
     model: OnceCell<ModelDescription>,
+}
+
+fn client_for(address: &str) -> Result<SchedulerClient<Channel>, SchedulerError> {
+    let channel = Channel::from_shared(address.to_string())
+        .map_err(|e| SchedulerError::Unavailable(format!("scheduler address {address:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    Ok(SchedulerClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
 impl RemoteScheduler {
     /// Connects lazily: the scheduler may start after the gateway.
     pub fn new(address: &str) -> Result<Self, SchedulerError> {
-        let channel = Channel::from_shared(address.to_string())
-            .map_err(|e| {
-                SchedulerError::Unavailable(format!("scheduler address {address:?}: {e}"))
-            })?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        Ok(RemoteScheduler {
-            client: SchedulerClient::new(channel).max_decoding_message_size(64 << 20),
+        client_for(address)?;
+        let (tx, leader) = watch::channel(Some(address.to_string()));
+        // The sender is dropped: the address never changes.
+        drop(tx);
+        Ok(Self::following(leader))
+    }
+
+    /// Follows the leader's address as it changes.
+    pub fn following(leader: watch::Receiver<Option<String>>) -> Self {
+        RemoteScheduler {
+            leader,
+            client: Mutex::new(None),
             model: OnceCell::new(),
-        })
+        }
+    }
+
+    /// The client of the current leader.
+    fn client(&self) -> Result<SchedulerClient<Channel>, SchedulerError> {
+        let address = self.leader.borrow().clone().ok_or_else(|| {
+            SchedulerError::Unavailable("no scheduler leader is known yet".into())
+        })?;
+        let mut cached = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some((a, client)) if *a == address => Ok(client.clone()),
+            _ => {
+                let client = client_for(&address)?;
+                *cached = Some((address, client.clone()));
+                Ok(client)
+            }
+        }
     }
 }
 
@@ -70,8 +102,7 @@ impl Backend for RemoteScheduler {
         self.model
             .get_or_try_init(|| async {
                 let status = self
-                    .client
-                    .clone()
+                    .client()?
                     .cluster_status(ClusterStatusRequest {})
                     .await
                     .map_err(|s| SchedulerError::from_status(&s))?;
@@ -91,8 +122,7 @@ impl Backend for RemoteScheduler {
     }
 
     async fn status(&self) -> Result<ClusterStatusResponse, SchedulerError> {
-        self.client
-            .clone()
+        self.client()?
             .cluster_status(ClusterStatusRequest {})
             .await
             .map(|r| r.into_inner())
@@ -110,8 +140,7 @@ impl Backend for RemoteScheduler {
             sampling: Some(job.sampling),
         };
         let stream = self
-            .client
-            .clone()
+            .client()?
             .submit(wire)
             .await
             .map_err(|s| SchedulerError::from_status(&s))?

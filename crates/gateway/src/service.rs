@@ -29,6 +29,9 @@ use crate::signing::{Provenance, Signer};
 use crate::validation::{validate, ValidRequest};
 use crate::GatewayError;
 
+/// Times a job is submitted again after its scheduler went away.
+const MAX_RESUBMITS: u32 = 3;
+
 /// Gateway settings.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -192,7 +195,7 @@ impl Gateway {
             height: valid.height,
             sampling: valid.sampling,
         };
-        let updates = match self.backend.submit(job).await {
+        let updates = match self.backend.submit(job.clone()).await {
             Ok(u) => u,
             Err(e) => {
                 self.admission.settle(ticket, Outcome::NotDelivered).await;
@@ -204,7 +207,9 @@ impl Gateway {
         let gateway = self.clone();
         tokio::spawn(
             async move {
-                let result = gateway.relay(&valid, &model.model, updates, &tx).await;
+                let result = gateway
+                    .relay(&valid, &model.model, &job, updates, &tx)
+                    .await;
                 let outcome = match &result {
                     Ok(done) => Outcome::Delivered {
                         answer: ticket.keeps_answer().then(|| done.encode_to_vec()),
@@ -267,15 +272,19 @@ impl Gateway {
 impl Gateway {
     /// Forwards the job's updates to the caller until the image is delivered, and returns the final
     /// event. `Err(None)` means the caller went away (the job is cancelled by dropping its stream).
+    /// When the scheduler goes away mid-job (a failover), the job is submitted again to whichever
+    /// scheduler leads next, within the request's deadline; the caller sees it queued again.
     async fn relay(
         &self,
         valid: &ValidRequest,
         model: &str,
+        job: &JobRequest,
         mut updates: UpdateStream,
         tx: &mpsc::Sender<Result<GenerateEvent, Status>>,
     ) -> Result<GenerateEvent, Option<GatewayError>> {
         let deadline = tokio::time::sleep(self.config.request_deadline);
         tokio::pin!(deadline);
+        let mut resubmits = 0;
         let event = |e: generate_event::Event| GenerateEvent {
             request_id: valid.request_id.clone(),
             event: Some(e),
@@ -291,6 +300,34 @@ impl Gateway {
                     return Err(Some(GatewayError::Internal(
                         "the scheduler ended the job without an image".into(),
                     )))
+                }
+                Some(Err(
+                    e @ (kiln_scheduler::SchedulerError::Unavailable(_)
+                    | kiln_scheduler::SchedulerError::ShuttingDown),
+                )) if resubmits < MAX_RESUBMITS => {
+                    resubmits += 1;
+                    warn!(error = %e, attempt = resubmits, "scheduler lost mid-job; submitting again");
+                    let mut delay = Duration::from_millis(250);
+                    loop {
+                        tokio::select! {
+                            _ = tx.closed() => return Err(None),
+                            _ = &mut deadline => return Err(Some(GatewayError::DeadlineExceeded(self.config.request_deadline))),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        match self.backend.submit(job.clone()).await {
+                            Ok(fresh) => {
+                                updates = fresh;
+                                break;
+                            }
+                            Err(
+                                kiln_scheduler::SchedulerError::Unavailable(_)
+                                | kiln_scheduler::SchedulerError::ShuttingDown
+                                | kiln_scheduler::SchedulerError::NoWorkers,
+                            ) => delay = (delay * 2).min(Duration::from_secs(2)),
+                            Err(e) => return Err(Some(e.into())),
+                        }
+                    }
+                    continue;
                 }
                 Some(Err(e)) => return Err(Some(e.into())),
                 Some(Ok(JobUpdate::Queued { position })) => {

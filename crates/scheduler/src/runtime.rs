@@ -76,10 +76,13 @@ pub struct ModelDescription {
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
     pub batching: SchedulerConfig,
-    /// Worker addresses (`http://host:port`), static membership.
+    /// Worker addresses (`http://host:port`) known at start; more join and leave through
+    /// [`SchedulerHandle::join_worker`] and [`SchedulerHandle::leave_worker`].
     pub workers: Vec<String>,
     /// Wait between reconnection attempts to a worker.
     pub reconnect_interval: Duration,
+    /// Longest a worker call may take; a worker that stops answering is treated as lost.
+    pub call_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -88,6 +91,7 @@ impl Default for RuntimeConfig {
             batching: SchedulerConfig::default(),
             workers: Vec::new(),
             reconnect_interval: Duration::from_millis(500),
+            call_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -101,6 +105,12 @@ enum Msg {
         reply: oneshot::Sender<Result<JobId, SchedulerError>>,
     },
     Cancel(JobId),
+    Join {
+        address: String,
+    },
+    Leave {
+        address: String,
+    },
     WorkerUp {
         id: WorkerId,
         address: String,
@@ -193,6 +203,17 @@ impl SchedulerHandle {
         })
     }
 
+    /// Adds a worker by address (no-op when it is known): the scheduler connects to it and keeps
+    /// reconnecting until it leaves.
+    pub fn join_worker(&self, address: String) {
+        let _ = self.tx.send(Msg::Join { address });
+    }
+
+    /// Removes a worker: its jobs are re-queued and resume elsewhere.
+    pub fn leave_worker(&self, address: String) {
+        let _ = self.tx.send(Msg::Leave { address });
+    }
+
     /// The model the workers serve, once one worker has been reached.
     pub fn model(&self) -> Option<ModelDescription> {
         self.model.borrow().clone()
@@ -222,15 +243,17 @@ impl SchedulerHandle {
 pub fn spawn(config: RuntimeConfig) -> SchedulerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (model_tx, model) = watch::channel(None);
-    for (i, address) in config.workers.iter().enumerate() {
-        tokio::spawn(drive_worker(
-            i as WorkerId,
-            address.clone(),
-            tx.clone(),
-            config.reconnect_interval,
-        ));
+    for address in &config.workers {
+        let _ = tx.send(Msg::Join {
+            address: address.clone(),
+        });
     }
     let owner = Owner {
+        own_tx: tx.clone(),
+        drivers: HashMap::new(),
+        next_worker: 0,
+        reconnect_interval: config.reconnect_interval,
+        call_timeout: config.call_timeout,
         deadlines: config.batching.deadlines,
         state: SchedulerState::new(config.batching),
         start: Instant::now(),
@@ -260,6 +283,13 @@ struct LiveWorker {
 }
 
 struct Owner {
+    /// For the driver tasks it starts.
+    own_tx: mpsc::UnboundedSender<Msg>,
+    /// address -> (worker id, driver task).
+    drivers: HashMap<String, (WorkerId, tokio::task::AbortHandle)>,
+    next_worker: WorkerId,
+    reconnect_interval: Duration,
+    call_timeout: Duration,
     deadlines: [Duration; 4],
     state: SchedulerState,
     start: Instant,
@@ -293,6 +323,38 @@ impl Owner {
                         p.span.in_scope(|| info!("job cancelled by its caller"));
                     }
                     self.state.cancel(id, now)
+                }
+                Msg::Join { address } => {
+                    if !self.drivers.contains_key(&address) {
+                        let id = self.next_worker;
+                        self.next_worker += 1;
+                        info!(%address, "worker joins; connecting");
+                        let driver = tokio::spawn(drive_worker(
+                            id,
+                            address.clone(),
+                            self.own_tx.clone(),
+                            self.reconnect_interval,
+                            self.call_timeout,
+                        ));
+                        self.drivers.insert(address, (id, driver.abort_handle()));
+                    }
+                    Vec::new()
+                }
+                Msg::Leave { address } => match self.drivers.remove(&address) {
+                    Some((id, driver)) => {
+                        driver.abort();
+                        if let Some(w) = self.workers.remove(&id) {
+                            warn!(worker = %w.name, %address, "worker left; its jobs are re-queued");
+                        }
+                        self.state.remove_worker(id, now)
+                    }
+                    None => Vec::new(),
+                },
+                // A driver that was stopped meanwhile may still have announced its worker.
+                Msg::WorkerUp { id, .. }
+                    if !self.drivers.values().any(|(known, _)| *known == id) =>
+                {
+                    Vec::new()
                 }
                 Msg::WorkerUp {
                     id,
@@ -655,11 +717,15 @@ async fn drive_worker(
     address: String,
     owner: mpsc::UnboundedSender<Msg>,
     retry: Duration,
+    call_timeout: Duration,
 ) {
     let span = info_span!("worker_driver", worker = id, %address);
     async move {
         loop {
-            match connect(&address).await {
+            let connected = tokio::time::timeout(Duration::from_secs(5), connect(&address))
+                .await
+                .unwrap_or_else(|_| Err("the worker did not answer within 5 s".into()));
+            match connected {
                 Ok((mut client, info)) => {
                     let (calls, mut rx) = mpsc::unbounded_channel();
                     if owner
@@ -675,7 +741,14 @@ async fn drive_worker(
                     }
                     let error = loop {
                         let Some(call) = rx.recv().await else { return };
-                        let msg = match execute(&mut client, call).await {
+                        let answer = tokio::time::timeout(call_timeout, execute(&mut client, call))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(CallError::Failed(tonic::Status::deadline_exceeded(
+                                    format!("the worker did not answer within {call_timeout:?}"),
+                                )))
+                            });
+                        let msg = match answer {
                             Ok(response) => Msg::StepDone { id, response },
                             Err(CallError::Refused { jobs, status }) => Msg::PrefillRefused {
                                 id,

@@ -9,20 +9,56 @@ use kiln_proto::v1::{
     self as pb, job_event, ClusterStatusRequest, ClusterStatusResponse, Job, JobEvent,
 };
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::runtime::{JobRequest, JobUpdate, SchedulerHandle};
 use crate::{SchedulerError, Tier};
 
-/// Serves a [`SchedulerHandle`] over gRPC.
+/// Serves a [`SchedulerHandle`] over gRPC while this replica leads; a standby replica answers
+/// `Submit` with a retryable `UNAVAILABLE` naming the leader, and `ClusterStatus` with who leads.
+#[derive(Clone)]
 pub struct SchedulerService {
-    handle: SchedulerHandle,
+    handle: watch::Receiver<Option<SchedulerHandle>>,
+    /// This replica's advertised address.
+    me: String,
+    leader: watch::Receiver<Option<String>>,
 }
 
 impl SchedulerService {
+    /// A replica that always leads (no election).
     pub fn new(handle: SchedulerHandle) -> Self {
-        SchedulerService { handle }
+        let (_, handle) = watch::channel(Some(handle));
+        let (_, leader) = watch::channel(None);
+        SchedulerService {
+            handle,
+            me: String::new(),
+            leader,
+        }
+    }
+
+    /// A replica that serves once `handle` holds a runtime (after it won the election).
+    pub fn elected(
+        handle: watch::Receiver<Option<SchedulerHandle>>,
+        me: String,
+        leader: watch::Receiver<Option<String>>,
+    ) -> Self {
+        SchedulerService { handle, me, leader }
+    }
+
+    fn leading(&self) -> Result<SchedulerHandle, Status> {
+        self.handle.borrow().clone().ok_or_else(|| {
+            let leader = self
+                .leader
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "not elected yet".into());
+            SchedulerError::Unavailable(format!(
+                "this scheduler is a standby; the leader is {leader}"
+            ))
+            .to_status()
+        })
     }
 }
 
@@ -86,7 +122,7 @@ impl Scheduler for SchedulerService {
             .sampling
             .ok_or_else(|| SchedulerError::InvalidJob("sampling: required".into()).to_status())?;
         let stream = self
-            .handle
+            .leading()?
             .submit(JobRequest {
                 request_id: job.request_id,
                 user: job.user,
@@ -107,8 +143,24 @@ impl Scheduler for SchedulerService {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let mut status = self.handle.status().await.map_err(|e| e.to_status())?;
-        if let Some(m) = self.handle.model() {
+        let leader = self.leader.borrow().clone().unwrap_or_default();
+        let Ok(handle) = self.leading() else {
+            return Ok(Response::new(ClusterStatusResponse {
+                scheduler: self.me.clone(),
+                leader,
+                is_leader: false,
+                ..Default::default()
+            }));
+        };
+        let mut status = handle.status().await.map_err(|e| e.to_status())?;
+        status.scheduler = self.me.clone();
+        status.is_leader = true;
+        status.leader = if leader.is_empty() {
+            self.me.clone()
+        } else {
+            leader
+        };
+        if let Some(m) = handle.model() {
             status.model = Some(pb::ModelInfo {
                 model: m.model,
                 sizes: m.sizes,
@@ -124,7 +176,7 @@ impl Scheduler for SchedulerService {
 
 /// Serves the scheduler API with health and reflection on `listener` until `shutdown` resolves.
 pub async fn run(
-    handle: SchedulerHandle,
+    service: SchedulerService,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -136,9 +188,7 @@ pub async fn run(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(
-            SchedulerServer::new(SchedulerService::new(handle)).max_encoding_message_size(64 << 20),
-        )
+        .add_service(SchedulerServer::new(service).max_encoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(kiln_proto::standard::incoming(listener), shutdown)
         .await
 }

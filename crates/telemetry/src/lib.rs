@@ -29,6 +29,7 @@ pub mod names {
     pub const SCHEDULER_WORKERS: &str = "kiln_scheduler_workers";
     pub const SCHEDULER_REQUEUED: &str = "kiln_scheduler_requeued_total";
     pub const SCHEDULER_SHED: &str = "kiln_scheduler_shed_total";
+    pub const SCHEDULER_LEADER: &str = "kiln_scheduler_is_leader";
     pub const WORKER_STEP_DURATION: &str = "kiln_worker_step_duration_seconds";
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
     pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_total";
@@ -65,6 +66,12 @@ pub mod env_names {
     pub const GATEWAY_REFRESH_MS: &str = "KILN_GATEWAY_REFRESH_MS";
     pub const GATEWAY_QUOTA_LEASE: &str = "KILN_GATEWAY_QUOTA_LEASE";
     pub const ADMIN_REDIS: &str = "KILN_ADMIN_REDIS";
+    pub const ETCD: &str = "KILN_ETCD";
+    pub const ETCD_PREFIX: &str = "KILN_ETCD_PREFIX";
+    pub const LEASE_TTL: &str = "KILN_LEASE_TTL";
+    pub const ADVERTISE: &str = "KILN_ADVERTISE";
+    pub const SCHEDULER_CALL_TIMEOUT: &str = "KILN_SCHEDULER_CALL_TIMEOUT";
+    pub const STATUS_SCHEDULER: &str = "KILN_STATUS_SCHEDULER";
     pub const ADMIN_REDIS_PREFIX: &str = "KILN_ADMIN_REDIS_PREFIX";
 
     pub const SCHEDULER_LISTEN: &str = "KILN_SCHEDULER_LISTEN";
@@ -171,6 +178,13 @@ pub static GATEWAY_IDEMPOTENT_REPLAYS: LazyLock<prometheus::IntCounter> = LazyLo
     prometheus::register_int_counter!(
         names::GATEWAY_IDEMPOTENT_REPLAYS,
         "Retries answered with the stored result of an earlier request with the same idempotency key."
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        names::SCHEDULER_LEADER,
+        "1 while this scheduler replica leads (etcd election), 0 while it stands by."
     )
     .expect("metric registered once")
 });
