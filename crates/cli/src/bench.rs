@@ -10,7 +10,6 @@ use clap::Args;
 use futures::StreamExt;
 use kiln_model::Engine;
 use kiln_scheduler::{JobRequest, JobUpdate, RuntimeConfig, Sampling, SchedulerConfig, Tier};
-use tokio::sync::watch;
 
 use crate::cluster;
 use crate::config::WorkerOpts;
@@ -19,9 +18,21 @@ mod admission;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Which figures: all, decode, batching, scheduler or admission.
-    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission"])]
+    /// Which figures: all, decode, batching, scheduler, admission or shedding.
+    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission", "shedding"])]
     pub only: String,
+    /// Worker processes in the batching and shedding runs.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Offered load of the shedding run, as a multiple of the measured capacity.
+    #[arg(long, default_value_t = 5.0)]
+    pub overload: f64,
+    /// Seconds the shedding run offers that load.
+    #[arg(long, default_value_t = 10.0)]
+    pub overload_seconds: f64,
+    /// Deadline of every tier in the shedding run, in seconds.
+    #[arg(long, default_value_t = 15.0)]
+    pub deadline: f64,
     /// Redis for the admission figures (default: a redis-server started for the run).
     #[arg(long)]
     pub redis: Option<String>,
@@ -93,6 +104,9 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
     if matches!(args.only.as_str(), "all" | "scheduler") {
         scheduler();
     }
+    if matches!(args.only.as_str(), "all" | "shedding") {
+        shedding(&args, &model_dir).await?;
+    }
     if matches!(args.only.as_str(), "all" | "admission") {
         admission::run(
             args.redis.as_deref(),
@@ -126,51 +140,110 @@ fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One run: `jobs` requests arrive `arrival_ms` apart; returns seconds until the last image and the
-/// median latency of one image.
-async fn batching_run(
+/// Worker processes (`kiln worker` children of this process) for a benchmark run; killed on drop.
+struct WorkerProcesses {
+    children: Vec<std::process::Child>,
+    addresses: Vec<String>,
+}
+
+impl WorkerProcesses {
+    fn start(model_dir: &Path, count: usize, max_batch: usize) -> Result<Self> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().context("locating the kiln binary")?;
+        let mut workers = WorkerProcesses {
+            children: Vec::new(),
+            addresses: Vec::new(),
+        };
+        for i in 0..count {
+            let mut child = std::process::Command::new(&exe)
+                .args(["worker", "--listen", "127.0.0.1:0", "--name"])
+                .arg(format!("bench-worker-{i}"))
+                .arg("--model")
+                .arg(model_dir)
+                .args(["--max-batch", &max_batch.to_string()])
+                .args(["--kv-blocks", &(64 * 96).to_string()])
+                .env("KILN_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting a bench worker process")?;
+            let mut line = String::new();
+            let stdout = child.stdout.take().context("worker stdout")?;
+            std::io::BufReader::new(stdout).read_line(&mut line)?;
+            workers.children.push(child);
+            let addr = line
+                .trim()
+                .rsplit_once("listening on ")
+                .map(|(_, a)| a.to_string())
+                .context("bench worker did not announce its address")?;
+            workers.addresses.push(format!("http://{addr}"));
+        }
+        Ok(workers)
+    }
+}
+
+impl Drop for WorkerProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What one benchmark run measured.
+struct RunFigures {
+    /// Seconds from the first arrival to the last answer.
+    elapsed: f64,
+    /// Seconds from arrival to image, of every admitted request.
+    latencies: Vec<f64>,
+    shed: usize,
+    /// Scheduler time per worker-call time during the run.
+    overhead: f64,
+}
+
+fn histogram_sums() -> (f64, f64) {
+    (
+        kiln_telemetry::SCHEDULER_DECISION_DURATION.get_sample_sum(),
+        kiln_telemetry::SCHEDULER_WORKER_CALL_DURATION.get_sample_sum(),
+    )
+}
+
+/// One open-loop run: `jobs` requests arrive `interval` apart at a scheduler driving worker
+/// processes; shed requests are counted, not retried.
+async fn open_loop_run(
     args: &BenchArgs,
     model_dir: &Path,
     max_batch: usize,
-    static_batching: bool,
-) -> Result<(f64, f64)> {
-    let engine = cluster::build_engine(
-        &worker_opts(&Some(model_dir.to_path_buf()), max_batch, "cpu"),
-        model_dir,
-    )?;
-    let listener = cluster::bind("127.0.0.1:0".parse()?, "bench worker").await?;
-    let address = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = watch::channel(false);
-    let mut wait = stopped.clone();
-    let worker = tokio::spawn(kiln_worker::run(
-        "bench-worker".into(),
-        engine,
-        listener,
-        async move {
-            let _ = wait.wait_for(|s| *s).await;
-        },
-    ));
-    let batching = SchedulerConfig {
-        static_batching,
-        ..Default::default()
-    };
+    batching: SchedulerConfig,
+    jobs: usize,
+    interval: Duration,
+) -> Result<RunFigures> {
+    let workers = WorkerProcesses::start(model_dir, args.workers, max_batch)?;
     let handle = kiln_scheduler::spawn(RuntimeConfig {
         batching,
-        workers: vec![address],
+        workers: workers.addresses.clone(),
         ..Default::default()
     });
     handle
-        .wait_for_model(Duration::from_secs(30))
+        .wait_for_model(Duration::from_secs(60))
         .await
-        .context("bench worker did not come up")?;
+        .context("bench workers did not come up")?;
+    // Wait until every worker is connected.
+    for _ in 0..200 {
+        if handle.status().await.map(|s| s.workers.len()).unwrap_or(0) == args.workers {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (decisions_before, calls_before) = histogram_sums();
     let start = tokio::time::Instant::now();
-    let interval = Duration::from_millis(args.arrival_ms);
-    let runs = (0..args.jobs).map(|i| {
+    let runs = (0..jobs).map(|i| {
         let handle = handle.clone();
         let job = JobRequest {
             request_id: format!("bench-{i}"),
             user: format!("user-{i}"),
-            tier: Tier::Free,
+            tier: Tier::Pro,
             prompt: format!("a red triangle above a blue star, variant {i}"),
             width: args.size,
             height: args.size,
@@ -185,24 +258,39 @@ async fn batching_run(
         let arrival = start + interval * i as u32;
         async move {
             tokio::time::sleep_until(arrival).await;
-            let mut s = handle.submit(job).await?;
+            let mut s = match handle.submit(job).await {
+                Ok(s) => s,
+                Err(kiln_scheduler::SchedulerError::Shed { .. }) => return Ok(None),
+                Err(e) => anyhow::bail!("bench job refused: {e}"),
+            };
             loop {
                 match s.next().await {
                     Some(Ok(JobUpdate::Completed(_))) => {
-                        return Ok(arrival.elapsed().as_secs_f64())
+                        return Ok(Some(arrival.elapsed().as_secs_f64()))
                     }
                     Some(Ok(_)) => {}
+                    Some(Err(kiln_scheduler::SchedulerError::Shed { .. })) => return Ok(None),
                     Some(Err(e)) => anyhow::bail!("bench job failed: {e}"),
                     None => anyhow::bail!("bench job stream ended without an image"),
                 }
             }
         }
     });
-    let latencies = futures::future::try_join_all(runs).await?;
+    let results = futures::future::try_join_all(runs).await?;
     let elapsed = start.elapsed().as_secs_f64();
-    let _ = stop.send(true);
-    let _ = worker.await;
-    Ok((elapsed, median(latencies)))
+    let (decisions_after, calls_after) = histogram_sums();
+    let calls = calls_after - calls_before;
+    let latencies: Vec<f64> = results.iter().flatten().copied().collect();
+    Ok(RunFigures {
+        elapsed,
+        shed: results.len() - latencies.len(),
+        latencies,
+        overhead: if calls > 0.0 {
+            (decisions_after - decisions_before) / calls
+        } else {
+            0.0
+        },
+    })
 }
 
 async fn batching(args: &BenchArgs, model_dir: &Path) -> Result<()> {
@@ -211,33 +299,91 @@ async fn batching(args: &BenchArgs, model_dir: &Path) -> Result<()> {
         ms => format!("one every {ms} ms"),
     };
     println!(
-        "\n== throughput: {} requests of {}x{} arriving {arrivals}, one worker over gRPC ==",
-        args.jobs, args.size, args.size
+        "\n== throughput: {} requests of {}x{} arriving {arrivals}, {} worker processes over gRPC ==",
+        args.jobs, args.size, args.size, args.workers
     );
     let modes: [(&str, usize, bool); 3] = [
         ("one-at-a-time", 1, false),
         ("static batch", 64, true),
         ("continuous", 64, false),
     ];
-    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    let mut runs: Vec<Vec<RunFigures>> = (0..modes.len()).map(|_| Vec::new()).collect();
     // Modes alternate inside each repetition so that machine noise hits them alike.
     for _ in 0..args.repeats {
         for (i, (_, max_batch, static_batching)) in modes.iter().enumerate() {
-            runs[i].push(batching_run(args, model_dir, *max_batch, *static_batching).await?);
+            let batching = SchedulerConfig {
+                static_batching: *static_batching,
+                shed_by_deadline: false,
+                ..Default::default()
+            };
+            let interval = Duration::from_millis(args.arrival_ms);
+            runs[i].push(
+                open_loop_run(args, model_dir, *max_batch, batching, args.jobs, interval).await?,
+            );
         }
     }
     println!(
-        "{:>14} {:>10} {:>10} {:>17} {:>18}",
-        "mode", "median s", "images/s", "vs one-at-a-time", "median latency s"
+        "{:>14} {:>10} {:>10} {:>17} {:>10} {:>10} {:>12}",
+        "mode", "median s", "images/s", "vs one-at-a-time", "p50 lat s", "p99 lat s", "sched/step"
     );
-    let base = median(runs[0].iter().map(|r| r.0).collect());
+    let base = median(runs[0].iter().map(|r| r.elapsed).collect());
     for (i, (name, _, _)) in modes.iter().enumerate() {
-        let total = median(runs[i].iter().map(|r| r.0).collect());
-        let latency = median(runs[i].iter().map(|r| r.1).collect());
+        let total = median(runs[i].iter().map(|r| r.elapsed).collect());
+        let latencies: Vec<f64> = runs[i].iter().flat_map(|r| r.latencies.clone()).collect();
+        let overhead = median(runs[i].iter().map(|r| r.overhead).collect());
         println!(
-            "{name:>14} {total:>10.2} {:>10.2} {:>16.2}x {latency:>18.2}",
+            "{name:>14} {total:>10.2} {:>10.2} {:>16.2}x {:>10.2} {:>10.2} {:>11.3}%",
             args.jobs as f64 / total,
-            base / total
+            base / total,
+            percentile(latencies.clone(), 0.5),
+            percentile(latencies, 0.99),
+            overhead * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// Offered load at `overload` times the measured capacity, with deadline shedding and without.
+async fn shedding(args: &BenchArgs, model_dir: &Path) -> Result<()> {
+    let batching = SchedulerConfig {
+        shed_by_deadline: false,
+        ..Default::default()
+    };
+    let capacity_run = open_loop_run(args, model_dir, 64, batching, 64, Duration::ZERO).await?;
+    let capacity = 64.0 / capacity_run.elapsed;
+    let rate = capacity * args.overload;
+    let jobs = (rate * args.overload_seconds).round() as usize;
+    let deadline = Duration::from_secs_f64(args.deadline);
+    println!(
+        "\n== shedding: capacity {capacity:.2} images/s ({}x{}, {} workers); offered {rate:.1}/s ({}x) for {} s = {jobs} requests; deadline {} s ==",
+        args.size, args.size, args.workers, args.overload, args.overload_seconds, args.deadline
+    );
+    println!(
+        "{:>16} {:>9} {:>6} {:>10} {:>10} {:>14} {:>10}",
+        "mode", "admitted", "shed", "p50 lat s", "p99 lat s", "within deadline", "goodput/s"
+    );
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    for (name, shed_by_deadline) in [("deadline shedding", true), ("no shedding", false)] {
+        let batching = SchedulerConfig {
+            deadlines: [deadline; 4],
+            shed_by_deadline,
+            max_waiting: if shed_by_deadline { 4096 } else { usize::MAX },
+            ..Default::default()
+        };
+        let run = open_loop_run(args, model_dir, 64, batching, jobs, interval).await?;
+        let within = run
+            .latencies
+            .iter()
+            .filter(|&&l| l <= args.deadline)
+            .count();
+        println!(
+            "{name:>16} {:>9} {:>6} {:>10.2} {:>10.2} {:>13.0}% {:>10.2}",
+            run.latencies.len(),
+            run.shed,
+            percentile(run.latencies.clone(), 0.5),
+            percentile(run.latencies.clone(), 0.99),
+            100.0 * within as f64 / run.latencies.len().max(1) as f64,
+            within as f64 / run.elapsed
         );
     }
     Ok(())

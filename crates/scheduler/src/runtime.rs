@@ -302,6 +302,7 @@ struct Owner {
 impl Owner {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         while let Some(msg) = rx.recv().await {
+            let decision = Instant::now();
             let now = self.start.elapsed();
             let outputs = match msg {
                 Msg::Submit {
@@ -406,6 +407,7 @@ impl Owner {
             };
             self.dispatch(outputs);
             self.record_gauges();
+            telemetry::SCHEDULER_DECISION_DURATION.observe(decision.elapsed().as_secs_f64());
         }
     }
 
@@ -741,6 +743,7 @@ async fn drive_worker(
                     }
                     let error = loop {
                         let Some(call) = rx.recv().await else { return };
+                        let call_started = Instant::now();
                         let answer = tokio::time::timeout(call_timeout, execute(&mut client, call))
                             .await
                             .unwrap_or_else(|_| {
@@ -748,6 +751,8 @@ async fn drive_worker(
                                     format!("the worker did not answer within {call_timeout:?}"),
                                 )))
                             });
+                        telemetry::SCHEDULER_WORKER_CALL_DURATION
+                            .observe(call_started.elapsed().as_secs_f64());
                         let msg = match answer {
                             Ok(response) => Msg::StepDone { id, response },
                             Err(CallError::Refused { jobs, status }) => Msg::PrefillRefused {

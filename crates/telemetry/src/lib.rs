@@ -30,6 +30,8 @@ pub mod names {
     pub const SCHEDULER_REQUEUED: &str = "kiln_scheduler_requeued_total";
     pub const SCHEDULER_SHED: &str = "kiln_scheduler_shed_total";
     pub const SCHEDULER_LEADER: &str = "kiln_scheduler_is_leader";
+    pub const SCHEDULER_DECISION_DURATION: &str = "kiln_scheduler_decision_duration_seconds";
+    pub const SCHEDULER_WORKER_CALL_DURATION: &str = "kiln_scheduler_worker_call_duration_seconds";
     pub const WORKER_STEP_DURATION: &str = "kiln_worker_step_duration_seconds";
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
     pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_total";
@@ -178,6 +180,22 @@ pub static GATEWAY_IDEMPOTENT_REPLAYS: LazyLock<prometheus::IntCounter> = LazyLo
     prometheus::register_int_counter!(
         names::GATEWAY_IDEMPOTENT_REPLAYS,
         "Retries answered with the stored result of an earlier request with the same idempotency key."
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_DECISION_DURATION: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    prometheus::register_histogram!(
+        names::SCHEDULER_DECISION_DURATION,
+        "Time the scheduler's owner task spends on one message (decisions and dispatch).",
+        vec![0.000001, 0.000005, 0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01]
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_WORKER_CALL_DURATION: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    prometheus::register_histogram!(
+        names::SCHEDULER_WORKER_CALL_DURATION,
+        "Round trip of one worker call (release, prefill or decode steps) as the scheduler sees it.",
+        STEP_BUCKETS.to_vec()
     )
     .expect("metric registered once")
 });
