@@ -93,6 +93,7 @@ async fn killing_a_worker_and_the_leader_loses_no_request() {
             }
         }
     }
+    eprintln!("failover: {images} images, {retryable} retryable errors of 18 requests");
     assert_eq!(images + retryable, 18);
     assert!(
         images >= 12,

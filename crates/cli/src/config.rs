@@ -161,6 +161,7 @@ impl BatchingOpts {
             deadlines: [d(0), d(1), d(2), d(3)],
             max_waiting: self.max_waiting,
             shed_by_deadline: !self.no_deadline_shedding,
+            deadline_headroom: 0.9,
             max_steps_per_call: self.max_steps_per_call,
             max_prefill_tokens: self.max_prefill_tokens,
             static_batching: self.static_batching,

@@ -29,6 +29,9 @@ use crate::signing::{Provenance, Signer};
 use crate::validation::{validate, ValidRequest};
 use crate::GatewayError;
 
+/// How long a new request waits for a scheduler leader before it is refused as unavailable.
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(15);
+
 /// Times a job is submitted again after its scheduler went away.
 const MAX_RESUBMITS: u32 = 3;
 
@@ -195,7 +198,7 @@ impl Gateway {
             height: valid.height,
             sampling: valid.sampling,
         };
-        let updates = match self.backend.submit(job.clone()).await {
+        let updates = match self.submit_through_failover(&job).await {
             Ok(u) => u,
             Err(e) => {
                 self.admission.settle(ticket, Outcome::NotDelivered).await;
@@ -270,6 +273,29 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Submits a job; while no scheduler leads (a failover in progress) it tries again for a while
+    /// rather than failing the caller at once.
+    async fn submit_through_failover(
+        &self,
+        job: &JobRequest,
+    ) -> Result<UpdateStream, kiln_scheduler::SchedulerError> {
+        let give_up = Instant::now() + FAILOVER_PATIENCE.min(self.config.request_deadline);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.backend.submit(job.clone()).await {
+                Err(
+                    e @ (kiln_scheduler::SchedulerError::Unavailable(_)
+                    | kiln_scheduler::SchedulerError::ShuttingDown),
+                ) if Instant::now() + delay < give_up => {
+                    warn!(error = %e, "no scheduler reachable; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Forwards the job's updates to the caller until the image is delivered, and returns the final
     /// event. `Err(None)` means the caller went away (the job is cancelled by dropping its stream).
     /// When the scheduler goes away mid-job (a failover), the job is submitted again to whichever

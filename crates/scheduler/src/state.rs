@@ -74,6 +74,8 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// Shed by predicted finish time (the queue bound holds regardless).
     pub shed_by_deadline: bool,
+    /// Share of a deadline the prediction may use (below 1: room for prediction error).
+    pub deadline_headroom: f64,
     /// Most decode steps in one worker call (more saves round trips, fewer keep progress fresh).
     pub max_steps_per_call: usize,
     /// Most prompt tokens prefilled in one call, so a burst of arrivals does not stall the batch long.
@@ -88,6 +90,7 @@ impl Default for SchedulerConfig {
             deadlines: [90, 60, 45, 45].map(Duration::from_secs),
             max_waiting: 4096,
             shed_by_deadline: true,
+            deadline_headroom: 0.9,
             max_steps_per_call: 4,
             max_prefill_tokens: 8192,
             static_batching: false,
@@ -396,6 +399,11 @@ impl SchedulerState {
         out
     }
 
+    /// The part of a tier's deadline that predictions must fit in.
+    fn deadline(&self, tier: usize) -> Duration {
+        self.config.deadlines[tier].mul_f64(self.config.deadline_headroom.clamp(0.1, 1.0))
+    }
+
     /// Measured image tokens per second of the whole cluster (0 until measured).
     pub fn tokens_per_second(&self) -> f64 {
         self.workers.values().map(|w| w.tokens_per_second).sum()
@@ -427,7 +435,7 @@ impl SchedulerState {
         let lower_waits = lowest_waiting.is_some_and(|t| t < tier);
         if self.config.shed_by_deadline && !lower_waits {
             if let Some(eta) = self.predicted(tier, job.image_tokens) {
-                let deadline = self.config.deadlines[tier];
+                let deadline = self.deadline(tier);
                 if eta > deadline {
                     return Some((ShedReason::Deadline, (eta - deadline).max(MIN_RETRY)));
                 }
@@ -457,7 +465,7 @@ impl SchedulerState {
         for lower in 0..tier {
             while let Some(&newest) = self.newest_waiting(lower) {
                 let state = &self.jobs[&newest];
-                let slack = (state.submitted + self.config.deadlines[lower]).saturating_sub(now);
+                let slack = (state.submitted + self.deadline(lower)).saturating_sub(now);
                 match self.predicted(lower, 0) {
                     Some(eta) if eta > slack => {
                         self.shed_newest(lower, ShedReason::Deadline, now, out);
@@ -496,7 +504,7 @@ impl SchedulerState {
         self.queues[tier].len -= 1;
         self.waiting_work[tier] -= state.job.image_tokens - state.done;
         self.shed[tier] += 1;
-        let slack = (state.submitted + self.config.deadlines[tier]).saturating_sub(now);
+        let slack = (state.submitted + self.deadline(tier)).saturating_sub(now);
         let retry_after = self
             .predicted(tier, 0)
             .map_or(MIN_RETRY, |eta| eta.saturating_sub(slack).max(MIN_RETRY));
@@ -1115,6 +1123,7 @@ mod tests {
     fn a_job_predicted_past_its_deadline_is_shed_with_the_predicted_delay() {
         let config = SchedulerConfig {
             deadlines: [Duration::from_secs(10); 4],
+            deadline_headroom: 1.0,
             ..Default::default()
         };
         // 100 tokens/s, 10,000 tokens of team work ahead: a free job would end after 100 s.
@@ -1136,6 +1145,7 @@ mod tests {
                 Duration::from_secs(50),
                 Duration::from_secs(50),
             ],
+            deadline_headroom: 1.0,
             ..Default::default()
         };
         let mut s = measured(100, config);
