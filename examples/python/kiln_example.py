@@ -56,9 +56,12 @@ def load_protos():
     with tempfile.TemporaryDirectory() as out:
         (pathlib.Path(out) / "rpc_subset.proto").write_text(RPC_SUBSET)
         for include, name in [(REPO / "proto", "kiln/v1/image.proto"), (out, "rpc_subset.proto")]:
-            subprocess.run(
-                ["protoc", f"-I{include}", f"--python_out={out}", name], check=True
-            )
+            try:
+                subprocess.run(["protoc", f"-I{include}", f"--python_out={out}", name], check=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                print(f"cannot compile {name} with protoc (apt-get install protobuf-compiler): {e}",
+                      file=sys.stderr)
+                sys.exit(2)
         modules = []
         for path in ["kiln/v1/image_pb2.py", "rpc_subset_pb2.py"]:
             spec = importlib.util.spec_from_file_location(path[:-3].replace("/", "_"), f"{out}/{path}")
@@ -135,13 +138,20 @@ class Failure:
                 for v in rpc.QuotaFailure.FromString(any_.value).violations:
                     self.violations.append(f"quota {v.subject}: {v.description}")
 
-    def retryable(self):
-        """Kiln's retry rule: UNAVAILABLE, and RESOURCE_EXHAUSTED when the cluster shed the request.
-        A QUOTA_EXHAUSTED refusal also carries RetryInfo, but its delay runs to the window's reset
-        (up to a day): that is for a scheduler of work to honour, not for a loop in a request."""
+    def retryable(self, longest_wait):
+        """Kiln's retry rule (docs/api.md): UNAVAILABLE; RESOURCE_EXHAUSTED when the cluster shed the
+        request (SHED) or a quota resets within `longest_wait` seconds (QUOTA_EXHAUSTED: a rate or
+        in-flight limit; a daily window's reset is for a scheduler of work to wait for, not this
+        loop); ABORTED DUPLICATE_IN_FLIGHT (the same key is still running). Nothing else."""
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return True
-        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.reason == "SHED"
+        if self.code == grpc.StatusCode.ABORTED:
+            return self.reason == "DUPLICATE_IN_FLIGHT"
+        if self.code != grpc.StatusCode.RESOURCE_EXHAUSTED or self.retry_after is None:
+            return False
+        return self.reason == "SHED" or (
+            self.reason == "QUOTA_EXHAUSTED" and self.retry_after <= longest_wait
+        )
 
     def report(self):
         print(f"error: {self.code.name}: {self.message}", file=sys.stderr)
@@ -155,19 +165,21 @@ class Failure:
             print(f"  {self.ratelimit}", file=sys.stderr)
 
 
-def generate(kiln, request, attempts=3, deadline=300):
+def generate(kiln, request, attempts=3, deadline=300, longest_wait=60):
     """Runs one Generate call, printing its events, and returns the Completed event. Retries what
     Kiln says is retryable, after the server's RetryInfo delay, with the same request (and so the
     same idempotency key: a retry of a request that got its image is not charged again)."""
     for attempt in range(1, attempts + 1):
         stream = kiln.generate(request, timeout=deadline)
         try:
-            for event in stream:
-                kind = event.WhichOneof("event")
-                if kind == "queued":
-                    # Initial metadata arrives before the first event.
+            for n, event in enumerate(stream):
+                if n == 0:
+                    # Initial metadata arrives before the first event. A replay of an earlier
+                    # answer (same idempotency key) is not charged and carries none.
                     remaining = dict(stream.initial_metadata()).get("x-ratelimit-remaining")
                     print(f"x-ratelimit-remaining: {remaining}")
+                kind = event.WhichOneof("event")
+                if kind == "queued":
                     print(f"queued: position {event.queued.position}")
                 elif kind == "started":
                     print(f"started: worker {event.started.worker}")
@@ -185,9 +197,9 @@ def generate(kiln, request, attempts=3, deadline=300):
             raise RuntimeError("the stream ended without an image")
         except grpc.RpcError as error:
             failure = Failure(error)
-            if attempt == attempts or not failure.retryable():
+            if attempt == attempts or not failure.retryable(longest_wait):
                 raise
-            delay = min(failure.retry_after or 1.0, 60.0)
+            delay = min(failure.retry_after or 1.0, longest_wait)
             print(f"{failure.code.name} ({failure.reason}); retrying in {delay:.1f} s", file=sys.stderr)
             time.sleep(delay)
 

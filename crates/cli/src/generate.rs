@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_proto::v1::image_service_client::ImageServiceClient;
-use kiln_proto::v1::{generate_event::Event, GenerateRequest, SamplingParams};
+use kiln_client::Event;
 use kiln_telemetry::env_names as env;
 
 #[derive(Args, Debug)]
@@ -88,35 +86,21 @@ fn api_key(args: &GenerateArgs, data_dir: &Path) -> Result<String> {
 
 pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
     let key = api_key(&args, data_dir)?;
-    let mut client = ImageServiceClient::connect(args.gateway.clone())
-        .await
-        .with_context(|| format!("connecting to the gateway at {}", args.gateway))?
-        .max_decoding_message_size(64 << 20);
-    let mut request = tonic::Request::new(GenerateRequest {
-        prompt: args.prompt.clone(),
-        idempotency_key: args.idempotency_key.clone(),
-        width: args.width,
-        height: args.height,
-        sampling: Some(SamplingParams {
-            temperature: args.temperature.unwrap_or(0.0),
-            has_temperature: args.temperature.is_some(),
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        }),
-        request_id: String::new(),
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}")
-            .parse()
-            .context("API key is not valid metadata")?,
-    );
-    let mut stream = client
-        .generate(request)
-        .await
-        .map_err(describe)?
-        .into_inner();
+    let client = kiln_client::Client::connect(&args.gateway, &key).await?;
+    let mut request = kiln_client::Request::new(args.prompt.clone())
+        .seed(args.seed)
+        .top_k(args.top_k)
+        .top_p(args.top_p);
+    request = match (args.width, args.height) {
+        (w, h) if w == h => request.size(w),
+        _ => bail!("--width and --height must be equal (square images)"),
+    };
+    if let Some(t) = args.temperature {
+        request = request.temperature(t);
+    }
+    if !args.idempotency_key.is_empty() {
+        request = request.idempotency_key(args.idempotency_key.clone());
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -127,38 +111,37 @@ pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    while let Some(event) = stream.next().await {
-        let event = event.map_err(describe)?;
-        match event.event {
-            Some(Event::Queued(q)) => bar.set_message(format!("queued #{}", q.position)),
-            Some(Event::Started(s)) => bar.set_message(format!("on {}", s.worker)),
-            Some(Event::Progress(p)) => {
-                bar.set_length(p.tokens_total as u64);
-                bar.set_position(p.tokens_done as u64);
+    let image = client
+        .generate_with(request, |event| match event {
+            Event::Queued { position } => bar.set_message(format!("queued #{position}")),
+            Event::Started { worker } => bar.set_message(format!("on {worker}")),
+            Event::Progress { done, total } => {
+                bar.set_length(u64::from(*total));
+                bar.set_position(u64::from(*done));
                 bar.set_message("drawing");
             }
-            Some(Event::Completed(c)) => {
-                bar.finish_and_clear();
-                std::fs::write(&args.output, &c.png)
-                    .with_context(|| format!("writing {}", args.output.display()))?;
-                let usage = c.usage.unwrap_or_default();
-                println!(
-                    "wrote {} ({}x{}, {} bytes) request {} seed {} in {:.2}s queue + {:.2}s generation",
-                    args.output.display(),
-                    c.width,
-                    c.height,
-                    c.png.len(),
-                    event.request_id,
-                    usage.seed,
-                    usage.queue_seconds,
-                    usage.generation_seconds
-                );
-                return Ok(());
-            }
-            None => {}
-        }
-    }
-    bail!("the gateway closed the stream without an image")
+            Event::Completed(_) => bar.finish_and_clear(),
+        })
+        .await
+        .map_err(|e| match e {
+            kiln_client::Error::Status { status, .. } => describe(status),
+            other => other.into(),
+        })?;
+    std::fs::write(&args.output, &image.png)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let usage = image.usage.unwrap_or_default();
+    println!(
+        "wrote {} ({}x{}, {} bytes) request {} seed {} in {:.2}s queue + {:.2}s generation",
+        args.output.display(),
+        image.width,
+        image.height,
+        image.png.len(),
+        image.request_id,
+        usage.seed,
+        usage.queue_seconds,
+        usage.generation_seconds
+    );
+    Ok(())
 }
 
 /// A status as a message a person can act on, including field violations.
