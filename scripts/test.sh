@@ -13,3 +13,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# nextest does not run doctests: the examples of docs/api.md compile here.
+cargo test --doc --quiet -p kiln-client

@@ -1,17 +1,17 @@
 #!/usr/bin/python3
 """Calls Kiln's public API (kiln.v1.ImageService) with stock gRPC for Python.
 
-    python3 examples/python/kiln_example.py "a red star" star.png   # model info, quota, one image
-    python3 examples/python/kiln_example.py --bad-key                # exits 0 only on UNAUTHENTICATED
+    /usr/bin/python3 examples/python/kiln_example.py "a red star" star.png   # an image
+    /usr/bin/python3 examples/python/kiln_example.py --bad-key   # exits 0 only on UNAUTHENTICATED
 
 Environment: KILN_GATEWAY (host:port, default 127.0.0.1:50051; an http:// prefix is accepted) and
 KILN_API_KEY (default: the development key `kiln up` wrote to $KILN_DATA_DIR/dev-api-key, .kiln by
 default). Exit status: 0 on success, 1 on a gRPC error, 2 on a usage or setup error.
 
-Needs Debian's python3-grpcio and python3-protobuf, and protoc (protobuf-compiler). Message classes are
-generated at run time from proto/kiln/v1/image.proto with the system protoc, which matches the system
-protobuf runtime; RPCs go through grpcio's generic channel methods, so no gRPC code generator
-(grpc_tools) is needed.
+Needs Debian's python3-grpcio and python3-protobuf, and protoc (protobuf-compiler). Message
+classes are generated at run time from proto/kiln/v1/image.proto with the system protoc, which
+matches the system protobuf runtime; RPCs go through grpcio's generic channel methods, so no gRPC
+code generator (grpc_tools) is needed.
 """
 
 import importlib.util
@@ -23,15 +23,20 @@ import tempfile
 import time
 import uuid
 
-import grpc
+try:
+    import google.protobuf  # noqa: F401 (the generated message classes need it)
+    import grpc
+except ImportError as missing:
+    print(f"{missing}: on Debian, apt-get install python3-grpcio python3-protobuf and run this "
+          "with /usr/bin/python3", file=sys.stderr)
+    sys.exit(2)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SERVICE = "/kiln.v1.ImageService/"
 
-# The google.rpc messages Kiln puts in `grpc-status-details-bin`, declared with the same field numbers
-# as googleapis' google/rpc/{status,error_details}.proto (not packaged for Debian). A private package
-# name keeps them clear of the real ones; they are decoded by field number, so the wire format is all
-# that must match.
+# The google.rpc messages Kiln puts in `grpc-status-details-bin`, with the field numbers of
+# googleapis' google/rpc/{status,error_details}.proto (not packaged for Debian). Only the wire
+# format must match, so a private package name keeps them clear of the real ones.
 RPC_SUBSET = """
 syntax = "proto3";
 package kiln_example.rpc;
@@ -64,7 +69,8 @@ def load_protos():
                 sys.exit(2)
         modules = []
         for path in ["kiln/v1/image_pb2.py", "rpc_subset_pb2.py"]:
-            spec = importlib.util.spec_from_file_location(path[:-3].replace("/", "_"), f"{out}/{path}")
+            module_name = path[:-3].replace("/", "_")
+            spec = importlib.util.spec_from_file_location(module_name, f"{out}/{path}")
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             modules.append(module)
@@ -108,8 +114,8 @@ class Kiln:
         return status, dict(call.initial_metadata())
 
     def generate(self, request, timeout):
-        """The event stream; iterating it raises grpc.RpcError when the request fails. Leaving the
-        stream unread, or cancelling it, cancels the request on the server."""
+        """The event stream; iterating it raises grpc.RpcError when the request fails. Cancelling it
+        (`stream.cancel()`), or its deadline passing, cancels the request on the server."""
         return self._generate(request, metadata=self.metadata, timeout=timeout)
 
 
@@ -139,18 +145,20 @@ class Failure:
                     self.violations.append(f"quota {v.subject}: {v.description}")
 
     def retryable(self, longest_wait):
-        """Kiln's retry rule (docs/api.md): UNAVAILABLE; RESOURCE_EXHAUSTED when the cluster shed the
-        request (SHED) or a quota resets within `longest_wait` seconds (QUOTA_EXHAUSTED: a rate or
-        in-flight limit; a daily window's reset is for a scheduler of work to wait for, not this
-        loop); ABORTED DUPLICATE_IN_FLIGHT (the same key is still running). Nothing else."""
+        """Kiln's retry rule (docs/api.md): UNAVAILABLE; RESOURCE_EXHAUSTED when the cluster shed
+        the request (SHED) or a quota limit is reached (QUOTA_EXHAUSTED); ABORTED
+        DUPLICATE_IN_FLIGHT (the same key is still running). Nothing else, and only when the
+        server's delay is at most `longest_wait` seconds: a daily window's reset is for a job
+        queue to wait out, not this loop."""
+        if self.retry_after is not None and self.retry_after > longest_wait:
+            return False
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return True
         if self.code == grpc.StatusCode.ABORTED:
             return self.reason == "DUPLICATE_IN_FLIGHT"
-        if self.code != grpc.StatusCode.RESOURCE_EXHAUSTED or self.retry_after is None:
-            return False
-        return self.reason == "SHED" or (
-            self.reason == "QUOTA_EXHAUSTED" and self.retry_after <= longest_wait
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.reason in (
+            "SHED",
+            "QUOTA_EXHAUSTED",
         )
 
     def report(self):
@@ -189,9 +197,9 @@ def generate(kiln, request, attempts=3, deadline=300, longest_wait=60):
                 elif kind == "completed":
                     c = event.completed
                     print(
-                        f"completed: {c.width}x{c.height}, {len(c.png)} bytes, seed {c.usage.seed}, "
-                        f"queued {c.usage.queue_seconds:.2f} s, generated in "
-                        f"{c.usage.generation_seconds:.2f} s"
+                        f"completed: {c.width}x{c.height}, {len(c.png)} bytes, "
+                        f"seed {c.usage.seed}, queued {c.usage.queue_seconds:.2f} s, "
+                        f"generated in {c.usage.generation_seconds:.2f} s"
                     )
                     return c
             raise RuntimeError("the stream ended without an image")
@@ -199,8 +207,9 @@ def generate(kiln, request, attempts=3, deadline=300, longest_wait=60):
             failure = Failure(error)
             if attempt == attempts or not failure.retryable(longest_wait):
                 raise
-            delay = min(failure.retry_after or 1.0, longest_wait)
-            print(f"{failure.code.name} ({failure.reason}); retrying in {delay:.1f} s", file=sys.stderr)
+            delay = failure.retry_after if failure.retry_after is not None else 2.0 ** attempt
+            print(f"{failure.code.name} ({failure.reason}); retrying in {delay:.1f} s",
+                  file=sys.stderr)
             time.sleep(delay)
 
 
@@ -212,7 +221,9 @@ def api_key():
     try:
         return path.read_text().strip()
     except OSError as e:
-        sys.exit(f"no API key: set KILN_API_KEY or run `kiln up` here to create {path} ({e})")
+        print(f"no API key: set KILN_API_KEY or run `kiln up` here to create {path} ({e})",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def gateway():
@@ -271,6 +282,9 @@ def main(argv):
         run(argv[1], argv[2])
     except grpc.RpcError as error:
         Failure(error).report()
+        return 1
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 

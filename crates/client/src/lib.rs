@@ -24,6 +24,11 @@ use tonic_types::StatusExt;
 
 pub use kiln_proto::v1::Usage;
 
+/// The Rust examples of `docs/api.md`, compiled as doctests so that the guide cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/api.md")]
+pub struct ApiGuide;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot reach the gateway at {address}: {message}")]
