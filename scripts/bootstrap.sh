@@ -9,6 +9,8 @@ command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
 if [ "${1:-}" = "--test" ]; then
   command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
   command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+  # promtool checks deploy/prometheus/alerts.yml.
+  command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
   # examples/python/kiln_example.py, run by a test with Debian's own interpreter.
   /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || packages+=(python3-grpcio)
   /usr/bin/python3 -c 'import google.protobuf' >/dev/null 2>&1 || packages+=(python3-protobuf)

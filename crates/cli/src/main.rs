@@ -280,6 +280,7 @@ async fn run(cli: Cli) -> Result<()> {
             cluster::announce("scheduler", &listener)?;
             match etcd.config() {
                 None => {
+                    kiln_telemetry::SCHEDULER_LEADER.set(1);
                     let service = kiln_scheduler::service::SchedulerService::new(
                         kiln_scheduler::spawn(runtime),
                     );

@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+fn count_error(operation: &str) {
+    kiln_telemetry::MEMBERSHIP_ETCD_ERRORS
+        .with_label_values(&[operation])
+        .inc();
+}
+
 /// Where and how to reach etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
@@ -123,7 +129,10 @@ pub async fn register_worker(
             _ = &mut shutdown => break,
             result = session => match result {
                 Ok(()) => warn!(%key, "lease expired; registering again"),
-                Err(e) => warn!(%key, error = %e, "etcd unreachable; will register again"),
+                Err(e) => {
+                    count_error("register");
+                    warn!(%key, error = %e, "etcd unreachable; will register again");
+                }
             },
         }
         tokio::select! {
@@ -152,6 +161,7 @@ pub fn watch_workers(config: EtcdConfig) -> mpsc::UnboundedReceiver<MembershipEv
             match follow(&config, &mut known, &mut next_revision, &tx).await {
                 Ok(()) => return, // the receiver is gone
                 Err(e) => {
+                    count_error("watch");
                     warn!(error = %e, "membership watch interrupted; keeping the known workers");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -282,6 +292,7 @@ pub async fn campaign(config: &EtcdConfig, address: &str) -> Leadership {
         match try_campaign(config, address).await {
             Ok(leadership) => return leadership,
             Err(e) => {
+                count_error("campaign");
                 warn!(error = %e, "election interrupted; campaigning again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -362,6 +373,7 @@ pub fn follow_leader(config: EtcdConfig) -> watch::Receiver<Option<String>> {
                 return;
             }
             if let Err(e) = result {
+                count_error("observe");
                 debug!(error = %e, "leader observation interrupted; observing again");
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -36,6 +36,40 @@ pub mod names {
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
     pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_total";
     pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
+    pub const WORKER_BATCH_SLOTS_USED: &str = "kiln_worker_batch_slots_used";
+    pub const WORKER_BATCH_SLOTS_TOTAL: &str = "kiln_worker_batch_slots_total";
+    pub const MEMBERSHIP_ETCD_ERRORS: &str = "kiln_membership_etcd_errors_total";
+    pub const BUILD_INFO: &str = "kiln_build_info";
+
+    /// Every name above, for checks of dashboards and alert rules.
+    pub const ALL: &[&str] = &[
+        GATEWAY_REQUESTS,
+        GATEWAY_REQUEST_DURATION,
+        GATEWAY_QUOTA_REFUSALS,
+        GATEWAY_QUOTA_REFUNDS,
+        GATEWAY_QUOTA_FAIL_OPEN,
+        GATEWAY_STORE_ERRORS,
+        GATEWAY_ADMISSION_DURATION,
+        GATEWAY_TIGHTENING,
+        GATEWAY_POLICY_REFUSALS,
+        GATEWAY_IDEMPOTENT_REPLAYS,
+        SCHEDULER_QUEUE_DEPTH,
+        SCHEDULER_RUNNING,
+        SCHEDULER_WORKERS,
+        SCHEDULER_REQUEUED,
+        SCHEDULER_SHED,
+        SCHEDULER_LEADER,
+        SCHEDULER_DECISION_DURATION,
+        SCHEDULER_WORKER_CALL_DURATION,
+        WORKER_STEP_DURATION,
+        WORKER_KV_BLOCKS_USED,
+        WORKER_KV_BLOCKS_TOTAL,
+        WORKER_TOKENS,
+        WORKER_BATCH_SLOTS_USED,
+        WORKER_BATCH_SLOTS_TOTAL,
+        MEMBERSHIP_ETCD_ERRORS,
+        BUILD_INFO,
+    ];
 }
 
 /// Every environment variable Kiln reads. Flags of `kiln <command>` read `KILN_<COMMAND>_<FLAG>`, and
@@ -183,6 +217,45 @@ pub static GATEWAY_IDEMPOTENT_REPLAYS: LazyLock<prometheus::IntCounter> = LazyLo
     )
     .expect("metric registered once")
 });
+pub static WORKER_BATCH_SLOTS_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        names::WORKER_BATCH_SLOTS_USED,
+        "Sequences in the worker's batch.",
+        &["worker"]
+    )
+    .expect("metric registered once")
+});
+pub static WORKER_BATCH_SLOTS_TOTAL: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        names::WORKER_BATCH_SLOTS_TOTAL,
+        "Batch slots of the worker.",
+        &["worker"]
+    )
+    .expect("metric registered once")
+});
+pub static MEMBERSHIP_ETCD_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::MEMBERSHIP_ETCD_ERRORS,
+        "etcd operations that failed (registration, watch, election), by operation.",
+        &["operation"]
+    )
+    .expect("metric registered once")
+});
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let info = register_int_gauge_vec!(
+        names::BUILD_INFO,
+        "Always 1; the labels say which build runs (version, git commit, cargo features).",
+        &["version", "git", "features"]
+    )
+    .expect("metric registered once");
+    info.with_label_values(&[
+        env!("CARGO_PKG_VERSION"),
+        option_env!("KILN_GIT_HASH").unwrap_or("unknown"),
+        option_env!("KILN_FEATURES").unwrap_or("default"),
+    ])
+    .set(1);
+    info
+});
 pub static SCHEDULER_DECISION_DURATION: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
     prometheus::register_histogram!(
         names::SCHEDULER_DECISION_DURATION,
@@ -273,6 +346,7 @@ pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// The process's metrics in the Prometheus text format.
 pub fn encode_metrics() -> String {
+    LazyLock::force(&BUILD_INFO);
     use prometheus::Encoder;
     let mut buf = Vec::new();
     let encoder = prometheus::TextEncoder::new();

@@ -31,10 +31,13 @@ pub struct WorkerService<E: Engine> {
 
 impl<E: Engine> WorkerService<E> {
     pub fn new(name: String, engine: E) -> Self {
-        let total = engine.info().kv_blocks_total as f64;
+        let info = engine.info();
         telemetry::WORKER_KV_BLOCKS_TOTAL
             .with_label_values(&[&name])
-            .set(total);
+            .set(info.kv_blocks_total as f64);
+        telemetry::WORKER_BATCH_SLOTS_TOTAL
+            .with_label_values(&[&name])
+            .set(info.max_batch as f64);
         WorkerService {
             name,
             engine: Arc::new(Mutex::new(engine)),
@@ -45,14 +48,14 @@ impl<E: Engine> WorkerService<E> {
     async fn with_engine<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut E) -> Result<T, ModelError> + Send + 'static,
-    ) -> Result<(T, usize), Status> {
+    ) -> Result<(T, (usize, usize)), Status> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let mut engine = engine
                 .lock()
                 .map_err(|_| Status::internal("engine poisoned by an earlier panic"))?;
             let result = f(&mut engine).map_err(model_status)?;
-            Ok((result, engine.free_blocks()))
+            Ok((result, (engine.free_blocks(), engine.sequences())))
         })
         .await
         .map_err(|e| Status::internal(format!("engine task failed: {e}")))?
@@ -65,8 +68,11 @@ impl<E: Engine> WorkerService<E> {
         steps: u32,
         batch: usize,
         start: Instant,
-        free: usize,
+        (free, held): (usize, usize),
     ) -> StepResponse {
+        telemetry::WORKER_BATCH_SLOTS_USED
+            .with_label_values(&[&self.name])
+            .set(held as f64);
         let seconds = start.elapsed().as_secs_f64();
         telemetry::WORKER_STEP_DURATION
             .with_label_values(&[&self.name, phase])
@@ -178,9 +184,9 @@ impl<E: Engine> Worker for WorkerService<E> {
             ));
         }
         let batch = seqs.len();
-        let (outputs, free) = self.with_engine(move |e| e.prefill(seqs)).await?;
+        let (outputs, load) = self.with_engine(move |e| e.prefill(seqs)).await?;
         Ok(Response::new(
-            self.step_response("prefill", outputs, 1, batch, start, free),
+            self.step_response("prefill", outputs, 1, batch, start, load),
         ))
     }
 
@@ -201,11 +207,11 @@ impl<E: Engine> Worker for WorkerService<E> {
             )));
         }
         let batch = ids.len();
-        let (outputs, free) = self
+        let (outputs, load) = self
             .with_engine(move |e| e.decode(&ids, steps as usize))
             .await?;
         Ok(Response::new(self.step_response(
-            "decode", outputs, steps, batch, start, free,
+            "decode", outputs, steps, batch, start, load,
         )))
     }
 
@@ -229,6 +235,9 @@ impl<E: Engine> Worker for WorkerService<E> {
         telemetry::WORKER_KV_BLOCKS_USED
             .with_label_values(&[&self.name])
             .set((total - free) as f64);
+        telemetry::WORKER_BATCH_SLOTS_USED
+            .with_label_values(&[&self.name])
+            .set(engine.sequences() as f64);
         Ok(Response::new(ReleaseResponse {
             kv_blocks_free: free as u32,
         }))
