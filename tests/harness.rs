@@ -195,12 +195,7 @@ impl Cluster {
             } else {
                 args.extend(["--worker", &worker_list]);
             }
-            let name = if i == 0 {
-                "scheduler".to_string()
-            } else {
-                format!("scheduler-{i}")
-            };
-            let addr = cluster.spawn(&name, &args);
+            let addr = cluster.spawn(&replica_name("scheduler", i), &args);
             cluster.schedulers.push(addr);
         }
         cluster.scheduler = cluster.schedulers[0].clone();
@@ -226,12 +221,7 @@ impl Cluster {
             }
             args.extend(&etcd_args);
             args.extend(options.gateway_args.iter().map(String::as_str));
-            let name = if i == 0 {
-                "gateway".to_string()
-            } else {
-                format!("gateway-{i}")
-            };
-            let addr = cluster.spawn(&name, &args);
+            let addr = cluster.spawn(&replica_name("gateway", i), &args);
             cluster.gateways.push(addr);
         }
         cluster.gateway = cluster.gateways[0].clone();
@@ -393,22 +383,12 @@ impl Cluster {
         Ok(events)
     }
 
-    /// Runs one Generate to its end: every event, or the status that ended it.
+    /// Runs one Generate to its end with the test key: every event, or the status that ended it.
     pub async fn generate(
         &self,
         request: GenerateRequest,
     ) -> Result<Vec<GenerateEvent>, tonic::Status> {
-        let mut stream = self
-            .client()
-            .await
-            .generate(authed(request))
-            .await?
-            .into_inner();
-        let mut events = Vec::new();
-        while let Some(event) = stream.next().await {
-            events.push(event?);
-        }
-        Ok(events)
+        self.generate_as(0, API_KEY, request).await
     }
 }
 
@@ -418,6 +398,15 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// `role` for the first replica, `role-i` for the others.
+fn replica_name(role: &str, i: usize) -> String {
+    if i == 0 {
+        role.to_string()
+    } else {
+        format!("{role}-{i}")
     }
 }
 

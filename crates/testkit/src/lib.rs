@@ -106,26 +106,15 @@ impl RedisServer {
         self.port
     }
 
-    /// Kills the server at once, as a crash would; its data is lost.
+    /// Kills the server at once, as a crash would; its data is lost unless it is persistent.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts the server again on the same port after [`RedisServer::kill`].
     pub fn restart(&mut self) {
         self.kill();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.spawn() {
-                Ok(()) => return,
-                // The port may linger briefly after the kill.
-                Err(e) if Instant::now() > deadline => panic!("restarting redis-server: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        retry_until_started("redis-server", || self.spawn());
     }
 }
 
@@ -217,29 +206,38 @@ impl EtcdServer {
 
     /// Kills etcd at once (its data stays on disk for a restart).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts etcd again on the same ports with the same data.
     pub fn restart(&mut self) {
         self.kill();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.spawn() {
-                Ok(()) => return,
-                Err(e) if Instant::now() > deadline => panic!("restarting etcd: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+        retry_until_started("etcd", || self.spawn());
     }
 }
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Retries `spawn` for up to 20 s: a killed server's port may linger briefly.
+fn retry_until_started(what: &str, mut spawn: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match spawn() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("restarting {what}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(150)),
+        }
     }
 }
 
