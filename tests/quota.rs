@@ -253,6 +253,11 @@ async fn cancelled_and_failed_requests_are_refunded_and_retries_are_free() {
     let info = refused.get_details_error_info().unwrap();
     assert_eq!(info.reason, "POLICY_REFUSED");
     assert_eq!(info.metadata["artist"], "Greg Rutkowski");
+    assert_eq!(
+        refused.metadata().get("x-ratelimit-remaining").unwrap(),
+        "3",
+        "every answer carries the quota left"
+    );
     assert_eq!(used(&cluster, &key).await, 2);
 
     // Cancelled before the image: refunded.

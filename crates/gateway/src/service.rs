@@ -148,6 +148,29 @@ pub(crate) fn ratelimit_metadata(
 }
 
 impl Gateway {
+    /// Adds the caller's quota metadata to an error status that lacks it (every answer to an
+    /// authenticated caller carries it), except when the store itself is the problem.
+    async fn with_quota_metadata(&self, identity: &Identity, mut status: Status) -> Status {
+        if status.metadata().contains_key("x-ratelimit-limit")
+            || status.code() == tonic::Code::Unavailable
+        {
+            return status;
+        }
+        if let Ok(quota) = self.admission.status(identity).await {
+            if let Some(w) = status_headline(&quota) {
+                ratelimit_metadata(
+                    status.metadata_mut(),
+                    &w.subject,
+                    w.window_seconds,
+                    w.limit,
+                    w.remaining,
+                    Duration::from_secs_f64(w.reset_seconds),
+                );
+            }
+        }
+        status
+    }
+
     async fn generate(
         self: &Arc<Self>,
         request: Request<GenerateRequest>,
@@ -160,6 +183,19 @@ impl Gateway {
                 return Err(e.into());
             }
         };
+        match self.generate_for(&identity, request, start).await {
+            Ok(response) => Ok(response),
+            Err(status) => Err(self.with_quota_metadata(&identity, status).await),
+        }
+    }
+
+    async fn generate_for(
+        self: &Arc<Self>,
+        identity: &Identity,
+        request: Request<GenerateRequest>,
+        start: Instant,
+    ) -> Result<Response<EventStream>, Status> {
+        let identity = identity.clone();
         let fail = |e: GatewayError| {
             record(Some(&identity), e.code(), start);
             e.to_status()
@@ -232,7 +268,8 @@ impl Gateway {
                     Err(None) => info!("caller went away; job cancelled"),
                     Err(Some(e)) => {
                         warn!(error = %e, "request failed");
-                        let _ = tx.send(Err(e.to_status())).await;
+                        let status = gateway.with_quota_metadata(&identity, e.to_status()).await;
+                        let _ = tx.send(Err(status)).await;
                     }
                 }
             }
@@ -256,19 +293,34 @@ impl Gateway {
         &self,
         request: Request<GetModelInfoRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        self.auth.authenticate(request.metadata()).await?;
-        let m = self
-            .backend
-            .model()
-            .await
-            .map_err(|e| GatewayError::from(e).to_status())?;
-        Ok(Response::new(ModelInfo {
+        let identity = self.auth.authenticate(request.metadata()).await?;
+        let m = match self.backend.model().await {
+            Ok(m) => m,
+            Err(e) => {
+                let status = GatewayError::from(e).to_status();
+                return Err(self.with_quota_metadata(&identity, status).await);
+            }
+        };
+        let mut response = Response::new(ModelInfo {
             model: m.model,
             sizes: m.sizes,
             default_size: m.default_size,
             patch_size: m.patch_size,
             max_prompt_bytes: m.max_prompt_bytes,
-        }))
+        });
+        if let Ok(quota) = self.admission.status(&identity).await {
+            if let Some(w) = status_headline(&quota) {
+                ratelimit_metadata(
+                    response.metadata_mut(),
+                    &w.subject,
+                    w.window_seconds,
+                    w.limit,
+                    w.remaining,
+                    Duration::from_secs_f64(w.reset_seconds),
+                );
+            }
+        }
+        Ok(response)
     }
 }
 
