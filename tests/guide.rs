@@ -18,8 +18,16 @@ impl Drop for Up {
 #[test]
 fn the_python_example_runs_against_kiln_up() {
     let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", kiln_testkit::free_port());
     let mut child = Command::new(kiln_e2e::kiln_bin())
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &metrics,
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("KILN_LOG", "warn")
         .stdout(Stdio::null())
@@ -72,4 +80,31 @@ fn the_python_example_runs_against_kiln_up() {
         "--bad-key: {}",
         String::from_utf8_lossy(&bad.stderr)
     );
+
+    // Every component's metrics are on the metrics port, named as the dashboard expects.
+    let page = http_get(&metrics, "/metrics");
+    for name in [
+        "kiln_build_info",
+        "kiln_gateway_requests_total",
+        "kiln_gateway_time_to_first_progress_seconds_bucket",
+        "kiln_gateway_admission_duration_seconds_bucket",
+        "kiln_scheduler_queue_depth",
+        "kiln_scheduler_queue_wait_seconds_bucket",
+        "kiln_scheduler_saturation_ratio",
+        "kiln_worker_kv_blocks_used",
+        "kiln_worker_batch_slots_total",
+        "kiln_worker_step_duration_seconds_bucket",
+        "kiln_worker_device_memory_used_bytes",
+    ] {
+        assert!(page.contains(name), "{name} missing from /metrics");
+    }
+}
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("metrics port");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    page
 }

@@ -247,7 +247,7 @@ impl Gateway {
         tokio::spawn(
             async move {
                 let result = gateway
-                    .relay(&valid, &model.model, &job, updates, &tx)
+                    .relay(&valid, &model.model, &job, start, updates, &tx)
                     .await;
                 let outcome = match &result {
                     Ok(done) => Outcome::Delivered {
@@ -357,12 +357,14 @@ impl Gateway {
         valid: &ValidRequest,
         model: &str,
         job: &JobRequest,
+        arrived: Instant,
         mut updates: UpdateStream,
         tx: &mpsc::Sender<Result<GenerateEvent, Status>>,
     ) -> Result<GenerateEvent, Option<GatewayError>> {
         let deadline = tokio::time::sleep(self.config.request_deadline);
         tokio::pin!(deadline);
         let mut resubmits = 0;
+        let mut progressed = false;
         let event = |e: generate_event::Event| GenerateEvent {
             request_id: valid.request_id.clone(),
             event: Some(e),
@@ -415,6 +417,12 @@ impl Gateway {
                     event(generate_event::Event::Started(Started { worker }))
                 }
                 Some(Ok(JobUpdate::Progress { done, .. })) => {
+                    if !progressed {
+                        progressed = true;
+                        telemetry::GATEWAY_FIRST_PROGRESS
+                            .with_label_values(&[job.tier.as_str()])
+                            .observe(arrived.elapsed().as_secs_f64());
+                    }
                     event(generate_event::Event::Progress(Progress {
                         tokens_done: done,
                         tokens_total: valid.image_tokens,

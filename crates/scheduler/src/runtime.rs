@@ -249,6 +249,7 @@ pub fn spawn(config: RuntimeConfig) -> SchedulerHandle {
         });
     }
     let owner = Owner {
+        gauges_at: Instant::now(),
         own_tx: tx.clone(),
         drivers: HashMap::new(),
         next_worker: 0,
@@ -283,6 +284,8 @@ struct LiveWorker {
 }
 
 struct Owner {
+    /// When the slower gauges were last refreshed.
+    gauges_at: Instant,
     /// For the driver tasks it starts.
     own_tx: mpsc::UnboundedSender<Msg>,
     /// address -> (worker id, driver task).
@@ -592,6 +595,9 @@ impl Owner {
                 queued_for,
                 ran_for,
             } => {
+                telemetry::SCHEDULER_QUEUE_WAIT
+                    .with_label_values(&[payload.request.tier.as_str()])
+                    .observe(queued_for.as_secs_f64());
                 drop(_enter);
                 let payload = self.payloads.remove(&job).expect("present above");
                 let result = match payload.image {
@@ -690,8 +696,25 @@ impl Owner {
         }
     }
 
-    fn record_gauges(&self) {
+    fn record_gauges(&mut self) {
         let (waiting, running) = self.state.counts();
+        // The snapshot walks the queues: refresh the slower gauges at most every 250 ms.
+        if self.gauges_at.elapsed() >= Duration::from_millis(250) {
+            self.gauges_at = Instant::now();
+            let snapshot = self.state.snapshot(self.start.elapsed());
+            for tier in Tier::ALL {
+                telemetry::SCHEDULER_OLDEST_WAIT
+                    .with_label_values(&[tier.as_str()])
+                    .set(snapshot.oldest_wait[tier as usize].as_secs_f64());
+            }
+            let slots: usize = snapshot.workers.iter().map(|w| w.capacity.max_batch).sum();
+            telemetry::SCHEDULER_SATURATION.set(if slots > 0 {
+                running as f64 / slots as f64
+            } else {
+                0.0
+            });
+            telemetry::SCHEDULER_BACKLOG.set(snapshot.backlog_seconds);
+        }
         for tier in Tier::ALL {
             telemetry::SCHEDULER_QUEUE_DEPTH
                 .with_label_values(&[tier.as_str()])

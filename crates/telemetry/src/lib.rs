@@ -39,6 +39,13 @@ pub mod names {
     pub const WORKER_BATCH_SLOTS_USED: &str = "kiln_worker_batch_slots_used";
     pub const WORKER_BATCH_SLOTS_TOTAL: &str = "kiln_worker_batch_slots_total";
     pub const MEMBERSHIP_ETCD_ERRORS: &str = "kiln_membership_etcd_errors_total";
+    pub const SCHEDULER_OLDEST_WAIT: &str = "kiln_scheduler_oldest_wait_seconds";
+    pub const SCHEDULER_QUEUE_WAIT: &str = "kiln_scheduler_queue_wait_seconds";
+    pub const SCHEDULER_SATURATION: &str = "kiln_scheduler_saturation_ratio";
+    pub const SCHEDULER_BACKLOG: &str = "kiln_scheduler_backlog_seconds";
+    pub const GATEWAY_FIRST_PROGRESS: &str = "kiln_gateway_time_to_first_progress_seconds";
+    pub const WORKER_MEMORY_USED: &str = "kiln_worker_device_memory_used_bytes";
+    pub const WORKER_MEMORY_TOTAL: &str = "kiln_worker_device_memory_total_bytes";
     pub const BUILD_INFO: &str = "kiln_build_info";
 
     /// Every name above, for checks of dashboards and alert rules.
@@ -69,6 +76,13 @@ pub mod names {
         WORKER_BATCH_SLOTS_TOTAL,
         MEMBERSHIP_ETCD_ERRORS,
         BUILD_INFO,
+        SCHEDULER_OLDEST_WAIT,
+        SCHEDULER_QUEUE_WAIT,
+        SCHEDULER_SATURATION,
+        SCHEDULER_BACKLOG,
+        GATEWAY_FIRST_PROGRESS,
+        WORKER_MEMORY_USED,
+        WORKER_MEMORY_TOTAL,
     ];
 }
 
@@ -217,6 +231,62 @@ pub static GATEWAY_IDEMPOTENT_REPLAYS: LazyLock<prometheus::IntCounter> = LazyLo
     )
     .expect("metric registered once")
 });
+pub static SCHEDULER_OLDEST_WAIT: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        names::SCHEDULER_OLDEST_WAIT,
+        "How long the oldest waiting job of each tier has waited.",
+        &["tier"]
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_QUEUE_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::SCHEDULER_QUEUE_WAIT,
+        "Time finished jobs waited between arrival and placement, by tier.",
+        &["tier"],
+        REQUEST_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_SATURATION: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    prometheus::register_gauge!(
+        names::SCHEDULER_SATURATION,
+        "Estimated cluster saturation: batch slots in use over batch slots of all workers."
+    )
+    .expect("metric registered once")
+});
+pub static SCHEDULER_BACKLOG: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    prometheus::register_gauge!(
+        names::SCHEDULER_BACKLOG,
+        "Predicted seconds to finish all queued and running work at the measured throughput."
+    )
+    .expect("metric registered once")
+});
+pub static GATEWAY_FIRST_PROGRESS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::GATEWAY_FIRST_PROGRESS,
+        "Time from a request's arrival to its first generated tokens, by tier.",
+        &["tier"],
+        REQUEST_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
+pub static WORKER_MEMORY_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        names::WORKER_MEMORY_USED,
+        "Memory used on the worker's device (on CPU: the process's resident memory).",
+        &["worker", "device"]
+    )
+    .expect("metric registered once")
+});
+pub static WORKER_MEMORY_TOTAL: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        names::WORKER_MEMORY_TOTAL,
+        "Memory of the worker's device (on CPU: the machine's memory).",
+        &["worker", "device"]
+    )
+    .expect("metric registered once")
+});
 pub static WORKER_BATCH_SLOTS_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
         names::WORKER_BATCH_SLOTS_USED,
@@ -343,6 +413,23 @@ pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(names::WORKER_TOKENS, "Image tokens generated.", &["worker"])
         .expect("metric registered once")
 });
+
+/// (resident bytes of this process, total bytes of the machine), from `/proc` on Linux.
+pub fn process_memory() -> Option<(u64, u64)> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let total_kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    // Linux pages are 4 KiB on the platforms Kiln targets.
+    Some((resident_pages * 4096, total_kb * 1024))
+}
 
 /// The process's metrics in the Prometheus text format.
 pub fn encode_metrics() -> String {

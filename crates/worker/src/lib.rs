@@ -73,6 +73,15 @@ impl<E: Engine> WorkerService<E> {
         telemetry::WORKER_BATCH_SLOTS_USED
             .with_label_values(&[&self.name])
             .set(held as f64);
+        if let Some((used, total)) = telemetry::process_memory() {
+            // On CUDA builds the device's own numbers belong here (not measured yet).
+            telemetry::WORKER_MEMORY_USED
+                .with_label_values(&[&self.name, "cpu"])
+                .set(used as f64);
+            telemetry::WORKER_MEMORY_TOTAL
+                .with_label_values(&[&self.name, "cpu"])
+                .set(total as f64);
+        }
         let seconds = start.elapsed().as_secs_f64();
         telemetry::WORKER_STEP_DURATION
             .with_label_values(&[&self.name, phase])
