@@ -220,8 +220,8 @@ impl QuotaAdmission {
         }
     }
 
-    fn scopes(&self, identity: &Identity) -> Result<Vec<Scope>, GatewayError> {
-        self.tiers()
+    fn scopes(&self, tiers: &TierTable, identity: &Identity) -> Result<Vec<Scope>, GatewayError> {
+        tiers
             .scopes(
                 &identity.user,
                 identity.org.as_deref(),
@@ -231,8 +231,8 @@ impl QuotaAdmission {
             .map_err(|e| GatewayError::Internal(e.to_string()))
     }
 
-    fn fail_mode(&self, identity: &Identity) -> FailMode {
-        self.tiers()
+    fn fail_mode(tiers: &TierTable, identity: &Identity) -> FailMode {
+        tiers
             .tiers
             .get(identity.tier.as_str())
             .map_or(FailMode::Closed, |t| t.when_store_down)
@@ -280,7 +280,9 @@ impl Admission for QuotaAdmission {
         request: &ValidRequest,
     ) -> Result<Admitted, GatewayError> {
         let started = Instant::now();
-        let scopes = self.scopes(identity)?;
+        // One snapshot of the table for the whole admission, even if an admin replaces it meanwhile.
+        let tiers = self.tiers();
+        let scopes = self.scopes(&tiers, identity)?;
         let charge_id = uuid::Uuid::new_v4().simple().to_string();
         let idempotency = request
             .idempotency_key
@@ -291,7 +293,7 @@ impl Admission for QuotaAdmission {
             idempotency: idempotency.as_deref(),
             scopes: &scopes,
             lease: self.settings.lease,
-            retention: self.tiers().longest_window(),
+            retention: tiers.longest_window(),
         };
         let tier = identity.tier.as_str();
         let (decision, store, local): (_, Arc<dyn QuotaStore>, _) = match self
@@ -302,7 +304,7 @@ impl Admission for QuotaAdmission {
             Ok(d) => (d, self.store.clone(), false),
             Err(e @ QuotaError::Unavailable(_)) => {
                 count_store_error("admit");
-                match self.fail_mode(identity) {
+                match Self::fail_mode(&tiers, identity) {
                     FailMode::Closed => {
                         warn!(error = %e, tier, "quota store unreachable; tier fails closed");
                         return Err(GatewayError::StoreUnavailable(e.to_string()));
@@ -417,12 +419,13 @@ impl Admission for QuotaAdmission {
     }
 
     async fn status(&self, identity: &Identity) -> Result<QuotaStatus, GatewayError> {
-        let scopes = self.scopes(identity)?;
+        let tiers = self.tiers();
+        let scopes = self.scopes(&tiers, identity)?;
         let usage = match self.store.usage(&scopes).await {
             Ok(u) => u,
             Err(e @ QuotaError::Unavailable(_)) => {
                 count_store_error("usage");
-                match self.fail_mode(identity) {
+                match Self::fail_mode(&tiers, identity) {
                     FailMode::Closed => return Err(GatewayError::StoreUnavailable(e.to_string())),
                     FailMode::Open => self
                         .local
@@ -458,7 +461,7 @@ impl Admission for QuotaAdmission {
             burst,
             max_in_flight: own.max_in_flight.unwrap_or(0),
             in_flight: usage.in_flight.first().map_or(0, |(_, n)| *n),
-            tightening_factor: self.tiers().factor_for(tier, self.factor()),
+            tightening_factor: tiers.factor_for(tier, self.factor()),
         })
     }
 }

@@ -1,9 +1,10 @@
 //! The public gateway: serves `kiln.v1.ImageService` to internal services as a pipeline —
 //! authenticate -> validate -> policy -> admit (quota) -> schedule -> stream -> sign -> settle. Each
 //! stage is a small trait ([`auth::Authenticator`], [`policy::ContentPolicy`],
-//! [`admission::Admission`], [`signing::Signer`], [`backend::Backend`]) so that later stages (Redis
-//! quotas, the content policy, C2PA) plug in without touching the flow. This crate is the one place
-//! that maps domain errors to `tonic::Status`. It knows nothing of GPUs.
+//! [`admission::Admission`], [`signing::Signer`], [`backend::Backend`]); quotas live in `kiln-quota`,
+//! the artist list in `kiln-policy`, and this crate wires them in (key lookup, the tier table in
+//! force, demand tightening, fail-open/closed, idempotent replay, resubmission after a scheduler
+//! failover). It is the one place that maps domain errors to `tonic::Status`. It knows nothing of GPUs.
 
 #![forbid(unsafe_code)]
 

@@ -100,27 +100,32 @@ impl ImageService for ImageApi {
     ) -> Result<Response<QuotaStatus>, Status> {
         let identity = self.0.auth.authenticate(request.metadata()).await?;
         let status = self.0.admission.status(&identity).await?;
+        let mut metadata = MetadataMap::new();
+        quota_metadata(&mut metadata, &status);
         let mut response = Response::new(status);
-        if let Some(w) = status_headline(response.get_ref()).cloned() {
-            ratelimit_metadata(
-                response.metadata_mut(),
-                &w.subject,
-                w.window_seconds,
-                w.limit,
-                w.remaining,
-                Duration::from_secs_f64(w.reset_seconds),
-            );
-        }
+        *response.metadata_mut() = metadata;
         Ok(response)
     }
 }
 
-fn status_headline(status: &QuotaStatus) -> Option<&kiln_proto::v1::QuotaWindow> {
-    status.windows.iter().min_by(|a, b| {
+/// Writes the `x-ratelimit-*` metadata of the caller's tightest window (fewest images left, then
+/// the latest reset).
+fn quota_metadata(metadata: &mut MetadataMap, quota: &QuotaStatus) {
+    let tightest = quota.windows.iter().min_by(|a, b| {
         (a.remaining, -a.reset_seconds)
             .partial_cmp(&(b.remaining, -b.reset_seconds))
             .unwrap_or(std::cmp::Ordering::Equal)
-    })
+    });
+    if let Some(w) = tightest {
+        ratelimit_metadata(
+            metadata,
+            &w.subject,
+            w.window_seconds,
+            w.limit,
+            w.remaining,
+            Duration::from_secs_f64(w.reset_seconds),
+        );
+    }
 }
 
 /// Writes the `x-ratelimit-*` metadata of one window (see `image.proto`).
@@ -148,25 +153,21 @@ pub(crate) fn ratelimit_metadata(
 }
 
 impl Gateway {
-    /// Adds the caller's quota metadata to an error status that lacks it (every answer to an
-    /// authenticated caller carries it), except when the store itself is the problem.
+    /// Adds the caller's quota metadata to an error status that lacks it, except for refusals at
+    /// capacity (a window refusal already carries its own) and store outages.
     async fn with_quota_metadata(&self, identity: &Identity, mut status: Status) -> Status {
+        // Refusals at capacity stay one store round trip (a spike of them must not starve admitted
+        // requests), and an unreachable store cannot be asked.
         if status.metadata().contains_key("x-ratelimit-limit")
-            || status.code() == tonic::Code::Unavailable
+            || matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+            )
         {
             return status;
         }
         if let Ok(quota) = self.admission.status(identity).await {
-            if let Some(w) = status_headline(&quota) {
-                ratelimit_metadata(
-                    status.metadata_mut(),
-                    &w.subject,
-                    w.window_seconds,
-                    w.limit,
-                    w.remaining,
-                    Duration::from_secs_f64(w.reset_seconds),
-                );
-            }
+            quota_metadata(status.metadata_mut(), &quota);
         }
         status
     }
@@ -309,16 +310,7 @@ impl Gateway {
             max_prompt_bytes: m.max_prompt_bytes,
         });
         if let Ok(quota) = self.admission.status(&identity).await {
-            if let Some(w) = status_headline(&quota) {
-                ratelimit_metadata(
-                    response.metadata_mut(),
-                    &w.subject,
-                    w.window_seconds,
-                    w.limit,
-                    w.remaining,
-                    Duration::from_secs_f64(w.reset_seconds),
-                );
-            }
+            quota_metadata(response.metadata_mut(), &quota);
         }
         Ok(response)
     }

@@ -1,7 +1,9 @@
-//! The scheduler: owns the queue, placement and iteration-level batching of jobs across workers.
-//! [`state`] is the pure decision core (no I/O, time passed in); [`runtime`] drives it with real time,
-//! talking to workers only through the `kiln.v1.Worker` protocol; [`service`] serves the
-//! `kiln.v1.Scheduler` API to gateways in other processes. It knows nothing of Redis, API keys or C2PA.
+//! The scheduler: owns the queue, placement, iteration-level batching of jobs across workers and
+//! deadline-aware shedding. [`state`] is the pure decision core (no I/O, time passed in); [`runtime`]
+//! drives it with real time, adding and dropping workers as they join and leave, and talks to them
+//! only through the `kiln.v1.Worker` protocol; [`service`] serves the `kiln.v1.Scheduler` API to
+//! gateways in other processes (a standby replica answers with who leads). Membership and election
+//! themselves live in `kiln-membership`. It knows nothing of Redis, API keys or C2PA.
 
 #![forbid(unsafe_code)]
 

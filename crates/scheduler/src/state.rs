@@ -209,6 +209,13 @@ struct JobState {
     phase: Phase,
 }
 
+impl JobState {
+    /// Image tokens still to generate.
+    fn remaining(&self) -> usize {
+        self.job.image_tokens - self.done
+    }
+}
+
 #[derive(Debug)]
 struct WorkerState {
     capacity: Capacity,
@@ -502,7 +509,7 @@ impl SchedulerState {
         self.arrivals[tier].pop_back();
         let state = self.jobs.remove(&id).expect("newest_waiting checked");
         self.queues[tier].len -= 1;
-        self.waiting_work[tier] -= state.job.image_tokens - state.done;
+        self.waiting_work[tier] -= state.remaining();
         self.shed[tier] += 1;
         let slack = (state.submitted + self.deadline(tier)).saturating_sub(now);
         let retry_after = self
@@ -523,7 +530,7 @@ impl SchedulerState {
         let Some(state) = self.jobs.remove(&id) else {
             return out;
         };
-        let remaining = state.job.image_tokens - state.done;
+        let remaining = state.remaining();
         match state.phase {
             // The queue entry is skipped lazily when it reaches the front.
             Phase::Waiting => {
@@ -580,7 +587,7 @@ impl SchedulerState {
         for job in worker.running.into_iter().rev() {
             let state = self.jobs.get_mut(&job).expect("running jobs are live");
             state.phase = Phase::Waiting;
-            let remaining = state.job.image_tokens - state.done;
+            let remaining = state.remaining();
             self.running_work -= remaining;
             self.waiting_work[state.job.tier as usize] += remaining;
             // Re-queued jobs are the oldest of their tier: the last to be shed.
@@ -644,7 +651,7 @@ impl SchedulerState {
                 },
             });
             if report.finished {
-                self.running_work -= state.job.image_tokens - state.done;
+                self.running_work -= state.remaining();
                 let blocks = state.kv_blocks;
                 let queued_for = started.saturating_sub(state.submitted);
                 self.jobs.remove(&report.job);
@@ -682,7 +689,7 @@ impl SchedulerState {
                 |s| matches!(s.phase, Phase::Running { worker: on, .. } if on == worker),
             );
             if let (true, Some(state)) = (on_this_worker, self.jobs.remove(&job)) {
-                self.running_work -= state.job.image_tokens - state.done;
+                self.running_work -= state.remaining();
                 w.free_blocks += state.kv_blocks;
                 w.running.retain(|&j| j != job);
                 out.push(Output::Event {
@@ -787,10 +794,7 @@ impl SchedulerState {
             let soonest = w
                 .running
                 .iter()
-                .map(|j| {
-                    let s = &self.jobs[j];
-                    s.job.image_tokens - s.done
-                })
+                .map(|j| self.jobs[j].remaining())
                 .min()
                 .unwrap_or(1);
             let steps = soonest.clamp(1, self.config.max_steps_per_call.max(1));
@@ -838,7 +842,7 @@ impl SchedulerState {
                     return placements;
                 }
                 queue.pop_peeked();
-                let remaining = state.job.image_tokens - state.done;
+                let remaining = state.remaining();
                 self.waiting_work[*tier as usize] -= remaining;
                 self.running_work += remaining;
                 prefill_tokens += tokens;
@@ -1308,7 +1312,7 @@ mod tests {
                 let mut work = [0usize; 4];
                 let mut running = 0;
                 for j in s.jobs.values() {
-                    let rem = j.job.image_tokens - j.done;
+                    let rem = j.remaining();
                     match j.phase { Phase::Waiting => work[j.job.tier as usize] += rem, Phase::Running { .. } => running += rem }
                 }
                 prop_assert_eq!(work, s.waiting_work);
