@@ -79,6 +79,8 @@ pub struct Options {
     pub etcd: Option<String>,
     /// Scheduler replicas (more than one needs etcd).
     pub schedulers: usize,
+    /// Environment variables of every process (e.g. tracing and log format).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -92,6 +94,7 @@ impl Default for Options {
             gateway_args: Vec::new(),
             etcd: None,
             schedulers: 1,
+            env: Vec::new(),
         }
     }
 }
@@ -110,6 +113,7 @@ pub struct Cluster {
     pub schedulers: Vec<String>,
     pub workers: Vec<String>,
     children: Vec<(String, Child)>,
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -154,6 +158,7 @@ impl Cluster {
             scheduler: String::new(),
             workers: Vec::new(),
             children: Vec::new(),
+            env: options.env.clone(),
         };
         let any_port = "127.0.0.1:0";
         let model = model.to_str().expect("utf-8 path");
@@ -269,6 +274,7 @@ impl Cluster {
             .args(args)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -253,6 +253,7 @@ async fn open_loop_run(
                 top_p: 1.0,
                 seed: i as u64 + 1,
             },
+            trace: Default::default(),
         };
         // Open loop: job i arrives at i x interval, however slow the cluster is.
         let arrival = start + interval * i as u32;

@@ -316,3 +316,26 @@ mod tests {
             .contains("must be a table"));
     }
 }
+
+/// Distributed tracing (off unless an OTLP endpoint is set). Global: every command takes them.
+#[derive(Args, Clone, Debug)]
+pub struct TracingOpts {
+    /// OTLP/gRPC collector that receives spans, e.g. `http://otel-collector:4317`.
+    #[arg(long, global = true, env = env::TRACE_OTLP_ENDPOINT)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces kept, in [0, 1]; a request that arrives with a sampled `traceparent` is
+    /// always traced.
+    #[arg(long, global = true, env = env::TRACE_SAMPLE_RATIO, default_value_t = 1.0)]
+    pub trace_sample_ratio: f64,
+}
+
+impl TracingOpts {
+    /// The telemetry crate's view of these flags, for the component named `service`.
+    pub fn config(&self, service: &str) -> kiln_telemetry::TracingConfig {
+        kiln_telemetry::TracingConfig {
+            service: service.to_string(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            sample_ratio: self.trace_sample_ratio,
+        }
+    }
+}

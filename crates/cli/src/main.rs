@@ -18,7 +18,7 @@ mod generate;
 mod status;
 
 use cluster::Shutdown;
-use config::{BatchingOpts, EtcdOpts, GatewayOpts, WorkerOpts};
+use config::{BatchingOpts, EtcdOpts, GatewayOpts, TracingOpts, WorkerOpts};
 
 /// Kiln: a cluster that serves autoregressive image generation.
 #[derive(Parser, Debug)]
@@ -30,6 +30,8 @@ struct Cli {
     /// Where `kiln up` keeps its default model and development API key.
     #[arg(long, global = true, env = env::DATA_DIR, default_value = ".kiln")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    tracing: TracingOpts,
     #[command(subcommand)]
     command: Command,
 }
@@ -154,12 +156,32 @@ fn main() -> Result<()> {
         config::apply_config_file(&path)?;
     }
     let cli = Cli::parse();
-    kiln_telemetry::init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(cli))
+    // The trace exporter runs on the runtime, so it starts inside it and is flushed before it stops.
+    let tracing = {
+        let _inside = runtime.enter();
+        kiln_telemetry::init(&cli.tracing.config(cli.command.service()))
+            .context("setting up logging and tracing (--otlp-endpoint, --trace-sample-ratio)")?
+    };
+    let result = runtime.block_on(run(cli));
+    tracing.shutdown();
+    result
+}
+
+impl Command {
+    /// The `service.name` this command's spans carry.
+    fn service(&self) -> &'static str {
+        match self {
+            Command::Up { .. } => "kiln",
+            Command::Gateway { .. } => "kiln-gateway",
+            Command::Scheduler { .. } => "kiln-scheduler",
+            Command::Worker { .. } => "kiln-worker",
+            _ => "kiln-cli",
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -130,7 +130,7 @@ impl Backend for RemoteScheduler {
     }
 
     async fn submit(&self, job: JobRequest) -> Result<UpdateStream, SchedulerError> {
-        let wire = Job {
+        let mut wire = tonic::Request::new(Job {
             request_id: job.request_id,
             user: job.user,
             tier: tier_to_wire(job.tier) as i32,
@@ -138,7 +138,8 @@ impl Backend for RemoteScheduler {
             width: job.width,
             height: job.height,
             sampling: Some(job.sampling),
-        };
+        });
+        job.trace.inject(wire.metadata_mut());
         let stream = self
             .client()?
             .submit(wire)

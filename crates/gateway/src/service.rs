@@ -13,6 +13,7 @@ use kiln_proto::v1::{
 };
 use kiln_scheduler::{JobRequest, JobUpdate};
 use kiln_telemetry as telemetry;
+use kiln_telemetry::TraceContext;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -202,8 +203,10 @@ impl Gateway {
             e.to_status()
         };
         let model = self.backend.model().await.map_err(|e| fail(e.into()))?;
+        let caller_trace = TraceContext::from_metadata(request.metadata());
         let valid = validate(request.into_inner(), &model).map_err(fail)?;
-        let span = info_span!("generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str());
+        let span = info_span!("generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str(), trace_id = tracing::field::Empty);
+        caller_trace.adopt(&span);
         span.in_scope(|| info!(key_id = %identity.key_id, width = valid.width, height = valid.height, "request accepted"));
         self.policy.check(&identity, &valid).map_err(fail)?;
         let ticket = match self
@@ -234,6 +237,7 @@ impl Gateway {
             width: valid.width,
             height: valid.height,
             sampling: valid.sampling,
+            trace: TraceContext::of(&span),
         };
         let updates = match self.submit_through_failover(&job).await {
             Ok(u) => u,

@@ -15,6 +15,7 @@ use kiln_proto::v1::{
     StepResponse, WorkerInfo,
 };
 use kiln_telemetry as telemetry;
+use kiln_telemetry::TraceContext;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -38,6 +39,8 @@ pub struct JobRequest {
     pub width: u32,
     pub height: u32,
     pub sampling: Sampling,
+    /// The caller's trace: the job's span becomes its child, and the worker's spans the job's.
+    pub trace: TraceContext,
 }
 
 /// The finished image and what it cost.
@@ -454,7 +457,8 @@ impl Owner {
         self.next_id += 1;
         let prompt_tokens = request.prompt.len() as u32 + model.prefix_overhead_tokens;
         let image_tokens = (request.width / model.patch_size) * (request.height / model.patch_size);
-        let span = info_span!("job", request_id = %request.request_id, job = id, tier = request.tier.as_str());
+        let span = info_span!("job", request_id = %request.request_id, job = id, tier = request.tier.as_str(), trace_id = tracing::field::Empty);
+        request.trace.adopt(&span);
         span.in_scope(|| debug!(prompt_tokens, image_tokens, "job queued"));
         let job = Job {
             id,
@@ -530,6 +534,9 @@ impl Owner {
                                     .to_vec(),
                                 kv_blocks: p.kv_blocks as u32,
                                 request_id: payload.request.request_id.clone(),
+                                trace_parent: TraceContext::of(&payload.span)
+                                    .traceparent()
+                                    .to_string(),
                             })
                         })
                         .collect(),

@@ -111,6 +111,7 @@ impl Scheduler for SchedulerService {
     type SubmitStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 
     async fn submit(&self, request: Request<Job>) -> Result<Response<Self::SubmitStream>, Status> {
+        let trace = kiln_telemetry::TraceContext::from_metadata(request.metadata());
         let job = request.into_inner();
         if job.request_id.is_empty() || job.user.is_empty() {
             return Err(
@@ -131,6 +132,7 @@ impl Scheduler for SchedulerService {
                 width: job.width,
                 height: job.height,
                 sampling,
+                trace,
             })
             .await
             .map_err(|e| e.to_status())?;

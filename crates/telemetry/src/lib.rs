@@ -7,6 +7,9 @@
 
 use std::sync::LazyLock;
 
+pub mod trace;
+pub use trace::{TraceContext, TracingConfig, TracingError, TracingGuard};
+
 use prometheus::{
     register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge,
     register_int_gauge_vec, GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
@@ -97,6 +100,8 @@ pub mod env_names {
     pub const GATEWAY: &str = "KILN_GATEWAY";
     pub const LOG_FORMAT: &str = "KILN_LOG_FORMAT";
     pub const LOG: &str = "KILN_LOG";
+    pub const TRACE_OTLP_ENDPOINT: &str = "KILN_TRACE_OTLP_ENDPOINT";
+    pub const TRACE_SAMPLE_RATIO: &str = "KILN_TRACE_SAMPLE_RATIO";
 
     pub const UP_LISTEN: &str = "KILN_UP_LISTEN";
     pub const UP_WORKERS: &str = "KILN_UP_WORKERS";
@@ -466,9 +471,13 @@ pub async fn serve_metrics(
         .await
 }
 
-/// Logging: `KILN_LOG` (or `RUST_LOG`) filters, `KILN_LOG_FORMAT=json` for structured lines.
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
+/// Logging and tracing: `KILN_LOG` (or `RUST_LOG`) filters the log lines, `KILN_LOG_FORMAT=json`
+/// makes them structured (each line carries its spans' fields: request id, tier, trace id), and an
+/// OTLP endpoint in `tracing` exports spans. Must run inside a Tokio runtime when tracing is on.
+pub fn init(tracing: &TracingConfig) -> Result<TracingGuard, TracingError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = std::env::var(env_names::LOG)
         .ok()
         .map(EnvFilter::new)
@@ -476,15 +485,33 @@ pub fn init_logging() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
         });
     let json = std::env::var(env_names::LOG_FORMAT).is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second initialisation (tests) keeps the first subscriber.
-    let _ = if json {
-        builder.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.try_init()
+        fmt.with_filter(filter).boxed()
     };
+    let provider = trace::provider(tracing)?;
+    // Spans are exported at info and above whatever the log filter says, so quieter logs do not cut
+    // traces; the exporter's own (debug) events stay out of them.
+    let otel = provider.as_ref().map(|p| {
+        trace::layer(p, &tracing.service).with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(TracingGuard::new(provider))
+}
+
+/// Logging without tracing (tools and tests).
+pub fn init_logging() {
+    let _ = init(&TracingConfig {
+        service: "kiln".into(),
+        otlp_endpoint: None,
+        sample_ratio: 1.0,
+    });
 }
 
 #[cfg(test)]

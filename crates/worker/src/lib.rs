@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+mod traces;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,9 +17,10 @@ use kiln_proto::v1::{
     DecodeRequest, FinishedImage, InfoRequest, PrefillRequest, ReleaseRequest, ReleaseResponse,
     SequenceTokens, StepResponse, WorkerInfo,
 };
-use kiln_telemetry as telemetry;
+use kiln_telemetry::{self as telemetry, TraceContext};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
+use traces::SequenceTraces;
 use tracing::{info, warn};
 
 /// Most decode steps one call may ask for.
@@ -27,6 +30,7 @@ pub const MAX_STEPS_PER_CALL: u32 = 64;
 pub struct WorkerService<E: Engine> {
     name: String,
     engine: Arc<Mutex<E>>,
+    traces: SequenceTraces,
 }
 
 impl<E: Engine> WorkerService<E> {
@@ -41,6 +45,7 @@ impl<E: Engine> WorkerService<E> {
         WorkerService {
             name,
             engine: Arc::new(Mutex::new(engine)),
+            traces: SequenceTraces::default(),
         }
     }
 
@@ -117,6 +122,11 @@ impl<E: Engine> WorkerService<E> {
     }
 }
 
+/// Sequences that generated their last token (and left the batch) in a step call.
+fn finished(outputs: &[SequenceOutput]) -> impl Iterator<Item = u64> + '_ {
+    outputs.iter().filter(|o| o.image.is_some()).map(|o| o.id)
+}
+
 fn model_status(e: ModelError) -> Status {
     match e {
         ModelError::InvalidSequence(_) => Status::invalid_argument(e.to_string()),
@@ -172,6 +182,8 @@ impl<E: Engine> Worker for WorkerService<E> {
                 )));
             }
             info!(worker = %self.name, request_id = %s.request_id, sequence = s.id, resume_from = s.generated.len(), "sequence joins the batch");
+            let trace = TraceContext::from_traceparent(s.trace_parent);
+            self.traces.join(&self.name, s.id, &s.request_id, &trace);
             seqs.push(NewSequence {
                 id: s.id,
                 prompt: s.prompt,
@@ -193,7 +205,19 @@ impl<E: Engine> Worker for WorkerService<E> {
             ));
         }
         let batch = seqs.len();
-        let (outputs, load) = self.with_engine(move |e| e.prefill(seqs)).await?;
+        let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+        let step_spans = self.traces.step("prefill", &ids, 1);
+        let result = self.with_engine(move |e| e.prefill(seqs)).await;
+        drop(step_spans);
+        let (outputs, load) = match result {
+            Ok(r) => r,
+            Err(status) => {
+                // A refused prefill holds none of its sequences.
+                self.traces.close(ids);
+                return Err(status);
+            }
+        };
+        self.traces.close(finished(&outputs));
         Ok(Response::new(
             self.step_response("prefill", outputs, 1, batch, start, load),
         ))
@@ -216,9 +240,12 @@ impl<E: Engine> Worker for WorkerService<E> {
             )));
         }
         let batch = ids.len();
+        let step_spans = self.traces.step("decode", &ids, steps);
         let (outputs, load) = self
             .with_engine(move |e| e.decode(&ids, steps as usize))
             .await?;
+        drop(step_spans);
+        self.traces.close(finished(&outputs));
         Ok(Response::new(self.step_response(
             "decode", outputs, steps, batch, start, load,
         )))
@@ -236,8 +263,10 @@ impl<E: Engine> Worker for WorkerService<E> {
         if all {
             let held = engine.held_ids();
             engine.release(&held);
+            self.traces.close_all();
         } else {
             engine.release(&ids);
+            self.traces.close(ids);
         }
         let free = engine.free_blocks();
         let total = engine.info().kv_blocks_total;
@@ -314,6 +343,7 @@ mod tests {
             generated: vec![],
             kv_blocks,
             request_id: format!("req-{id}"),
+            trace_parent: String::new(),
         }
     }
 
