@@ -15,11 +15,12 @@ use crate::cluster;
 use crate::config::WorkerOpts;
 
 mod admission;
+mod tracing;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Which figures: all, decode, batching, scheduler, admission or shedding.
-    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission", "shedding"])]
+    /// Which figures: all, decode, batching, scheduler, admission, shedding or tracing.
+    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission", "shedding", "tracing"])]
     pub only: String,
     /// Worker processes in the batching and shedding runs.
     #[arg(long, default_value_t = 2)]
@@ -60,7 +61,10 @@ pub struct BenchArgs {
     /// Milliseconds between arrivals in the batching runs (0: all at once).
     #[arg(long, default_value_t = 0)]
     pub arrival_ms: u64,
-    /// Alternating repetitions of each batching mode (medians are reported).
+    /// Seconds of load per tracing configuration and round.
+    #[arg(long, default_value_t = 8.0)]
+    pub tracing_seconds: f64,
+    /// Alternating repetitions of each batching mode and tracing configuration (medians reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
 }
@@ -112,6 +116,14 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
             args.redis.as_deref(),
             args.clients.max(1),
             args.requests.max(1),
+        )
+        .await?;
+    }
+    if matches!(args.only.as_str(), "all" | "tracing") {
+        tracing::run(
+            args.clients.max(1),
+            args.tracing_seconds,
+            args.repeats.max(1),
         )
         .await?;
     }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::admission::{Admission, Admitted, Outcome};
 use crate::auth::{Authenticator, Identity};
@@ -205,8 +205,11 @@ impl Gateway {
         let model = self.backend.model().await.map_err(|e| fail(e.into()))?;
         let caller_trace = TraceContext::from_metadata(request.metadata());
         let valid = validate(request.into_inner(), &model).map_err(fail)?;
-        let span = info_span!("generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str(), trace_id = tracing::field::Empty);
-        caller_trace.adopt(&span);
+        let traced = kiln_telemetry::trace::sample(&caller_trace);
+        let span = kiln_telemetry::request_span!(traced, "generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str(), trace_id = tracing::field::Empty);
+        if traced {
+            caller_trace.adopt(&span);
+        }
         span.in_scope(|| info!(key_id = %identity.key_id, width = valid.width, height = valid.height, "request accepted"));
         self.policy.check(&identity, &valid).map_err(fail)?;
         let ticket = match self

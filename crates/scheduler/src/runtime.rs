@@ -457,8 +457,11 @@ impl Owner {
         self.next_id += 1;
         let prompt_tokens = request.prompt.len() as u32 + model.prefix_overhead_tokens;
         let image_tokens = (request.width / model.patch_size) * (request.height / model.patch_size);
-        let span = info_span!("job", request_id = %request.request_id, job = id, tier = request.tier.as_str(), trace_id = tracing::field::Empty);
-        request.trace.adopt(&span);
+        let traced = request.trace.sampled();
+        let span = kiln_telemetry::request_span!(traced, "job", request_id = %request.request_id, job = id, tier = request.tier.as_str(), trace_id = tracing::field::Empty);
+        if traced {
+            request.trace.adopt(&span);
+        }
         span.in_scope(|| debug!(prompt_tokens, image_tokens, "job queued"));
         let job = Job {
             id,

@@ -492,10 +492,13 @@ pub fn init(tracing: &TracingConfig) -> Result<TracingGuard, TracingError> {
         fmt.with_filter(filter).boxed()
     };
     let provider = trace::provider(tracing)?;
-    // Spans are exported at info and above whatever the log filter says, so quieter logs do not cut
-    // traces; the exporter's own (debug) events stay out of them.
+    // Only the spans of sampled requests reach the exporter, whatever the log filter says, so
+    // quieter logs do not cut traces and the exporter's own events stay out of them.
     let otel = provider.as_ref().map(|p| {
-        trace::layer(p, &tracing.service).with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+        trace::layer(p, &tracing.service).with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(trace::TRACED, tracing::Level::INFO),
+        )
     });
     // A second initialisation (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()

@@ -7,8 +7,15 @@
 //! already had. A [`TraceContext`] is the `traceparent` header of one span: the gateway puts it in
 //! the scheduler call's gRPC metadata, and the scheduler puts each sequence's into the worker batch
 //! calls (one call serves many requests, so metadata could carry only one of them).
+//!
+//! The sampling decision is made once, at the gateway ([`sample`]), and travels with the context.
+//! Spans of unsampled requests are ordinary `tracing` spans (logs still carry their fields); spans
+//! of sampled ones are made with the [`TRACED`] target ([`request_span!`](crate::request_span)),
+//! the only target the OpenTelemetry layer sees, so a request that is not traced costs the layer
+//! nothing at all.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -24,6 +31,39 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The gRPC metadata key (and W3C header) of a trace context.
 pub const TRACEPARENT: &str = "traceparent";
+
+/// The `tracing` target of the spans of sampled requests: the only spans exported.
+pub const TRACED: &str = "kiln::traced";
+
+/// Share of new traces kept (f64 bits), set with the exporter.
+static SAMPLE_RATIO: AtomicU64 = AtomicU64::new(0);
+/// Set while an exporter is installed.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a request that arrives with `caller` (maybe empty) is traced: the caller's decision when
+/// it sent one, else a coin weighted by the configured ratio. Always false while tracing is off.
+pub fn sample(caller: &TraceContext) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return false;
+    }
+    if caller.traceparent.is_some() {
+        return caller.sampled();
+    }
+    let ratio = f64::from_bits(SAMPLE_RATIO.load(Ordering::Relaxed));
+    ratio > 0.0 && rand::random::<f64>() < ratio
+}
+
+/// An `info` span named `$name` with the given fields, exported when `$sampled` (see [`TRACED`]).
+#[macro_export]
+macro_rules! request_span {
+    ($sampled:expr, $name:literal, $($fields:tt)*) => {
+        if $sampled {
+            ::tracing::info_span!(target: $crate::trace::TRACED, $name, $($fields)*)
+        } else {
+            ::tracing::info_span!($name, $($fields)*)
+        }
+    };
+}
 
 /// Where and how much to trace.
 #[derive(Clone, Debug)]
@@ -79,6 +119,8 @@ pub(crate) fn provider(config: &TracingConfig) -> Result<Option<SdkTracerProvide
         return Err(TracingError::SampleRatio(config.sample_ratio));
     }
     let Some(endpoint) = &config.otlp_endpoint else {
+        ENABLED.store(false, Ordering::Relaxed);
+        SAMPLE_RATIO.store(0f64.to_bits(), Ordering::Relaxed);
         return Ok(None);
     };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -106,11 +148,12 @@ pub(crate) fn provider(config: &TracingConfig) -> Result<Option<SdkTracerProvide
         .build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.sample_ratio,
-        ))))
+        // Only sampled requests reach the layer (see `sample`), so what reaches it is kept.
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(resource)
         .build();
+    ENABLED.store(true, Ordering::Relaxed);
+    SAMPLE_RATIO.store(config.sample_ratio.to_bits(), Ordering::Relaxed);
     Ok(Some(provider))
 }
 
@@ -127,6 +170,9 @@ where
         .with_threads(false)
         .with_location(false)
         .with_tracked_inactivity(false)
+        // Kiln reads span contexts explicitly; activating one on every poll of an instrumented
+        // future would cost each request a context push and pop per poll.
+        .with_context_activation(false)
 }
 
 /// The W3C trace context of one span, as it travels between components. Empty when tracing is off

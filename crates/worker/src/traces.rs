@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use kiln_telemetry::trace::TRACED;
 use kiln_telemetry::TraceContext;
 use tracing::{info_span, Span};
 
@@ -22,6 +23,7 @@ impl SequenceTraces {
             return;
         }
         let span = info_span!(
+            target: TRACED,
             "sequence",
             worker,
             request_id,
@@ -42,7 +44,7 @@ impl SequenceTraces {
         let batch_size = ids.len();
         ids.iter()
             .filter_map(|id| open.get(id))
-            .map(|parent| info_span!(parent: parent, "step", phase, batch_size, steps))
+            .map(|parent| info_span!(target: TRACED, parent: parent, "step", phase, batch_size, steps))
             .collect()
     }
 
