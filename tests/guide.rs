@@ -92,7 +92,7 @@ fn the_python_example_runs_against_kiln_up() {
         "kiln_scheduler_queue_wait_seconds_bucket",
         "kiln_scheduler_saturation_ratio",
         "kiln_worker_kv_blocks_used",
-        "kiln_worker_batch_slots_total",
+        "kiln_worker_batch_slots_capacity",
         "kiln_worker_step_duration_seconds_bucket",
         "kiln_worker_device_memory_used_bytes",
     ] {

@@ -81,6 +81,11 @@ pub struct Options {
     pub schedulers: usize,
     /// Environment variables of every process (e.g. tracing and log format).
     pub env: Vec<(String, String)>,
+    /// More flags for every scheduler and every worker.
+    pub scheduler_args: Vec<String>,
+    pub worker_args: Vec<String>,
+    /// Give every process a `/metrics` port (see [`Cluster::metrics`]).
+    pub metrics: bool,
 }
 
 impl Default for Options {
@@ -95,6 +100,9 @@ impl Default for Options {
             etcd: None,
             schedulers: 1,
             env: Vec::new(),
+            scheduler_args: Vec::new(),
+            worker_args: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -114,6 +122,9 @@ pub struct Cluster {
     pub workers: Vec<String>,
     children: Vec<(String, Child)>,
     env: Vec<(String, String)>,
+    /// `host:port` of each process's `/metrics`, by process name (with `Options::metrics`).
+    pub metrics: std::collections::HashMap<String, String>,
+    with_metrics: bool,
 }
 
 impl Cluster {
@@ -159,6 +170,8 @@ impl Cluster {
             workers: Vec::new(),
             children: Vec::new(),
             env: options.env.clone(),
+            metrics: Default::default(),
+            with_metrics: options.metrics,
         };
         let any_port = "127.0.0.1:0";
         let model = model.to_str().expect("utf-8 path");
@@ -189,6 +202,7 @@ impl Cluster {
                 model,
             ];
             args.extend(&etcd_args);
+            args.extend(options.worker_args.iter().map(String::as_str));
             let addr = cluster.spawn(&name, &args);
             cluster.workers.push(addr);
         }
@@ -200,6 +214,7 @@ impl Cluster {
             } else {
                 args.extend(["--worker", &worker_list]);
             }
+            args.extend(options.scheduler_args.iter().map(String::as_str));
             let addr = cluster.spawn(&replica_name("scheduler", i), &args);
             cluster.schedulers.push(addr);
         }
@@ -270,8 +285,14 @@ impl Cluster {
     fn spawn(&mut self, name: &str, args: &[&str]) -> String {
         let log =
             std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
-        let mut child = Command::new(kiln_bin())
-            .args(args)
+        let mut command = Command::new(kiln_bin());
+        command.args(args);
+        if self.with_metrics {
+            let metrics = format!("127.0.0.1:{}", kiln_testkit::free_port());
+            command.args(["--metrics-listen", &metrics]);
+            self.metrics.insert(name.to_string(), metrics);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -296,6 +317,19 @@ impl Cluster {
                 )
             });
         format!("http://{addr}")
+    }
+
+    /// The `/metrics` page of process `name` (started with `Options::metrics`).
+    pub fn scrape(&self, name: &str) -> String {
+        use std::io::{Read, Write};
+        let address = &self.metrics[name];
+        let mut stream = std::net::TcpStream::connect(address).expect("metrics port");
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        page.split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or(page)
     }
 
     /// Kills one process (e.g. a worker) at once, as a crash would.

@@ -37,10 +37,10 @@ pub mod names {
     pub const SCHEDULER_WORKER_CALL_DURATION: &str = "kiln_scheduler_worker_call_duration_seconds";
     pub const WORKER_STEP_DURATION: &str = "kiln_worker_step_duration_seconds";
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
-    pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_total";
+    pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_capacity";
     pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
     pub const WORKER_BATCH_SLOTS_USED: &str = "kiln_worker_batch_slots_used";
-    pub const WORKER_BATCH_SLOTS_TOTAL: &str = "kiln_worker_batch_slots_total";
+    pub const WORKER_BATCH_SLOTS_TOTAL: &str = "kiln_worker_batch_slots_capacity";
     pub const MEMBERSHIP_ETCD_ERRORS: &str = "kiln_membership_etcd_errors_total";
     pub const SCHEDULER_OLDEST_WAIT: &str = "kiln_scheduler_oldest_wait_seconds";
     pub const SCHEDULER_QUEUE_WAIT: &str = "kiln_scheduler_queue_wait_seconds";
