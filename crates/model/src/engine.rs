@@ -82,6 +82,11 @@ pub trait Engine: Send + 'static {
     fn release(&mut self, ids: &[u64]);
     /// Ids of every sequence held.
     fn held_ids(&self) -> Vec<u64>;
+    /// (used, total) bytes of the accelerator's memory, when the engine runs on one; `None` on the
+    /// CPU, where the process's own memory is the figure that matters.
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 struct Sequence {
@@ -240,6 +245,10 @@ impl Engine for CandleEngine {
 
     fn free_blocks(&self) -> usize {
         self.cache.allocator.free()
+    }
+
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.model.device_memory()
     }
 
     fn sequences(&self) -> usize {

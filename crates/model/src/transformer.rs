@@ -225,6 +225,17 @@ impl Transformer {
         }
     }
 
+    /// (used, total) bytes of the GPU's memory as the CUDA driver reports it (all processes on the
+    /// device, so it is the saturation figure an operator needs); `None` on the CPU.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        #[cfg(feature = "cuda")]
+        if let Ok(cuda) = self.device.as_cuda_device() {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            return Some(((total - free) as u64, total as u64));
+        }
+        None
+    }
+
     fn matmul(&self, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, ModelError> {
         matmul(&self.device, x, rows, w)
     }

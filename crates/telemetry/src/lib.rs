@@ -37,10 +37,10 @@ pub mod names {
     pub const SCHEDULER_WORKER_CALL_DURATION: &str = "kiln_scheduler_worker_call_duration_seconds";
     pub const WORKER_STEP_DURATION: &str = "kiln_worker_step_duration_seconds";
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
-    pub const WORKER_KV_BLOCKS_TOTAL: &str = "kiln_worker_kv_blocks_capacity";
+    pub const WORKER_KV_BLOCKS_CAPACITY: &str = "kiln_worker_kv_blocks_capacity";
     pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
     pub const WORKER_BATCH_SLOTS_USED: &str = "kiln_worker_batch_slots_used";
-    pub const WORKER_BATCH_SLOTS_TOTAL: &str = "kiln_worker_batch_slots_capacity";
+    pub const WORKER_BATCH_SLOTS_CAPACITY: &str = "kiln_worker_batch_slots_capacity";
     pub const MEMBERSHIP_ETCD_ERRORS: &str = "kiln_membership_etcd_errors_total";
     pub const SCHEDULER_OLDEST_WAIT: &str = "kiln_scheduler_oldest_wait_seconds";
     pub const SCHEDULER_QUEUE_WAIT: &str = "kiln_scheduler_queue_wait_seconds";
@@ -73,10 +73,10 @@ pub mod names {
         SCHEDULER_WORKER_CALL_DURATION,
         WORKER_STEP_DURATION,
         WORKER_KV_BLOCKS_USED,
-        WORKER_KV_BLOCKS_TOTAL,
+        WORKER_KV_BLOCKS_CAPACITY,
         WORKER_TOKENS,
         WORKER_BATCH_SLOTS_USED,
-        WORKER_BATCH_SLOTS_TOTAL,
+        WORKER_BATCH_SLOTS_CAPACITY,
         MEMBERSHIP_ETCD_ERRORS,
         BUILD_INFO,
         SCHEDULER_OLDEST_WAIT,
@@ -300,9 +300,9 @@ pub static WORKER_BATCH_SLOTS_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
     )
     .expect("metric registered once")
 });
-pub static WORKER_BATCH_SLOTS_TOTAL: LazyLock<GaugeVec> = LazyLock::new(|| {
+pub static WORKER_BATCH_SLOTS_CAPACITY: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
-        names::WORKER_BATCH_SLOTS_TOTAL,
+        names::WORKER_BATCH_SLOTS_CAPACITY,
         "Batch slots of the worker.",
         &["worker"]
     )
@@ -406,9 +406,9 @@ pub static WORKER_KV_BLOCKS_USED: LazyLock<GaugeVec> = LazyLock::new(|| {
     )
     .expect("metric registered once")
 });
-pub static WORKER_KV_BLOCKS_TOTAL: LazyLock<GaugeVec> = LazyLock::new(|| {
+pub static WORKER_KV_BLOCKS_CAPACITY: LazyLock<GaugeVec> = LazyLock::new(|| {
     register_gauge_vec!(
-        names::WORKER_KV_BLOCKS_TOTAL,
+        names::WORKER_KV_BLOCKS_CAPACITY,
         "KV-cache blocks of the worker.",
         &["worker"]
     )

@@ -29,21 +29,32 @@ pub const MAX_STEPS_PER_CALL: u32 = 64;
 /// The gRPC service over an engine.
 pub struct WorkerService<E: Engine> {
     name: String,
+    /// The engine's device, e.g. `cpu` or `cuda:0` (the memory metrics' label).
+    device: String,
     engine: Arc<Mutex<E>>,
     traces: SequenceTraces,
+}
+
+/// What an engine holds after a call.
+struct Load {
+    free_blocks: usize,
+    sequences: usize,
+    /// Accelerator memory (used, total); `None` on the CPU.
+    device_memory: Option<(u64, u64)>,
 }
 
 impl<E: Engine> WorkerService<E> {
     pub fn new(name: String, engine: E) -> Self {
         let info = engine.info();
-        telemetry::WORKER_KV_BLOCKS_TOTAL
+        telemetry::WORKER_KV_BLOCKS_CAPACITY
             .with_label_values(&[&name])
             .set(info.kv_blocks_total as f64);
-        telemetry::WORKER_BATCH_SLOTS_TOTAL
+        telemetry::WORKER_BATCH_SLOTS_CAPACITY
             .with_label_values(&[&name])
             .set(info.max_batch as f64);
         WorkerService {
             name,
+            device: info.device,
             engine: Arc::new(Mutex::new(engine)),
             traces: SequenceTraces::default(),
         }
@@ -53,14 +64,19 @@ impl<E: Engine> WorkerService<E> {
     async fn with_engine<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut E) -> Result<T, ModelError> + Send + 'static,
-    ) -> Result<(T, (usize, usize)), Status> {
+    ) -> Result<(T, Load), Status> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let mut engine = engine
                 .lock()
                 .map_err(|_| Status::internal("engine poisoned by an earlier panic"))?;
             let result = f(&mut engine).map_err(model_status)?;
-            Ok((result, (engine.free_blocks(), engine.sequences())))
+            let load = Load {
+                free_blocks: engine.free_blocks(),
+                sequences: engine.sequences(),
+                device_memory: engine.device_memory(),
+            };
+            Ok((result, load))
         })
         .await
         .map_err(|e| Status::internal(format!("engine task failed: {e}")))?
@@ -73,18 +89,19 @@ impl<E: Engine> WorkerService<E> {
         steps: u32,
         batch: usize,
         start: Instant,
-        (free, held): (usize, usize),
+        load: Load,
     ) -> StepResponse {
+        let (free, held) = (load.free_blocks, load.sequences);
         telemetry::WORKER_BATCH_SLOTS_USED
             .with_label_values(&[&self.name])
             .set(held as f64);
-        if let Some((used, total)) = telemetry::process_memory() {
-            // On CUDA builds the device's own numbers belong here (not measured yet).
+        // The accelerator's memory where there is one, else the process's own on the machine's.
+        if let Some((used, total)) = load.device_memory.or_else(telemetry::process_memory) {
             telemetry::WORKER_MEMORY_USED
-                .with_label_values(&[&self.name, "cpu"])
+                .with_label_values(&[&self.name, &self.device])
                 .set(used as f64);
             telemetry::WORKER_MEMORY_TOTAL
-                .with_label_values(&[&self.name, "cpu"])
+                .with_label_values(&[&self.name, &self.device])
                 .set(total as f64);
         }
         let seconds = start.elapsed().as_secs_f64();
@@ -95,7 +112,7 @@ impl<E: Engine> WorkerService<E> {
         telemetry::WORKER_TOKENS
             .with_label_values(&[&self.name])
             .inc_by(tokens as u64);
-        let total = telemetry::WORKER_KV_BLOCKS_TOTAL
+        let total = telemetry::WORKER_KV_BLOCKS_CAPACITY
             .with_label_values(&[&self.name])
             .get();
         telemetry::WORKER_KV_BLOCKS_USED
