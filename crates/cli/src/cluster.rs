@@ -12,7 +12,7 @@ use kiln_gateway::admission::{QuotaAdmission, QuotaSettings};
 use kiln_gateway::auth::{KeyFileEntry, KeysFile, StoreKeys};
 use kiln_gateway::backend::Backend;
 use kiln_gateway::policy::StyleRules;
-use kiln_gateway::signing::Unsigned;
+use kiln_gateway::signing::C2paSigner;
 use kiln_gateway::{Gateway, GatewayConfig};
 use kiln_model::{CandleEngine, ModelConfig, Transformer};
 use kiln_quota::{keys::digest, MemoryStore, RedisConfig, RedisStore, Store, TierTable};
@@ -116,7 +116,10 @@ pub async fn build_gateway(
     opts: &GatewayOpts,
     keys: Option<&Path>,
     backend: Arc<dyn Backend>,
+    data_dir: &Path,
 ) -> Result<Gateway> {
+    // First, so that a misconfigured signer stops the gateway before it touches anything else.
+    let signer = build_signer(opts, data_dir)?;
     let store: Arc<dyn Store> = match &opts.redis {
         Some(url) => {
             let mut config = RedisConfig::new(url.clone());
@@ -171,9 +174,45 @@ pub async fn build_gateway(
         auth: Arc::new(StoreKeys::new(opts.pepper.clone(), store)),
         policy: Arc::new(policy),
         admission,
-        signer: Arc::new(Unsigned),
+        signer: Arc::new(signer),
         backend,
     })
+}
+
+/// Where `kiln up` and a gateway without configured keys keep their development CA.
+pub fn dev_signing_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("c2pa")
+}
+
+/// The C2PA signer of `opts`, proven by a test signature; the development CA of `data_dir` when no
+/// credentials are configured.
+pub fn build_signer(opts: &GatewayOpts, data_dir: &Path) -> Result<C2paSigner> {
+    let credentials = match (&opts.c2pa_cert_chain, &opts.c2pa_private_key) {
+        (Some(chain), Some(key)) => kiln_provenance::Credentials::from_files(chain, key)
+            .map_err(|e| anyhow::anyhow!("--c2pa-cert-chain/--c2pa-private-key: {e}"))?,
+        (None, None) => {
+            let dir = dev_signing_dir(data_dir);
+            let dev = kiln_provenance::dev_credentials(&dir)
+                .map_err(|e| anyhow::anyhow!("development signing credentials: {e}"))?;
+            warn!(
+                ca = %dev.ca_path.display(),
+                created = dev.created,
+                "signing images with a DEVELOPMENT certificate: verifiers trust it only with this CA; \
+                 configure --c2pa-cert-chain and --c2pa-private-key for production"
+            );
+            dev.credentials
+        }
+        _ => anyhow::bail!("--c2pa-cert-chain and --c2pa-private-key must be given together"),
+    };
+    let signer = kiln_provenance::ImageSigner::new(
+        &credentials,
+        kiln_provenance::SignerOptions {
+            tsa_url: opts.c2pa_tsa_url.clone(),
+            include_prompt: opts.c2pa_include_prompt,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("C2PA signer (--c2pa-cert-chain, --c2pa-private-key): {e}"))?;
+    Ok(C2paSigner(signer))
 }
 
 /// Makes sure a development API key exists in `data_dir`; returns the keys file path.

@@ -255,6 +255,19 @@ pub struct GatewayOpts {
     /// Seconds an in-flight slot is held without renewal (a dead gateway's slots free after this).
     #[arg(long, env = env::GATEWAY_QUOTA_LEASE, default_value_t = 30)]
     pub quota_lease: u64,
+    /// C2PA signing certificate chain (PEM, signing certificate first). Without it and
+    /// --c2pa-private-key, images are signed with a development CA kept in the data directory.
+    #[arg(long, env = env::GATEWAY_C2PA_CERT_CHAIN, requires = "c2pa_private_key")]
+    pub c2pa_cert_chain: Option<PathBuf>,
+    /// The C2PA signing certificate's private key (PEM; a secret, never logged).
+    #[arg(long, env = env::GATEWAY_C2PA_PRIVATE_KEY, requires = "c2pa_cert_chain")]
+    pub c2pa_private_key: Option<PathBuf>,
+    /// RFC 3161 time-stamp authority for the manifests. Unset, signing never touches the network.
+    #[arg(long, env = env::GATEWAY_C2PA_TSA_URL)]
+    pub c2pa_tsa_url: Option<String>,
+    /// Record the prompt in each image's Kiln assertion (off: prompts may be private).
+    #[arg(long, env = env::GATEWAY_C2PA_INCLUDE_PROMPT)]
+    pub c2pa_include_prompt: bool,
 }
 
 impl GatewayOpts {

@@ -16,6 +16,7 @@ mod cluster;
 mod config;
 mod generate;
 mod status;
+mod verify;
 
 use cluster::Shutdown;
 use config::{BatchingOpts, EtcdOpts, GatewayOpts, TracingOpts, WorkerOpts};
@@ -127,6 +128,8 @@ enum Command {
     Admin(admin::AdminArgs),
     /// The cluster view: leader, workers' saturation, queues per tier, shedding.
     Status(status::StatusArgs),
+    /// Check an image's C2PA manifest: what it claims and whether it validates (exit 1 if not).
+    Verify(verify::VerifyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,8 +230,13 @@ async fn run(cli: Cli) -> Result<()> {
                 workers: addresses,
                 ..Default::default()
             });
-            let gw =
-                cluster::build_gateway(&gateway, Some(&keys), Arc::new(handle.clone())).await?;
+            let gw = cluster::build_gateway(
+                &gateway,
+                Some(&keys),
+                Arc::new(handle.clone()),
+                &cli.data_dir,
+            )
+            .await?;
             let listener = cluster::bind(listen, "--listen").await?;
             let addr = listener.local_addr()?;
             let server = tokio::spawn(kiln_gateway::run(gw, listener, shutdown.clone().wait()));
@@ -264,8 +272,13 @@ async fn run(cli: Cli) -> Result<()> {
                 None => kiln_gateway::backend::RemoteScheduler::new(&scheduler)
                     .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
             };
-            let gw = cluster::build_gateway(&gateway, gateway.keys.as_deref(), Arc::new(backend))
-                .await?;
+            let gw = cluster::build_gateway(
+                &gateway,
+                gateway.keys.as_deref(),
+                Arc::new(backend),
+                &cli.data_dir,
+            )
+            .await?;
             let (_stop, shutdown) = Shutdown::on_signal();
             cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let listener = cluster::bind(listen, "--listen").await?;
@@ -383,5 +396,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args, &cli.data_dir).await,
         Command::Admin(args) => admin::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Verify(args) => {
+            if verify::run(args, &cli.data_dir)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
     }
 }

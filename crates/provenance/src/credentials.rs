@@ -64,26 +64,47 @@ const KEY_FILE: &str = "dev-signer-key.pem";
 
 /// The development CA and signing certificate in `dir`, created (P-256, the CA valid for ten
 /// years, the signing certificate for two) when absent. For development only: anyone with the
-/// directory can sign as this CA.
+/// directory can sign as this CA. Processes sharing a data directory may race to create them:
+/// each writes a complete set in a directory of its own and renames it into place, so the files
+/// always belong together and every process ends up with the winner's.
 pub fn dev_credentials(dir: &Path) -> Result<DevCredentials, ProvenanceError> {
-    let (ca_path, chain_path, key_path) =
-        (dir.join(CA_FILE), dir.join(CHAIN_FILE), dir.join(KEY_FILE));
-    if chain_path.exists() && key_path.exists() && ca_path.exists() {
-        return Ok(DevCredentials {
-            credentials: Credentials::from_files(&chain_path, &key_path)?,
-            ca_path,
+    let ca_path = dir.join(CA_FILE);
+    let existing = || -> Result<DevCredentials, ProvenanceError> {
+        Ok(DevCredentials {
+            credentials: Credentials::from_files(&dir.join(CHAIN_FILE), &dir.join(KEY_FILE))?,
+            ca_path: ca_path.clone(),
             created: false,
-        });
+        })
+    };
+    if dir.join(KEY_FILE).exists() {
+        return existing();
     }
     let (ca_pem, credentials) = generate_dev_chain(years_from_now(10), years_from_now(2))?;
-    std::fs::create_dir_all(dir).map_err(|e| ProvenanceError::File {
-        what: "development credentials directory",
-        path: dir.display().to_string(),
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ProvenanceError::File {
+        what: "data directory",
+        path: parent.display().to_string(),
         message: e.to_string(),
     })?;
-    write(&ca_path, ca_pem.as_bytes(), false)?;
-    write(&chain_path, &credentials.chain_pem, false)?;
-    write(&key_path, &credentials.key_pem, true)?;
+    static STAGING: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let staging = parent.join(format!(
+        ".c2pa-staging-{}-{}",
+        std::process::id(),
+        STAGING.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&staging).map_err(|e| ProvenanceError::File {
+        what: "staging directory",
+        path: staging.display().to_string(),
+        message: e.to_string(),
+    })?;
+    write(&staging.join(CA_FILE), ca_pem.as_bytes(), false)?;
+    write(&staging.join(CHAIN_FILE), &credentials.chain_pem, false)?;
+    write(&staging.join(KEY_FILE), &credentials.key_pem, true)?;
+    if std::fs::rename(&staging, dir).is_err() {
+        // Another process got there first (the directory exists and is not empty).
+        let _ = std::fs::remove_dir_all(&staging);
+        return existing();
+    }
     Ok(DevCredentials {
         credentials,
         ca_path,

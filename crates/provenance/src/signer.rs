@@ -161,7 +161,8 @@ impl ImageSigner {
             "model": generation.model,
             "width": generation.width,
             "height": generation.height,
-            "seed": generation.seed,
+            // CBOR integers in c2pa are i64: a u64 seed goes as its decimal string.
+            "seed": generation.seed.to_string(),
             "temperature": generation.temperature,
             "top_k": generation.top_k,
             "top_p": generation.top_p,

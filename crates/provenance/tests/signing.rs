@@ -26,7 +26,7 @@ fn generation() -> Generation<'static> {
         prompt: "a secret prompt about a red star",
         width: 64,
         height: 64,
-        seed: 9,
+        seed: u64::MAX - 7,
         temperature: 1.0,
         top_k: 40,
         top_p: 0.95,
@@ -117,7 +117,7 @@ fn a_signed_image_is_trusted_against_its_ca_and_says_how_it_was_made() {
     assert!(manifest.contains("kiln-random-20m"), "{manifest}");
     let kiln = trusted.kiln_assertion.expect("Kiln assertion");
     assert_eq!(kiln["request_id"], "req-42");
-    assert_eq!(kiln["seed"], 9);
+    assert_eq!(kiln["seed"], (u64::MAX - 7).to_string());
     assert!(
         kiln.get("prompt").is_none(),
         "the prompt is recorded only when configured"
@@ -216,4 +216,22 @@ fn an_expired_certificate_is_refused() {
     let expired = kiln_provenance::testing::expired_credentials();
     let err = ImageSigner::new(&expired, SignerOptions::default()).unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
+}
+
+#[test]
+fn processes_racing_to_create_dev_credentials_agree() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("c2pa");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| dev_credentials(&dir).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r.credentials.chain_pem, results[0].credentials.chain_pem);
+        assert_eq!(r.credentials.key_pem, results[0].credentials.key_pem);
+        ImageSigner::new(&r.credentials, SignerOptions::default()).unwrap();
+    }
+    assert!(results.iter().filter(|r| r.created).count() <= 1);
 }
