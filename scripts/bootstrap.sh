@@ -14,15 +14,26 @@ if [ "${1:-}" = "--test" ]; then
   # examples/python/kiln_example.py, run by a test with Debian's own interpreter.
   /usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || packages+=(python3-grpcio)
   /usr/bin/python3 -c 'import google.protobuf' >/dev/null 2>&1 || packages+=(python3-protobuf)
+  # pip, for the independent C2PA verifier below.
+  /usr/bin/python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 fi
-[ ${#packages[@]} -eq 0 ] && exit 0
 
-if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  echo "bootstrap: installing ${packages[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
-else
-  echo "bootstrap: missing system packages. Run: sudo apt-get install -y ${packages[*]}" >&2
-  exit 1
+if [ ${#packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing ${packages[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  else
+    echo "bootstrap: missing system packages. Run: sudo apt-get install -y ${packages[*]}" >&2
+    exit 1
+  fi
+fi
+
+# The C2PA test reads Kiln's images with c2pa-python (PyPI), a verifier Kiln did not write.
+if [ "${1:-}" = "--test" ] && ! /usr/bin/python3 -c 'import c2pa' >/dev/null 2>&1; then
+  echo "bootstrap: installing c2pa-python from PyPI" >&2
+  user=()
+  [ "$(id -u)" = "0" ] || user=(--user)
+  /usr/bin/python3 -m pip install -q "${user[@]}" --break-system-packages "c2pa-python==0.38.1" >&2
 fi

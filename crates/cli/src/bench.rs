@@ -15,12 +15,13 @@ use crate::cluster;
 use crate::config::WorkerOpts;
 
 mod admission;
+mod signing;
 mod tracing;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Which figures: all, decode, batching, scheduler, admission, shedding or tracing.
-    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission", "shedding", "tracing"])]
+    /// Which figures: all, decode, batching, scheduler, admission, shedding, tracing or signing.
+    #[arg(long, default_value = "all", value_parser = ["all", "decode", "batching", "scheduler", "admission", "shedding", "tracing", "signing"])]
     pub only: String,
     /// Worker processes in the batching and shedding runs.
     #[arg(long, default_value_t = 2)]
@@ -118,6 +119,9 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
             args.requests.max(1),
         )
         .await?;
+    }
+    if matches!(args.only.as_str(), "all" | "signing") {
+        signing::run(&model_dir, 128, args.repeats.max(1) * 3).await?;
     }
     if matches!(args.only.as_str(), "all" | "tracing") {
         tracing::run(

@@ -220,8 +220,15 @@ impl CompactSigner {
         let reserve = if time_stamped {
             inner.reserve_size()
         } else {
-            // COSE headers and the signature (at most 512 bytes for RSA-4096) plus CBOR framing.
-            certificates + 1024
+            // The signature (RSA-PSS: up to a 4096-bit key) plus COSE headers and CBOR framing;
+            // too little would fail the start-up self test, never a request.
+            let signature = match inner.alg() {
+                SigningAlg::Es256 | SigningAlg::Ed25519 => 64,
+                SigningAlg::Es384 => 96,
+                SigningAlg::Es512 => 132,
+                _ => 512,
+            };
+            certificates + signature + 512
         };
         Ok(CompactSigner { inner, reserve })
     }
