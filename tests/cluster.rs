@@ -304,3 +304,56 @@ async fn a_crashed_worker_costs_time_not_work() {
         "resumed from its tokens, the image is the same"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_gpus_serve_the_real_cluster_with_real_block_accounting() {
+    let cluster = Cluster::start_with(kiln_e2e::Options {
+        workers: 3,
+        worker_args: ["--backend", "simulated", "--step-cost", "h100-20m"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let status = cluster.leader_status().await.unwrap();
+    assert_eq!(status.workers.len(), 3);
+    let runs: Vec<_> = (0..12)
+        .map(|i| {
+            let request = request("a simulated star", 64, i + 1);
+            let client = cluster.client();
+            async move {
+                let mut stream = client.await.generate(authed(request)).await?.into_inner();
+                let mut png = None;
+                while let Some(event) = stream.next().await {
+                    if let Some(generate_event::Event::Completed(c)) = event?.event {
+                        png = Some(c.png);
+                    }
+                }
+                Ok::<_, tonic::Status>(png.expect("completed"))
+            }
+        })
+        .collect();
+    let images = futures::future::try_join_all(runs)
+        .await
+        .expect("all served");
+    for png in &images {
+        assert_eq!(png_size(png), (64, 64));
+        assert!(
+            png.windows(14).any(|w| w == b"kiln:simulated"),
+            "marked as simulated"
+        );
+    }
+    let status = cluster.leader_status().await.unwrap();
+    for worker in &status.workers {
+        assert_eq!(worker.kv_blocks_free, worker.kv_blocks_total, "{worker:?}");
+    }
+    let info = WorkerClient::connect(cluster.workers[0].clone())
+        .await
+        .unwrap()
+        .info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.device, "simulated:h100-20m");
+    assert!(info.model.contains("simulated"), "{}", info.model);
+}

@@ -87,6 +87,8 @@ fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize, device: &st
         kv_blocks: 64 * 96,
         block_size: 16,
         max_batch,
+        backend: "candle".into(),
+        step_cost: "cpu-20m".into(),
     }
 }
 

@@ -99,6 +99,38 @@ fn device(name: &str) -> Result<Device> {
 }
 
 /// Loads the model and builds its engine.
+/// The engine `opts` asks for: the model on its device, or the simulated accelerator (which takes
+/// the model's shape from `model_dir`'s `config.json` when given, else the default model's).
+pub fn build_worker_engine(
+    opts: &WorkerOpts,
+    data_dir: &Path,
+) -> Result<Box<dyn kiln_model::Engine>> {
+    if opts.backend == "simulated" {
+        let config = match &opts.model {
+            Some(dir) => {
+                let path = dir.join("config.json");
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("--model: reading {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("--model: parsing {}", path.display()))?
+            }
+            None => kiln_model::ModelConfig::random_20m(),
+        };
+        let cost = kiln_model::StepCost::load(&opts.step_cost)
+            .map_err(|e| anyhow::anyhow!("--step-cost: {e}"))?;
+        warn!(step_cost = %cost.name, "simulated backend: no model runs; images are flat placeholders");
+        return Ok(Box::new(kiln_model::SimulatedEngine::new(
+            config,
+            cost,
+            opts.kv_blocks,
+            opts.block_size,
+            opts.max_batch,
+        )));
+    }
+    let model_dir = ensure_model(opts, data_dir)?;
+    Ok(Box::new(build_engine(opts, &model_dir)?))
+}
+
 pub fn build_engine(opts: &WorkerOpts, model_dir: &Path) -> Result<CandleEngine> {
     let model = Transformer::load(model_dir, &device(&opts.device)?)
         .with_context(|| format!("loading model from {}", model_dir.display()))?;

@@ -69,6 +69,13 @@ pub struct WorkerOpts {
     /// Most sequences in one batch.
     #[arg(long, env = env::WORKER_MAX_BATCH, default_value_t = 64)]
     pub max_batch: usize,
+    /// `candle` runs the model; `simulated` does no math and takes the time --step-cost predicts,
+    /// with real KV-block accounting (load tests of a large fleet on one machine).
+    #[arg(long, env = env::WORKER_BACKEND, default_value = "candle", value_parser = ["candle", "simulated"])]
+    pub backend: String,
+    /// Step-time calibration of the simulated backend: `cpu-20m`, `h100-20m` or a TOML file.
+    #[arg(long, env = env::WORKER_STEP_COST, default_value = "cpu-20m")]
+    pub step_cost: String,
 }
 
 impl WorkerOpts {

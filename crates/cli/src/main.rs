@@ -206,7 +206,6 @@ async fn run(cli: Cli) -> Result<()> {
             if workers == 0 {
                 anyhow::bail!("--workers ({}) must be at least 1", env::UP_WORKERS);
             }
-            let model_dir = cluster::ensure_model(&worker, &cli.data_dir)?;
             let keys = match &gateway.keys {
                 Some(k) => k.clone(),
                 None => cluster::ensure_dev_key(&cli.data_dir, &gateway.pepper)?,
@@ -215,7 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
             cluster::serve_metrics(metrics_listen, &shutdown).await?;
             let mut addresses = Vec::new();
             for i in 0..workers {
-                let engine = cluster::build_engine(&worker, &model_dir)?;
+                let engine = cluster::build_worker_engine(&worker, &cli.data_dir)?;
                 let listener = cluster::bind("127.0.0.1:0".parse()?, "worker listener").await?;
                 addresses.push(format!("http://{}", listener.local_addr()?));
                 tokio::spawn(kiln_worker::run(
@@ -240,11 +239,11 @@ async fn run(cli: Cli) -> Result<()> {
             let listener = cluster::bind(listen, "--listen").await?;
             let addr = listener.local_addr()?;
             let server = tokio::spawn(kiln_gateway::run(gw, listener, shutdown.clone().wait()));
-            handle
+            let model = handle
                 .wait_for_model(Duration::from_secs(60))
                 .await
                 .context("no worker came up within 60 s")?;
-            info!(gateway = %addr, workers, model = %model_dir.display(), "kiln is up");
+            info!(gateway = %addr, workers, model = %model.model, "kiln is up");
             if let Some(prompt) = generate {
                 let args = generate::GenerateArgs::for_local(prompt, output, size, addr);
                 let result = generate::run(args, &cli.data_dir).await;
@@ -337,8 +336,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             worker.validate()?;
             etcd.validate()?;
-            let model_dir = cluster::ensure_model(&worker, &cli.data_dir)?;
-            let engine = cluster::build_engine(&worker, &model_dir)?;
+            let engine = cluster::build_worker_engine(&worker, &cli.data_dir)?;
             let listener = cluster::bind(listen, "--listen").await?;
             let name = name.unwrap_or_else(|| {
                 format!(

@@ -89,6 +89,34 @@ pub trait Engine: Send + 'static {
     }
 }
 
+/// Any engine behind a box is an engine (workers choose theirs at start).
+impl<E: Engine + ?Sized> Engine for Box<E> {
+    fn info(&self) -> EngineInfo {
+        (**self).info()
+    }
+    fn free_blocks(&self) -> usize {
+        (**self).free_blocks()
+    }
+    fn sequences(&self) -> usize {
+        (**self).sequences()
+    }
+    fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError> {
+        (**self).prefill(seqs)
+    }
+    fn decode(&mut self, ids: &[u64], steps: usize) -> Result<Vec<SequenceOutput>, ModelError> {
+        (**self).decode(ids, steps)
+    }
+    fn release(&mut self, ids: &[u64]) {
+        (**self).release(ids)
+    }
+    fn held_ids(&self) -> Vec<u64> {
+        (**self).held_ids()
+    }
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        (**self).device_memory()
+    }
+}
+
 struct Sequence {
     width: u32,
     height: u32,
@@ -125,53 +153,12 @@ impl CandleEngine {
     }
 
     fn check(&self, seq: &NewSequence) -> Result<(), ModelError> {
-        let cfg = self.model.config();
-        let bad = |m: String| {
-            Err(ModelError::InvalidSequence(format!(
-                "sequence {}: {m}",
-                seq.id
-            )))
-        };
-        if self.sequences.contains_key(&seq.id) {
-            return bad("id already held".into());
-        }
-        if seq.prompt.len() > cfg.max_prompt_bytes {
-            return bad(format!(
-                "prompt of {} bytes exceeds {}",
-                seq.prompt.len(),
-                cfg.max_prompt_bytes
-            ));
-        }
-        if !cfg.sizes.contains(&seq.width) || !cfg.sizes.contains(&seq.height) {
-            return bad(format!(
-                "size {}x{} not among {:?}",
-                seq.width, seq.height, cfg.sizes
-            ));
-        }
-        let total = cfg.image_tokens(seq.width, seq.height);
-        if seq.generated.len() >= total {
-            return bad(format!(
-                "{} codes already generated of {total}",
-                seq.generated.len()
-            ));
-        }
-        if seq
-            .generated
-            .iter()
-            .any(|&c| c as usize >= cfg.codebook_size)
-        {
-            return bad("generated code outside the codebook".into());
-        }
-        let needed = self
-            .info()
-            .blocks_needed(seq.prompt.len(), seq.width, seq.height);
-        if seq.kv_blocks != needed {
-            return bad(format!(
-                "reserved {} KV blocks, needs {needed}",
-                seq.kv_blocks
-            ));
-        }
-        Ok(())
+        check_new_sequence(
+            self.model.config(),
+            &self.info(),
+            self.sequences.contains_key(&seq.id),
+            seq,
+        )
     }
 }
 
@@ -225,6 +212,59 @@ impl CandleEngine {
         }
         Ok(())
     }
+}
+
+/// Checks a sequence joining an engine that serves `cfg` (`held`: its id is already in use).
+pub(crate) fn check_new_sequence(
+    cfg: &ModelConfig,
+    info: &EngineInfo,
+    held: bool,
+    seq: &NewSequence,
+) -> Result<(), ModelError> {
+    let bad = |m: String| {
+        Err(ModelError::InvalidSequence(format!(
+            "sequence {}: {m}",
+            seq.id
+        )))
+    };
+    if held {
+        return bad("id already held".into());
+    }
+    if seq.prompt.len() > cfg.max_prompt_bytes {
+        return bad(format!(
+            "prompt of {} bytes exceeds {}",
+            seq.prompt.len(),
+            cfg.max_prompt_bytes
+        ));
+    }
+    if !cfg.sizes.contains(&seq.width) || !cfg.sizes.contains(&seq.height) {
+        return bad(format!(
+            "size {}x{} not among {:?}",
+            seq.width, seq.height, cfg.sizes
+        ));
+    }
+    let total = cfg.image_tokens(seq.width, seq.height);
+    if seq.generated.len() >= total {
+        return bad(format!(
+            "{} codes already generated of {total}",
+            seq.generated.len()
+        ));
+    }
+    if seq
+        .generated
+        .iter()
+        .any(|&c| c as usize >= cfg.codebook_size)
+    {
+        return bad("generated code outside the codebook".into());
+    }
+    let needed = info.blocks_needed(seq.prompt.len(), seq.width, seq.height);
+    if seq.kv_blocks != needed {
+        return bad(format!(
+            "reserved {} KV blocks, needs {needed}",
+            seq.kv_blocks
+        ));
+    }
+    Ok(())
 }
 
 impl Engine for CandleEngine {

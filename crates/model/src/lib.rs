@@ -31,6 +31,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod sampling;
+pub mod simulated;
 pub mod tokenizer;
 pub mod transformer;
 
@@ -39,4 +40,5 @@ pub use config::ModelConfig;
 pub use engine::{CandleEngine, Engine, EngineInfo, NewSequence, SequenceOutput};
 pub use error::ModelError;
 pub use sampling::SamplingParams;
+pub use simulated::{SimulatedEngine, StepCost};
 pub use transformer::Transformer;

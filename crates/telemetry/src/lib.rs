@@ -154,6 +154,8 @@ pub mod env_names {
     pub const WORKER_KV_BLOCKS: &str = "KILN_WORKER_KV_BLOCKS";
     pub const WORKER_BLOCK_SIZE: &str = "KILN_WORKER_BLOCK_SIZE";
     pub const WORKER_MAX_BATCH: &str = "KILN_WORKER_MAX_BATCH";
+    pub const WORKER_BACKEND: &str = "KILN_WORKER_BACKEND";
+    pub const WORKER_STEP_COST: &str = "KILN_WORKER_STEP_COST";
 }
 
 /// Buckets for one model step: 1 ms to 10 s.

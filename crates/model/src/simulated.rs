@@ -1,0 +1,434 @@
+//! A simulated accelerator for load tests: [`SimulatedEngine`] does no math. Each call takes as long
+//! as a calibrated [`StepCost`] predicts for its batch and context, while the KV blocks, batch slots,
+//! validation and token counts behave exactly as on the real engine, so the gateway, scheduler,
+//! Redis and etcd see a fleet of GPUs that one machine can host. Its codes are a deterministic
+//! function of seed and position, and its images are flat colour PNGs marked as simulated.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::engine::{check_new_sequence, Engine, EngineInfo, NewSequence, SequenceOutput};
+use crate::kv_cache::BlockAllocator;
+use crate::{Image, ModelConfig, ModelError};
+
+/// Predicted step times of one accelerator and model, in seconds.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StepCost {
+    /// Short name, e.g. `h100-20m`; the worker reports its device as `simulated:<name>`.
+    pub name: String,
+    pub decode_fixed_seconds: f64,
+    pub decode_per_sequence_seconds: f64,
+    pub decode_per_context_token_seconds: f64,
+    pub prefill_fixed_seconds: f64,
+    pub prefill_per_token_seconds: f64,
+}
+
+/// The calibrations shipped with Kiln, by name.
+pub const SHIPPED_COSTS: &[(&str, &str)] = &[
+    ("cpu-20m", include_str!("../calibration/cpu-20m.toml")),
+    ("h100-20m", include_str!("../calibration/h100-20m.toml")),
+];
+
+impl StepCost {
+    /// A shipped calibration (`cpu-20m`, `h100-20m`) or a TOML file of the same fields.
+    pub fn load(name_or_path: &str) -> Result<StepCost, ModelError> {
+        let text = match SHIPPED_COSTS.iter().find(|(name, _)| *name == name_or_path) {
+            Some((_, text)) => text.to_string(),
+            None => std::fs::read_to_string(Path::new(name_or_path)).map_err(|e| {
+                ModelError::Weights(format!(
+                    "step-cost {name_or_path}: not a shipped calibration ({}) and not readable: {e}",
+                    SHIPPED_COSTS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+        };
+        let cost: StepCost = toml::from_str(&text)
+            .map_err(|e| ModelError::Weights(format!("step-cost {name_or_path}: {e}")))?;
+        let all = [
+            cost.decode_fixed_seconds,
+            cost.decode_per_sequence_seconds,
+            cost.decode_per_context_token_seconds,
+            cost.prefill_fixed_seconds,
+            cost.prefill_per_token_seconds,
+        ];
+        if all.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err(ModelError::Weights(format!(
+                "step-cost {name_or_path}: every coefficient must be a finite number of seconds >= 0"
+            )));
+        }
+        Ok(cost)
+    }
+
+    /// One decode step over `batch` sequences holding `context_tokens` positions in all.
+    pub fn decode_seconds(&self, batch: usize, context_tokens: usize) -> f64 {
+        self.decode_fixed_seconds
+            + self.decode_per_sequence_seconds * batch as f64
+            + self.decode_per_context_token_seconds * context_tokens as f64
+    }
+
+    /// One prefill pass over `tokens` prompt (and resumed) tokens.
+    pub fn prefill_seconds(&self, tokens: usize) -> f64 {
+        self.prefill_fixed_seconds + self.prefill_per_token_seconds * tokens as f64
+    }
+}
+
+struct SimulatedSequence {
+    seed: u64,
+    width: u32,
+    height: u32,
+    blocks: Vec<u32>,
+    /// Positions held: prefix, then one per image input.
+    context: usize,
+    generated: Vec<u32>,
+    total: usize,
+}
+
+/// How the engine spends a predicted step time; tests record instead of sleeping.
+pub type Pause = Box<dyn Fn(Duration) + Send>;
+
+/// The simulated accelerator.
+pub struct SimulatedEngine {
+    config: ModelConfig,
+    cost: StepCost,
+    allocator: BlockAllocator,
+    block_size: usize,
+    max_batch: usize,
+    sequences: HashMap<u64, SimulatedSequence>,
+    pause: Pause,
+}
+
+impl SimulatedEngine {
+    /// An engine that looks like `config` (sizes, codebook, prompt limit) and takes `cost`'s time.
+    pub fn new(
+        config: ModelConfig,
+        cost: StepCost,
+        kv_blocks: usize,
+        block_size: usize,
+        max_batch: usize,
+    ) -> Self {
+        SimulatedEngine {
+            config,
+            cost,
+            allocator: BlockAllocator::new(kv_blocks),
+            block_size,
+            max_batch,
+            sequences: HashMap::new(),
+            pause: Box::new(std::thread::sleep),
+        }
+    }
+
+    /// Replaces sleeping (tests observe the predicted times instead).
+    pub fn with_pause(mut self, pause: Pause) -> Self {
+        self.pause = pause;
+        self
+    }
+
+    fn pause_for(&self, seconds: f64) {
+        if seconds > 0.0 {
+            (self.pause)(Duration::from_secs_f64(seconds));
+        }
+    }
+
+    /// The code at `index` of a sequence seeded `seed`: any fixed function works, as long as a
+    /// resumed sequence continues where it left off.
+    fn code(&self, seed: u64, index: usize) -> u32 {
+        let mut x = seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        (x % self.config.codebook_size as u64) as u32
+    }
+
+    /// Appends the next code; returns the image when the sequence is complete (and drops it).
+    fn advance(&mut self, id: u64, out: &mut SequenceOutput) -> Result<(), ModelError> {
+        let seq = self.sequences.get(&id).expect("held");
+        let code = self.code(seq.seed, seq.generated.len());
+        let seq = self.sequences.get_mut(&id).expect("held");
+        seq.generated.push(code);
+        seq.context += 1;
+        out.tokens.push(code);
+        if seq.generated.len() == seq.total {
+            let seq = self.sequences.remove(&id).expect("held");
+            out.image = Some(simulated_png(seq.seed, seq.width, seq.height)?);
+            self.allocator.release(seq.blocks);
+        }
+        Ok(())
+    }
+}
+
+/// A flat colour image (from the seed) whose PNG text says it was simulated.
+fn simulated_png(seed: u64, width: u32, height: u32) -> Result<Image, ModelError> {
+    let colour = [(seed >> 16) as u8, (seed >> 8) as u8, seed as u8];
+    let rgb: Vec<u8> = colour
+        .iter()
+        .copied()
+        .cycle()
+        .take((width * height * 3) as usize)
+        .collect();
+    let mut png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let err = |e: png::EncodingError| ModelError::Encode(e.to_string());
+        encoder
+            .add_text_chunk("Software".into(), "Kiln simulated GPU backend".into())
+            .map_err(err)?;
+        encoder
+            .add_text_chunk("kiln:simulated".into(), "true".into())
+            .map_err(err)?;
+        let mut writer = encoder.write_header().map_err(err)?;
+        writer.write_image_data(&rgb).map_err(err)?;
+    }
+    Ok(Image { png, width, height })
+}
+
+impl Engine for SimulatedEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            model: format!("{}-simulated@{}", self.config.name, self.config.version),
+            device: format!("simulated:{}", self.cost.name),
+            kv_blocks_total: self.allocator.total(),
+            block_size: self.block_size,
+            max_batch: self.max_batch,
+            sizes: self.config.sizes.clone(),
+            default_size: self.config.default_size,
+            patch_size: self.config.patch_size,
+            max_prompt_bytes: self.config.max_prompt_bytes,
+        }
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.allocator.free()
+    }
+
+    fn sequences(&self) -> usize {
+        self.sequences.len()
+    }
+
+    fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError> {
+        if self.sequences.len() + seqs.len() > self.max_batch {
+            return Err(ModelError::BatchFull {
+                max_batch: self.max_batch,
+            });
+        }
+        let info = self.info();
+        let mut seen = std::collections::HashSet::new();
+        for seq in &seqs {
+            check_new_sequence(
+                &self.config,
+                &info,
+                self.sequences.contains_key(&seq.id),
+                seq,
+            )?;
+            if !seen.insert(seq.id) {
+                return Err(ModelError::InvalidSequence(format!(
+                    "sequence {} listed twice",
+                    seq.id
+                )));
+            }
+        }
+        let needed: usize = seqs.iter().map(|s| s.kv_blocks).sum();
+        if needed > self.allocator.free() {
+            return Err(ModelError::OutOfBlocks {
+                needed,
+                free: self.allocator.free(),
+            });
+        }
+        let mut tokens = 0;
+        let mut ids = Vec::with_capacity(seqs.len());
+        for new in seqs {
+            let blocks = self.allocator.allocate(new.kv_blocks)?;
+            let prefix = crate::engine::prompt_tokens(new.prompt.len()) + new.generated.len();
+            tokens += prefix;
+            ids.push(new.id);
+            self.sequences.insert(
+                new.id,
+                SimulatedSequence {
+                    seed: new.sampling.seed,
+                    width: new.width,
+                    height: new.height,
+                    blocks,
+                    context: prefix,
+                    total: self.config.image_tokens(new.width, new.height),
+                    generated: new.generated,
+                },
+            );
+        }
+        self.pause_for(self.cost.prefill_seconds(tokens));
+        let mut outputs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut out = SequenceOutput {
+                id,
+                tokens: Vec::new(),
+                image: None,
+            };
+            self.advance(id, &mut out)?;
+            outputs.push(out);
+        }
+        Ok(outputs)
+    }
+
+    fn decode(&mut self, ids: &[u64], steps: usize) -> Result<Vec<SequenceOutput>, ModelError> {
+        if let Some(id) = ids.iter().find(|id| !self.sequences.contains_key(id)) {
+            return Err(ModelError::InvalidSequence(format!(
+                "sequence {id} is not held"
+            )));
+        }
+        let mut outputs: HashMap<u64, SequenceOutput> = HashMap::new();
+        let mut seconds = 0.0;
+        for _ in 0..steps.max(1) {
+            let active: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|id| self.sequences.contains_key(id))
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            let context: usize = active.iter().map(|id| self.sequences[id].context).sum();
+            seconds += self.cost.decode_seconds(active.len(), context);
+            for id in active {
+                let out = outputs.entry(id).or_insert_with(|| SequenceOutput {
+                    id,
+                    tokens: Vec::new(),
+                    image: None,
+                });
+                self.advance(id, out)?;
+            }
+        }
+        self.pause_for(seconds);
+        Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
+    }
+
+    fn release(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(seq) = self.sequences.remove(id) {
+                self.allocator.release(seq.blocks);
+            }
+        }
+    }
+
+    fn held_ids(&self) -> Vec<u64> {
+        self.sequences.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SamplingParams;
+    use std::sync::{Arc, Mutex};
+
+    fn engine(kv_blocks: usize) -> (SimulatedEngine, Arc<Mutex<Vec<Duration>>>) {
+        let paused = Arc::new(Mutex::new(Vec::new()));
+        let record = paused.clone();
+        let cost = StepCost::load("h100-20m").unwrap();
+        let engine = SimulatedEngine::new(ModelConfig::tiny(), cost, kv_blocks, 4, 8)
+            .with_pause(Box::new(move |d| record.lock().unwrap().push(d)));
+        (engine, paused)
+    }
+
+    fn new_seq(engine: &SimulatedEngine, id: u64, seed: u64, generated: Vec<u32>) -> NewSequence {
+        let prompt = "a red star".to_string();
+        NewSequence {
+            id,
+            kv_blocks: engine.info().blocks_needed(prompt.len(), 32, 32),
+            prompt,
+            width: 32,
+            height: 32,
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed,
+            },
+            generated,
+        }
+    }
+
+    fn run_to_end(engine: &mut SimulatedEngine, id: u64) -> (Vec<u32>, Image) {
+        let mut codes = Vec::new();
+        loop {
+            let out = engine.decode(&[id], 64).unwrap().remove(0);
+            codes.extend(out.tokens);
+            if let Some(image) = out.image {
+                return (codes, image);
+            }
+        }
+    }
+
+    #[test]
+    fn steps_take_the_calibrated_time_and_blocks_are_accounted() {
+        let (mut engine, paused) = engine(64);
+        let cost = StepCost::load("h100-20m").unwrap();
+        let first = new_seq(&engine, 1, 5, vec![]);
+        let second = new_seq(&engine, 2, 6, vec![]);
+        let blocks = first.kv_blocks + second.kv_blocks;
+        let out = engine.prefill(vec![first, second]).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(engine.free_blocks(), 64 - blocks);
+        let prefix = crate::engine::prompt_tokens("a red star".len());
+        let expected = cost.prefill_seconds(2 * prefix);
+        assert!((paused.lock().unwrap()[0].as_secs_f64() - expected).abs() < 1e-9);
+
+        engine.decode(&[1, 2], 3).unwrap();
+        let expected = 3.0 * cost.decode_seconds(2, 0);
+        assert!((paused.lock().unwrap()[1].as_secs_f64() - expected).abs() < 1e-9);
+
+        engine.release(&[1]);
+        let (codes, image) = run_to_end(&mut engine, 2);
+        assert!(!codes.is_empty());
+        assert_eq!((image.width, image.height), (32, 32));
+        assert!(image.png.windows(14).any(|w| w == b"kiln:simulated"));
+        assert_eq!(
+            engine.free_blocks(),
+            64,
+            "every block back after finish and release"
+        );
+        assert_eq!(engine.sequences(), 0);
+    }
+
+    #[test]
+    fn resumed_sequences_continue_with_the_same_codes() {
+        let (mut engine, _) = engine(64);
+        let mut full = engine
+            .prefill(vec![new_seq(&engine, 1, 9, vec![])])
+            .unwrap()
+            .remove(0)
+            .tokens;
+        let (rest, _) = run_to_end(&mut engine, 1);
+        full.extend(rest);
+        assert_eq!(full.len(), ModelConfig::tiny().image_tokens(32, 32));
+        // Elsewhere, resumed after two codes: the third is the same.
+        let (mut other, _) = super::tests::engine(64);
+        let resumed = new_seq(&other, 7, 9, full[..2].to_vec());
+        let out = other.prefill(vec![resumed]).unwrap().remove(0);
+        assert_eq!(out.tokens, vec![full[2]]);
+    }
+
+    #[test]
+    fn refusals_match_the_real_engine() {
+        let (mut engine, _) = engine(2);
+        let mut bad = new_seq(&engine, 1, 1, vec![]);
+        bad.kv_blocks += 1;
+        assert!(matches!(
+            engine.prefill(vec![bad]),
+            Err(ModelError::InvalidSequence(_))
+        ));
+        let big = new_seq(&engine, 2, 1, vec![]);
+        assert!(matches!(
+            engine.prefill(vec![big]),
+            Err(ModelError::OutOfBlocks { .. })
+        ));
+        assert_eq!(engine.free_blocks(), 2, "nothing leaked by refusals");
+        assert!(StepCost::load("no-such-calibration").is_err());
+    }
+}
