@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kiln_e2e::{authed, completed, png_size, Cluster, Preset};
+use kiln_e2e::{authed, completed, pixels, png_size, Cluster, Preset};
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::worker_client::WorkerClient;
 use kiln_proto::v1::{
@@ -84,17 +84,17 @@ async fn the_same_seed_draws_the_same_image_alone_or_in_a_crowd() {
         .generate(request("a blue star", 64, 42))
         .await
         .unwrap();
-    let alone = completed(&alone).unwrap().png.clone();
+    let alone = pixels(&completed(&alone).unwrap().png);
 
     let mut crowd: Vec<_> = (0..6)
         .map(|i| request(&format!("noise {i}"), [16, 32, 64][i % 3], 100 + i as u64))
         .collect();
     crowd.insert(3, request("a blue star", 64, 42));
     let results = futures::future::join_all(crowd.into_iter().map(|r| cluster.generate(r))).await;
-    let together = completed(results[3].as_ref().unwrap()).unwrap().png.clone();
+    let together = pixels(&completed(results[3].as_ref().unwrap()).unwrap().png);
     assert_eq!(
         alone, together,
-        "same prompt and seed, different batch companions, same bytes"
+        "same prompt and seed, different batch companions, same pixels"
     );
 
     let other = cluster
@@ -102,7 +102,7 @@ async fn the_same_seed_draws_the_same_image_alone_or_in_a_crowd() {
         .await
         .unwrap();
     assert_ne!(
-        completed(&other).unwrap().png,
+        pixels(&completed(&other).unwrap().png),
         alone,
         "another seed draws another image"
     );
@@ -268,7 +268,7 @@ async fn a_crashed_worker_costs_time_not_work() {
         .generate(request("survive a crash", 128, 77))
         .await
         .unwrap();
-    let reference = completed(&reference).unwrap().png.clone();
+    let reference = pixels(&completed(&reference).unwrap().png);
 
     let mut stream = cluster
         .client()
@@ -300,7 +300,8 @@ async fn a_crashed_worker_costs_time_not_work() {
         assert_ne!(other, first_worker);
     }
     assert_eq!(
-        image, reference,
+        pixels(&image),
+        reference,
         "resumed from its tokens, the image is the same"
     );
 }

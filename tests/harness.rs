@@ -482,6 +482,17 @@ pub fn completed(events: &[GenerateEvent]) -> Option<&kiln_proto::v1::Completed>
     })
 }
 
+/// The decoded pixels of a PNG. Every image carries its own signed manifest (request id, instance
+/// id), so equal images are equal in pixels, not in bytes.
+pub fn pixels(png: &[u8]) -> Vec<u8> {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png));
+    let mut reader = decoder.read_info().expect("a decodable PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("one frame");
+    buf.truncate(info.buffer_size());
+    buf
+}
+
 /// Width and height from a PNG's IHDR chunk.
 pub fn png_size(png: &[u8]) -> (u32, u32) {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
