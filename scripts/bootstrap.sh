@@ -37,3 +37,14 @@ if [ "${1:-}" = "--test" ] && ! /usr/bin/python3 -c 'import c2pa' >/dev/null 2>&
   [ "$(id -u)" = "0" ] || user=(--user)
   /usr/bin/python3 -m pip install -q "${user[@]}" --break-system-packages "c2pa-python==0.38.1" >&2
 fi
+
+# The deployment test (tests/deploy.rs) lints and renders the Helm chart with Helm's own library
+# (helm-python-sdk bundles it: no helm binary), validates the manifests against the Kubernetes schemas
+# offline (kubernetes-validate) and lints the YAML (yamllint).
+if [ "${1:-}" = "--test" ] && ! /usr/bin/python3 -c 'import helm_python, kubernetes_validate, yamllint' >/dev/null 2>&1; then
+  echo "bootstrap: installing helm-python-sdk, kubernetes-validate and yamllint from PyPI" >&2
+  user=()
+  [ "$(id -u)" = "0" ] || user=(--user)
+  /usr/bin/python3 -m pip install -q "${user[@]}" --break-system-packages \
+    "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0" "yamllint==1.38.0" >&2
+fi

@@ -15,6 +15,7 @@ mod bench;
 mod cluster;
 mod config;
 mod generate;
+mod loadtest;
 mod status;
 mod verify;
 
@@ -130,6 +131,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Check an image's C2PA manifest: what it claims and whether it validates (exit 1 if not).
     Verify(verify::VerifyArgs),
+    /// Rehearse a launch against a running cluster: a scenario's users and arrivals, open loop.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -394,6 +397,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args, &cli.data_dir).await,
         Command::Admin(args) => admin::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Loadtest(args) => {
+            if loadtest::run(args).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Verify(args) => {
             if verify::run(args, &cli.data_dir)? {
                 Ok(())

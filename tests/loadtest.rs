@@ -1,0 +1,126 @@
+//! A short launch-day spike against a real cluster (gateway, scheduler, simulated-GPU workers, Redis):
+//! `kiln loadtest` accounts for every request, no user gets more images than its quota, and the
+//! spike sheds free requests while pro requests are never shed.
+
+use std::process::Command;
+
+use kiln_e2e::{kiln_bin, Cluster, Options};
+use kiln_testkit::RedisServer;
+
+/// Free users get 3 images a day; pro users are not limited here.
+const TIERS: &str = r#"
+[tiers.free]
+windows = [{ seconds = 86400, images = 3 }]
+[tiers.plus]
+windows = [{ seconds = 86400, images = 100000 }]
+[tiers.pro]
+windows = [{ seconds = 86400, images = 100000 }]
+[tiers.team]
+windows = [{ seconds = 86400, images = 100000 }]
+org_pool = true
+"#;
+
+const SCENARIO: &str = r#"
+name = "spike-e2e"
+seed = 11
+[population]
+users = 60
+tiers = { free = 0.75, pro = 0.25 }
+[requests]
+sizes = [64]
+[[phases]]
+name = "baseline"
+seconds = 2
+rate = 4
+[[phases]]
+name = "spike"
+seconds = 4
+rate = 60
+[[phases]]
+name = "decay"
+seconds = 2
+rate = 4
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start_with(Options {
+        workers: 2,
+        redis: Some(redis.url()),
+        tiers: TIERS.into(),
+        // Two simulated GPUs of 4 slots each (about 25 images/s), a short queue: the spike's free
+        // requests must be shed, its pro requests (about 15/s) never.
+        worker_args: [
+            "--backend",
+            "simulated",
+            "--step-cost",
+            "h100-20m",
+            "--max-batch",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec(),
+        scheduler_args: ["--max-waiting", "8"].map(String::from).to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("spike.toml");
+    std::fs::write(&scenario, SCENARIO).unwrap();
+    let report_path = dir.path().join("report.json");
+    let out = Command::new(kiln_bin())
+        .args([
+            "loadtest",
+            "--quiet",
+            "--gateway",
+            &cluster.gateway,
+            "--redis",
+            &redis.url(),
+        ])
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--report")
+        .arg(&report_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kiln loadtest: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["accounted"], true, "{stdout}");
+    let outcomes = &report["totals"]["outcomes"];
+    let count = |k: &str| outcomes[k].as_u64().unwrap_or(0);
+    let sum = count("completed")
+        + count("shed")
+        + count("quota_refused")
+        + count("policy_refused")
+        + count("error");
+    assert_eq!(sum, report["sent"].as_u64().unwrap(), "{stdout}");
+    assert_eq!(count("error"), 0, "{stdout}");
+    assert!(
+        count("quota_refused") > 0,
+        "free users ran out of images: {stdout}"
+    );
+    assert!(
+        report["most_images_per_user"]["free"].as_u64().unwrap_or(0) <= 3,
+        "a free user got more than its 3 images: {stdout}"
+    );
+    let shed_of = |tier: &str| -> u64 {
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|phase| phase[1][tier]["outcomes"]["shed"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(
+        shed_of("free") > 0,
+        "the spike shed no free request: {stdout}"
+    );
+    assert_eq!(shed_of("pro"), 0, "pro requests were shed: {stdout}");
+}
