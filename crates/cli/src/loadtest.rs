@@ -85,6 +85,20 @@ pub async fn run(args: LoadtestArgs) -> Result<bool> {
     .await?;
     let report = Report::build(&scenario, run.sent, &run.outcomes, &default_deadlines());
     print!("{}", report.summary());
+    let (p50, p99, max) = run.send_lag;
+    println!(
+        "offered {:.0} requests/s over {:.1} s (the scenario asks {:.0}/s on average); send lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        run.sent as f64 / run.sending_seconds.max(1e-9),
+        run.sending_seconds,
+        scenario.expected_requests() / scenario.duration(),
+        p50 * 1e3,
+        p99 * 1e3,
+        max * 1e3
+    );
+    let html = args.report.with_extension("html");
+    std::fs::write(&html, kiln_loadtest::html::render(&report))
+        .with_context(|| format!("writing {}", html.display()))?;
+    eprintln!("charts written to {}", html.display());
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing --report {}", args.report.display()))?;
     eprintln!("report written to {}", args.report.display());

@@ -76,6 +76,11 @@ impl Counters {
 pub struct Run {
     pub sent: usize,
     pub outcomes: Vec<Outcome>,
+    /// Seconds from the first send to the last.
+    pub sending_seconds: f64,
+    /// How late sends left against their schedule, in seconds (p50, p99, max): a generator that
+    /// keeps up stays near zero; one that falls behind offers less than the scenario asks.
+    pub send_lag: (f64, f64, f64),
 }
 
 /// Sends `arrivals` to `gateway` as `users` with their `keys`; `progress` prints a live line every
@@ -115,8 +120,14 @@ pub async fn run(
     });
     let sent = arrivals.len();
     let tokio_start = tokio::time::Instant::now();
+    let mut lags = Vec::with_capacity(sent);
+    let mut last_send = 0.0;
     for (n, arrival) in arrivals.into_iter().enumerate() {
-        tokio::time::sleep_until(tokio_start + Duration::from_secs_f64(arrival.at)).await;
+        let due = tokio_start + Duration::from_secs_f64(arrival.at);
+        tokio::time::sleep_until(due).await;
+        let now = tokio::time::Instant::now();
+        lags.push(now.saturating_duration_since(due).as_secs_f64());
+        last_send = now.duration_since(tokio_start).as_secs_f64();
         let user = &users[arrival.user];
         let request = Request {
             key: keys[arrival.user].clone(),
@@ -149,7 +160,18 @@ pub async fn run(
         eprintln!("{}", counters.line(start.elapsed().as_secs_f64()));
     }
     outcomes.sort_by(|a, b| a.sent_at.total_cmp(&b.sent_at));
-    Ok(Run { sent, outcomes })
+    lags.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        lags.get(((lags.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(Run {
+        sent,
+        outcomes,
+        sending_seconds: last_send,
+        send_lag: (at(0.5), at(0.99), lags.last().copied().unwrap_or(0.0)),
+    })
 }
 
 struct Request {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod driver;
+pub mod html;
 pub mod report;
 pub mod scenario;
 
