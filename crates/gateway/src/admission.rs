@@ -22,6 +22,42 @@ use crate::auth::Identity;
 use crate::validation::ValidRequest;
 use crate::GatewayError;
 
+/// Lets one log line through per second and counts the others, so a store outage that fails every
+/// request logs once a second with a count (the metrics count every failure) instead of flooding.
+struct LogThrottle {
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    const fn new() -> Self {
+        LogThrottle {
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when this line may be logged.
+    fn allow(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+static STORE_DOWN_LOG: LogThrottle = LogThrottle::new();
+
 /// How a request ended, for settling its charge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -306,11 +342,15 @@ impl Admission for QuotaAdmission {
                 count_store_error("admit");
                 match Self::fail_mode(&tiers, identity) {
                     FailMode::Closed => {
-                        warn!(error = %e, tier, "quota store unreachable; tier fails closed");
+                        if let Some(suppressed) = STORE_DOWN_LOG.allow() {
+                            warn!(error = %e, tier, suppressed, "quota store unreachable; tier fails closed");
+                        }
                         return Err(GatewayError::StoreUnavailable(e.to_string()));
                     }
                     FailMode::Open => {
-                        warn!(error = %e, tier, "quota store unreachable; admitting against the local limiter");
+                        if let Some(suppressed) = STORE_DOWN_LOG.allow() {
+                            warn!(error = %e, tier, suppressed, "quota store unreachable; admitting against the local limiter");
+                        }
                         telemetry::GATEWAY_QUOTA_FAIL_OPEN
                             .with_label_values(&[tier])
                             .inc();
@@ -468,6 +508,16 @@ impl Admission for QuotaAdmission {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_log_throttle_lets_one_line_a_second_through_and_counts_the_rest() {
+        let throttle = LogThrottle::new();
+        assert_eq!(throttle.allow(), Some(0));
+        assert_eq!(throttle.allow(), None);
+        assert_eq!(throttle.allow(), None);
+        throttle.next_ms.store(0, Ordering::Relaxed); // a second later
+        assert_eq!(throttle.allow(), Some(2));
+    }
     use kiln_scheduler::Tier;
 
     use super::*;
