@@ -62,6 +62,7 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
         .map(String::from)
         .to_vec(),
         scheduler_args: ["--max-waiting", "12"].map(String::from).to_vec(),
+        metrics: true,
         ..Default::default()
     })
     .await;
@@ -77,6 +78,8 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
             &cluster.gateway,
             "--redis",
             &redis.url(),
+            "--scheduler-metrics",
+            &cluster.metrics["scheduler"],
         ])
         .arg("--scenario")
         .arg(&scenario)
@@ -123,4 +126,17 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
         "the spike shed no free request: {stdout}"
     );
     assert_eq!(shed_of("pro"), 0, "pro requests were shed: {stdout}");
+    // The scheduler's saturation was read during the run, and the spike filled the GPUs.
+    let peak = report["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["saturation"].as_f64())
+        .fold(0.0f64, f64::max);
+    assert!(peak > 0.5, "saturation never rose above {peak}: {stdout}");
+    let html = std::fs::read_to_string(report_path.with_extension("html")).unwrap();
+    assert!(
+        html.contains("batch slots in use"),
+        "the HTML report charts saturation"
+    );
 }

@@ -38,6 +38,10 @@ pub struct LoadtestArgs {
     /// Seconds a request may take before it counts as an error.
     #[arg(long, default_value_t = 300.0)]
     pub request_timeout: f64,
+    /// The scheduler's metrics address (`host:port` of its `--metrics-listen`): saturation and
+    /// queue depth are read every second and charted beside the load.
+    #[arg(long)]
+    pub scheduler_metrics: Option<String>,
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
@@ -79,11 +83,15 @@ pub async fn run(args: LoadtestArgs) -> Result<bool> {
         &keys,
         &prompts,
         arrivals,
-        Duration::from_secs_f64(args.request_timeout),
-        !args.quiet,
+        &driver::RunOptions {
+            request_timeout: Duration::from_secs_f64(args.request_timeout),
+            progress: !args.quiet,
+            scheduler_metrics: args.scheduler_metrics.clone(),
+        },
     )
     .await?;
-    let report = Report::build(&scenario, run.sent, &run.outcomes, &default_deadlines());
+    let mut report = Report::build(&scenario, run.sent, &run.outcomes, &default_deadlines());
+    report.add_saturation(&run.saturation);
     print!("{}", report.summary());
     let (p50, p99, max) = run.send_lag;
     println!(

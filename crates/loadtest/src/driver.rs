@@ -81,18 +81,29 @@ pub struct Run {
     /// How late sends left against their schedule, in seconds (p50, p99, max): a generator that
     /// keeps up stays near zero; one that falls behind offers less than the scenario asks.
     pub send_lag: (f64, f64, f64),
+    /// Readings of the scheduler's saturation, when its metrics address was given.
+    pub saturation: Vec<crate::scrape::Sample>,
 }
 
-/// Sends `arrivals` to `gateway` as `users` with their `keys`; `progress` prints a live line every
-/// second. Each request is given `request_timeout` before it counts as an error, so none hangs.
+/// How a run behaves.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// How long a request may take before it counts as an error, so none hangs the run.
+    pub request_timeout: Duration,
+    /// Print a live line every second.
+    pub progress: bool,
+    /// The scheduler's metrics `host:port`, read every second for saturation.
+    pub scheduler_metrics: Option<String>,
+}
+
+/// Sends `arrivals` to `gateway` as `users` with their `keys`.
 pub async fn run(
     gateway: &str,
     users: &[User],
     keys: &[String],
     prompts: &[String],
     arrivals: Vec<Arrival>,
-    request_timeout: Duration,
-    progress: bool,
+    options: &RunOptions,
 ) -> Result<Run, LoadtestError> {
     // A few HTTP/2 connections, so one connection's flow control does not pace the whole load.
     let mut channels = Vec::new();
@@ -108,7 +119,12 @@ pub async fn run(
     let counters = Arc::new(Counters::default());
     let start = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let printer = progress.then(|| {
+    let (samples_tx, mut samples_rx) = tokio::sync::mpsc::unbounded_channel();
+    let scraper = options
+        .scheduler_metrics
+        .clone()
+        .map(|address| tokio::spawn(crate::scrape::follow(address, start, samples_tx)));
+    let printer = options.progress.then(|| {
         let counters = counters.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -137,9 +153,9 @@ pub async fn run(
             channel: channels[n % channels.len()].clone(),
         };
         counters.sent.fetch_add(1, Ordering::Relaxed);
-        let (tx, counters) = (tx.clone(), counters.clone());
+        let (tx, counters, timeout) = (tx.clone(), counters.clone(), options.request_timeout);
         tokio::spawn(async move {
-            let outcome = request.send(start, request_timeout).await;
+            let outcome = request.send(start, timeout).await;
             let counter = match outcome.kind {
                 OutcomeKind::Completed => &counters.completed,
                 OutcomeKind::Shed => &counters.shed,
@@ -154,6 +170,13 @@ pub async fn run(
     let mut outcomes = Vec::with_capacity(sent);
     while let Some(outcome) = rx.recv().await {
         outcomes.push(outcome);
+    }
+    if let Some(scraper) = scraper {
+        scraper.abort();
+    }
+    let mut saturation = Vec::new();
+    while let Ok(sample) = samples_rx.try_recv() {
+        saturation.push(sample);
     }
     if let Some(printer) = printer {
         printer.abort();
@@ -171,6 +194,7 @@ pub async fn run(
         outcomes,
         sending_seconds: last_send,
         send_lag: (at(0.5), at(0.99), lags.last().copied().unwrap_or(0.0)),
+        saturation,
     })
 }
 

@@ -107,6 +107,18 @@ pub fn render(report: &Report) -> String {
             ("errors", "#8250df", |s| s.errors),
         ],
     ));
+    if report.timeline.iter().any(|s| s.saturation.is_some()) {
+        page.push_str(&chart(
+            "Cluster: batch slots in use (per mille) and waiting jobs",
+            &report.timeline,
+            &[
+                ("saturation x1000", "#0969da", |s| {
+                    (s.saturation.unwrap_or(0.0) * 1000.0) as usize
+                }),
+                ("waiting", "#cf222e", |s| s.waiting.unwrap_or(0.0) as usize),
+            ],
+        ));
+    }
     page.push_str(
         "<h2>Per phase and tier</h2><table><tr><th>phase</th><th>tier</th><th>sent</th><th>completed</th><th>shed</th><th>quota-refused</th><th>policy-refused</th><th>errors</th><th>images/s</th><th>goodput/s</th><th>latency p50 / p90 / p99 s</th><th>first progress p50 / p99 s</th></tr>",
     );

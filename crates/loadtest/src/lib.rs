@@ -9,6 +9,7 @@ pub mod driver;
 pub mod html;
 pub mod report;
 pub mod scenario;
+pub mod scrape;
 
 pub use report::{default_deadlines, Outcome, OutcomeKind, Report};
 pub use scenario::{Arrival, Scenario, User};

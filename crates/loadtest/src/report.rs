@@ -81,6 +81,9 @@ pub struct Second {
     pub shed: usize,
     pub refused: usize,
     pub errors: usize,
+    /// The cluster's saturation (batch slots in use, 0 to 1) and waiting jobs, when scraped.
+    pub saturation: Option<f64>,
+    pub waiting: Option<f64>,
 }
 
 /// The whole report (written as JSON).
@@ -126,6 +129,16 @@ fn figures(outcomes: &[&Outcome], seconds: f64, deadlines: &BTreeMap<String, f64
 }
 
 impl Report {
+    /// Puts saturation readings on the timeline (the last reading of each second).
+    pub fn add_saturation(&mut self, samples: &[crate::scrape::Sample]) {
+        let last = self.timeline.len().saturating_sub(1);
+        for sample in samples {
+            let second = &mut self.timeline[(sample.at.max(0.0) as usize).min(last)];
+            second.saturation = Some(sample.saturation);
+            second.waiting = Some(sample.waiting);
+        }
+    }
+
     /// Aggregates `outcomes` of `sent` requests of `scenario`; `deadlines` are seconds per tier.
     pub fn build(
         scenario: &Scenario,
