@@ -419,8 +419,8 @@ pub static SCHEDULER_REQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static WORKER_STEP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
         names::WORKER_STEP_DURATION,
-        "Duration of one worker call by phase (prefill, decode).",
-        &["worker", "phase"],
+        "Duration of one forward pass (a prefill, or one decode step of a multi-step call) by phase and batch-size bucket (1, 2-4, 5-16, 17-64, 65+).",
+        &["worker", "phase", "batch"],
         STEP_BUCKETS.to_vec()
     )
     .expect("metric registered once")
@@ -461,6 +461,17 @@ pub fn process_memory() -> Option<(u64, u64)> {
         .ok()?;
     // Linux pages are 4 KiB on the platforms Kiln targets.
     Some((resident_pages * 4096, total_kb * 1024))
+}
+
+/// The `batch` label of [`WORKER_STEP_DURATION`] for a batch of `size` sequences.
+pub fn batch_bucket(size: usize) -> &'static str {
+    match size {
+        0 | 1 => "1",
+        2..=4 => "2-4",
+        5..=16 => "5-16",
+        17..=64 => "17-64",
+        _ => "65+",
+    }
 }
 
 /// The process's metrics in the Prometheus text format.
@@ -548,6 +559,17 @@ pub fn init_logging() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_sizes_fall_in_their_buckets() {
+        let buckets: Vec<_> = [1, 2, 4, 5, 16, 17, 64, 65, 1000]
+            .map(batch_bucket)
+            .to_vec();
+        assert_eq!(
+            buckets,
+            ["1", "2-4", "2-4", "5-16", "5-16", "17-64", "17-64", "65+", "65+"]
+        );
+    }
 
     #[test]
     fn metrics_encode_with_their_names() {
