@@ -16,6 +16,7 @@ mod cluster;
 mod config;
 mod generate;
 mod loadtest;
+mod simulate;
 mod status;
 mod verify;
 
@@ -133,6 +134,8 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Rehearse a launch against a running cluster: a scenario's users and arrivals, open loop.
     Loadtest(loadtest::LoadtestArgs),
+    /// Play a scenario in virtual time against N simulated GPUs; --find-workers plans capacity.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -404,6 +407,7 @@ async fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1)
             }
         }
+        Command::Simulate(args) => simulate::run(args),
         Command::Verify(args) => {
             if verify::run(args, &cli.data_dir)? {
                 Ok(())

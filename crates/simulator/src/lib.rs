@@ -1,0 +1,435 @@
+//! Capacity planning in virtual time: a [`Scenario`]'s arrivals are admitted by Kiln's own quota
+//! rules (the tier table and the in-memory quota store, on a virtual clock) and scheduled by Kiln's
+//! own scheduler state machine against N simulated GPUs whose calls take the time a calibrated
+//! [`StepCost`] predicts. Nothing sleeps: an hour of launch day runs as fast as the events can be
+//! processed, and the outcome is the same [`Report`] a real load test prints.
+
+#![forbid(unsafe_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_loadtest::{Outcome, OutcomeKind, Scenario};
+use kiln_model::{ModelConfig, StepCost};
+use kiln_quota::{Charge, Decision, MemoryStore, QuotaStore, Scope, Settlement, TierTable};
+use kiln_scheduler::state::{
+    Capacity, Command, FailReason, Job, JobEvent, Output, SchedulerState, SequenceReport,
+};
+use kiln_scheduler::{SchedulerConfig, Tier};
+
+/// The simulated fleet: how many GPUs, what each holds, how fast it is, and the model's geometry.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    pub workers: usize,
+    pub capacity: Capacity,
+    pub cost: StepCost,
+    pub model: ModelConfig,
+}
+
+/// What went wrong setting a simulation up.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulationError {
+    #[error("quota: {0}")]
+    Quota(String),
+    #[error("fleet: {0}")]
+    Fleet(String),
+}
+
+/// What a simulation produced (the input of `Report::build`), and how much work it was.
+pub struct Simulated {
+    pub sent: usize,
+    pub outcomes: Vec<Outcome>,
+    /// Events processed (arrivals and worker calls).
+    pub events: u64,
+}
+
+/// Events in time order (ties in the order they were scheduled).
+#[derive(Default)]
+struct Agenda {
+    order: BinaryHeap<Reverse<(u64, u64)>>,
+    events: HashMap<u64, Event>,
+    next: u64,
+}
+
+impl Agenda {
+    fn push(&mut self, at_ns: u64, event: Event) {
+        self.next += 1;
+        self.events.insert(self.next, event);
+        self.order.push(Reverse((at_ns, self.next)));
+    }
+
+    fn pop(&mut self) -> Option<(u64, Event)> {
+        let Reverse((at, id)) = self.order.pop()?;
+        Some((at, self.events.remove(&id)?))
+    }
+}
+
+enum Event {
+    Arrival(usize),
+    CallDone {
+        worker: u32,
+        reports: Vec<SequenceReport>,
+    },
+}
+
+struct Running {
+    arrival: usize,
+    sent_at: f64,
+    user: usize,
+    tier: &'static str,
+    phase: usize,
+    charge: String,
+    scopes: Vec<Scope>,
+    prompt_tokens: usize,
+    image_tokens: usize,
+    /// Tokens generated so far (the simulated worker's view).
+    done: usize,
+    first_progress: Option<f64>,
+}
+
+fn tier_of(name: &str) -> Tier {
+    match name {
+        "plus" => Tier::Plus,
+        "pro" => Tier::Pro,
+        "team" => Tier::Team,
+        _ => Tier::Free,
+    }
+}
+
+/// Plays `scenario` against `fleet` with `tiers` and the scheduler's `config`.
+pub fn simulate(
+    scenario: &Scenario,
+    fleet: &Fleet,
+    tiers: &TierTable,
+    config: SchedulerConfig,
+    prompts: &[String],
+) -> Result<Simulated, SimulationError> {
+    if fleet.workers == 0 {
+        return Err(SimulationError::Fleet(
+            "at least one worker is needed".into(),
+        ));
+    }
+    let clock_ms = Arc::new(AtomicU64::new(0));
+    let store = {
+        let clock = clock_ms.clone();
+        MemoryStore::with_clock(Box::new(move || clock.load(Ordering::Relaxed)))
+    };
+    let users = scenario.users();
+    let arrivals = scenario.arrivals(prompts.len());
+    let mut state = SchedulerState::new(config);
+    let mut agenda = Agenda::default();
+    for (i, arrival) in arrivals.iter().enumerate() {
+        agenda.push((arrival.at * 1e9) as u64, Event::Arrival(i));
+    }
+    let mut jobs: HashMap<u64, Running> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(arrivals.len());
+    let mut next_job = 1u64;
+    let mut processed = 0u64;
+    let mut pending_outputs = Vec::new();
+    for w in 0..fleet.workers as u32 {
+        pending_outputs.extend(state.add_worker(w, fleet.capacity, Duration::ZERO));
+    }
+    let mut now_ns = 0u64;
+    loop {
+        // Apply what the state machine asked for at `now`, in its order.
+        for output in std::mem::take(&mut pending_outputs) {
+            let now_s = now_ns as f64 / 1e9;
+            match output {
+                Output::Command { worker, command } => {
+                    let (seconds, reports) = run_call(&fleet.cost, &mut jobs, command);
+                    agenda.push(
+                        now_ns + (seconds * 1e9) as u64,
+                        Event::CallDone { worker, reports },
+                    );
+                }
+                Output::Event { job, event } => match event {
+                    JobEvent::Progress { .. } => {
+                        if let Some(r) = jobs.get_mut(&job) {
+                            r.first_progress.get_or_insert(now_s - r.sent_at);
+                        }
+                    }
+                    JobEvent::Finished { .. } => {
+                        if let Some(r) = jobs.remove(&job) {
+                            settle(&store, &r, Settlement::Commit);
+                            outcomes.push(outcome(&r, OutcomeKind::Completed, now_s));
+                        }
+                    }
+                    JobEvent::Failed(reason) => {
+                        if let Some(r) = jobs.remove(&job) {
+                            settle(&store, &r, Settlement::Refund);
+                            let kind = match reason {
+                                FailReason::Shed { .. } => OutcomeKind::Shed,
+                                _ => OutcomeKind::Error,
+                            };
+                            outcomes.push(outcome(&r, kind, now_s));
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+        let Some((at, event)) = agenda.pop() else {
+            break;
+        };
+        now_ns = at;
+        clock_ms.store(now_ns / 1_000_000, Ordering::Relaxed);
+        let now = Duration::from_nanos(now_ns);
+        processed += 1;
+        match event {
+            Event::Arrival(i) => {
+                let arrival = &arrivals[i];
+                let user = &users[arrival.user];
+                let name = format!("{}-{}", scenario.name, user.name);
+                let scopes = tiers
+                    .scopes(&name, user.org.as_deref(), user.tier, 1.0)
+                    .map_err(|e| SimulationError::Quota(e.to_string()))?;
+                let charge = format!("sim-{i}");
+                let decision = futures::executor::block_on(store.admit(&Charge {
+                    charge_id: &charge,
+                    idempotency: None,
+                    scopes: &scopes,
+                    lease: Duration::from_secs(3600 * 24),
+                    retention: tiers.longest_window(),
+                }))
+                .map_err(|e| SimulationError::Quota(e.to_string()))?;
+                let prompt_tokens = kiln_model::engine::prompt_tokens(
+                    prompts[arrival.prompt % prompts.len()].len(),
+                );
+                let image_tokens = fleet.model.image_tokens(arrival.size, arrival.size);
+                let running = Running {
+                    arrival: i,
+                    sent_at: arrival.at,
+                    user: arrival.user,
+                    tier: user.tier,
+                    phase: arrival.phase,
+                    charge,
+                    scopes,
+                    prompt_tokens,
+                    image_tokens,
+                    done: 0,
+                    first_progress: None,
+                };
+                if !matches!(decision, Decision::Admitted(_)) {
+                    outcomes.push(outcome(&running, OutcomeKind::QuotaRefused, arrival.at));
+                    continue;
+                }
+                let id = next_job;
+                next_job += 1;
+                let job = Job {
+                    id,
+                    user: name,
+                    tier: tier_of(user.tier),
+                    prompt_tokens,
+                    image_tokens,
+                };
+                jobs.insert(id, running);
+                pending_outputs.extend(state.submit(job, now));
+            }
+            Event::CallDone { worker, reports } => {
+                pending_outputs.extend(state.step_done(worker, &reports, now));
+            }
+        }
+    }
+    // Jobs still held when the events ran out would be a scheduler bug: count them as errors.
+    let end = now_ns as f64 / 1e9;
+    for r in jobs.into_values() {
+        outcomes.push(outcome(&r, OutcomeKind::Error, end));
+    }
+    outcomes.sort_by(|a, b| a.sent_at.total_cmp(&b.sent_at));
+    Ok(Simulated {
+        sent: arrivals.len(),
+        outcomes,
+        events: processed,
+    })
+}
+
+fn settle(store: &MemoryStore, r: &Running, settlement: Settlement) {
+    let _ = futures::executor::block_on(store.settle(&r.charge, None, &r.scopes, settlement));
+}
+
+fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
+    let _ = r.arrival;
+    Outcome {
+        sent_at: r.sent_at,
+        phase: r.phase,
+        user: r.user,
+        tier: r.tier,
+        kind,
+        code: (kind == OutcomeKind::Error).then(|| "Simulation".into()),
+        first_progress: r.first_progress,
+        latency: end - r.sent_at,
+    }
+}
+
+/// What a simulated GPU does with one call: its duration and the tokens it reports.
+fn run_call(
+    cost: &StepCost,
+    jobs: &mut HashMap<u64, Running>,
+    command: Command,
+) -> (f64, Vec<SequenceReport>) {
+    match command {
+        Command::Release { .. } => (0.0, Vec::new()),
+        Command::Prefill { jobs: placed, .. } => {
+            let mut tokens = 0;
+            let mut reports = Vec::with_capacity(placed.len());
+            for p in &placed {
+                let Some(r) = jobs.get_mut(&p.job) else {
+                    continue;
+                };
+                r.done = p.resume_from;
+                tokens += r.prompt_tokens + p.resume_from;
+                r.done += 1;
+                reports.push(SequenceReport {
+                    job: p.job,
+                    new_tokens: 1,
+                    finished: r.done >= r.image_tokens,
+                });
+            }
+            (cost.prefill_seconds(tokens), reports)
+        }
+        Command::Decode {
+            jobs: batch, steps, ..
+        } => {
+            let mut seconds = 0.0;
+            let mut new = vec![0usize; batch.len()];
+            for _ in 0..steps.max(1) {
+                let mut active = 0;
+                let mut context = 0;
+                for (k, id) in batch.iter().enumerate() {
+                    if let Some(r) = jobs.get_mut(id) {
+                        if r.done < r.image_tokens {
+                            active += 1;
+                            context += r.prompt_tokens + r.done;
+                            r.done += 1;
+                            new[k] += 1;
+                        }
+                    }
+                }
+                if active == 0 {
+                    break;
+                }
+                seconds += cost.decode_seconds(active, context);
+            }
+            let reports = batch
+                .iter()
+                .zip(new)
+                .filter_map(|(id, n)| {
+                    let r = jobs.get(id)?;
+                    Some(SequenceReport {
+                        job: *id,
+                        new_tokens: n,
+                        finished: r.done >= r.image_tokens,
+                    })
+                })
+                .collect();
+            (seconds, reports)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_loadtest::{default_deadlines, Report};
+
+    fn fleet(workers: usize) -> Fleet {
+        Fleet {
+            workers,
+            capacity: Capacity {
+                kv_blocks: 4096,
+                block_size: 16,
+                max_batch: 8,
+            },
+            cost: StepCost::load("h100-20m").unwrap(),
+            model: ModelConfig::tiny(),
+        }
+    }
+
+    const SPIKE: &str = r#"
+name = "sim"
+seed = 3
+[population]
+users = 200
+tiers = { free = 0.8, pro = 0.2 }
+[requests]
+sizes = [64]
+[[phases]]
+name = "baseline"
+seconds = 20
+rate = 5
+[[phases]]
+name = "spike"
+seconds = 20
+rate = 80
+"#;
+
+    const TIERS: &str = r#"
+[tiers.free]
+windows = [{ seconds = 86400, images = 2 }]
+[tiers.plus]
+windows = [{ seconds = 86400, images = 1000 }]
+[tiers.pro]
+windows = [{ seconds = 86400, images = 1000 }]
+[tiers.team]
+windows = [{ seconds = 86400, images = 1000 }]
+org_pool = true
+"#;
+
+    fn run(workers: usize) -> Report {
+        let scenario = Scenario::from_toml(SPIKE).unwrap();
+        let tiers = TierTable::from_toml(TIERS).unwrap();
+        let config = SchedulerConfig {
+            max_waiting: 16,
+            ..Default::default()
+        };
+        let prompts = kiln_loadtest::shipped_prompts();
+        let sim = simulate(&scenario, &fleet(workers), &tiers, config, &prompts).unwrap();
+        Report::build(&scenario, sim.sent, &sim.outcomes, &default_deadlines())
+    }
+
+    fn count(report: &Report, tier: &str, kind: OutcomeKind) -> usize {
+        report
+            .phases
+            .iter()
+            .filter_map(|(_, tiers)| tiers.get(tier))
+            .map(|f| f.outcomes.get(&kind).copied().unwrap_or(0))
+            .sum()
+    }
+
+    #[test]
+    fn every_request_ends_once_and_the_rules_of_the_real_cluster_hold() {
+        let report = run(2);
+        assert!(report.accounted);
+        assert_eq!(count(&report, "free", OutcomeKind::Error), 0);
+        assert!(count(&report, "free", OutcomeKind::QuotaRefused) > 0);
+        assert!(
+            count(&report, "free", OutcomeKind::Shed) > 0,
+            "{}",
+            report.summary()
+        );
+        assert_eq!(
+            count(&report, "pro", OutcomeKind::Shed),
+            0,
+            "{}",
+            report.summary()
+        );
+        assert!(report.most_images_per_user["free"] <= 2);
+    }
+
+    #[test]
+    fn more_gpus_shed_less() {
+        let small = run(1);
+        let large = run(8);
+        let shed = |r: &Report| count(r, "free", OutcomeKind::Shed);
+        assert!(
+            shed(&large) < shed(&small),
+            "{} vs {}",
+            shed(&large),
+            shed(&small)
+        );
+        assert_eq!(run(2).totals, run(2).totals, "one scenario, one result");
+    }
+}
