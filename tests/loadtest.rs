@@ -139,4 +139,50 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
         html.contains("batch slots in use"),
         "the HTML report charts saturation"
     );
+
+    // The simulator, given the same scenario, tiers, fleet and scheduler settings, predicts the
+    // same outcome counts within the stated tolerance: max(8 requests, 25 %) per outcome.
+    let tiers = dir.path().join("tiers.toml");
+    std::fs::write(&tiers, TIERS).unwrap();
+    let simulated_path = dir.path().join("simulated.json");
+    let out = Command::new(kiln_bin())
+        .args([
+            "simulate",
+            "--workers",
+            "2",
+            "--step-cost",
+            "h100-20m",
+            "--max-batch",
+            "4",
+            "--kv-blocks",
+            "512",
+            "--max-waiting",
+            "12",
+        ])
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--tiers")
+        .arg(&tiers)
+        .arg("--report")
+        .arg(&simulated_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let simulated: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&simulated_path).unwrap()).unwrap();
+    assert_eq!(simulated["sent"], report["sent"], "the same schedule");
+    for kind in ["completed", "shed", "quota_refused"] {
+        let real = count(kind) as f64;
+        let predicted = simulated["totals"]["outcomes"][kind].as_u64().unwrap_or(0) as f64;
+        eprintln!("agreement {kind}: real {real}, simulated {predicted}");
+        assert!(
+            (real - predicted).abs() <= (0.25 * real).max(8.0),
+            "{kind}: real {real}, simulated {predicted}\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
