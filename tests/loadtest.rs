@@ -1,11 +1,12 @@
-//! A short launch-day spike against a real cluster (gateway, scheduler, simulated-GPU workers, Redis):
+//! A short launch-day spike against a real cluster (gateway, scheduler, simulated-GPU workers
+//! registered in etcd, Redis):
 //! `kiln loadtest` accounts for every request, no user gets more images than its quota, and the
 //! spike sheds free requests while pro requests are never shed.
 
 use std::process::Command;
 
 use kiln_e2e::{kiln_bin, Cluster, Options};
-use kiln_testkit::RedisServer;
+use kiln_testkit::{EtcdServer, RedisServer};
 
 /// Free users get 2 images a day; pro users are not limited here.
 const TIERS: &str = r#"
@@ -45,7 +46,9 @@ rate = 4
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
     let redis = RedisServer::start();
+    let etcd = EtcdServer::start();
     let cluster = Cluster::start_with(Options {
+        etcd: Some(etcd.endpoint()),
         workers: 2,
         redis: Some(redis.url()),
         tiers: TIERS.into(),
