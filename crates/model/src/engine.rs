@@ -151,15 +151,6 @@ impl CandleEngine {
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
     }
-
-    fn check(&self, seq: &NewSequence) -> Result<(), ModelError> {
-        check_new_sequence(
-            self.model.config(),
-            &self.info(),
-            self.sequences.contains_key(&seq.id),
-            seq,
-        )
-    }
 }
 
 /// The image input at position `index`: BOI or the previous code, at the patch it predicts.
@@ -267,6 +258,41 @@ pub(crate) fn check_new_sequence(
     Ok(())
 }
 
+/// Checks a whole prefill before anything is allocated: room in the batch, each sequence valid and
+/// listed once (`held` tells which ids the engine already holds), and enough free KV blocks.
+pub(crate) fn check_prefill(
+    cfg: &ModelConfig,
+    info: &EngineInfo,
+    held: impl Fn(u64) -> bool,
+    sequences_held: usize,
+    free_blocks: usize,
+    seqs: &[NewSequence],
+) -> Result<(), ModelError> {
+    if sequences_held + seqs.len() > info.max_batch {
+        return Err(ModelError::BatchFull {
+            max_batch: info.max_batch,
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for seq in seqs {
+        check_new_sequence(cfg, info, held(seq.id), seq)?;
+        if !seen.insert(seq.id) {
+            return Err(ModelError::InvalidSequence(format!(
+                "sequence {} listed twice",
+                seq.id
+            )));
+        }
+    }
+    let needed: usize = seqs.iter().map(|s| s.kv_blocks).sum();
+    if needed > free_blocks {
+        return Err(ModelError::OutOfBlocks {
+            needed,
+            free: free_blocks,
+        });
+    }
+    Ok(())
+}
+
 impl Engine for CandleEngine {
     fn info(&self) -> EngineInfo {
         let cfg = self.model.config();
@@ -296,28 +322,14 @@ impl Engine for CandleEngine {
     }
 
     fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError> {
-        if self.sequences.len() + seqs.len() > self.max_batch {
-            return Err(ModelError::BatchFull {
-                max_batch: self.max_batch,
-            });
-        }
-        let mut seen = std::collections::HashSet::new();
-        for seq in &seqs {
-            self.check(seq)?;
-            if !seen.insert(seq.id) {
-                return Err(ModelError::InvalidSequence(format!(
-                    "sequence {} listed twice",
-                    seq.id
-                )));
-            }
-        }
-        let needed: usize = seqs.iter().map(|s| s.kv_blocks).sum();
-        if needed > self.cache.allocator.free() {
-            return Err(ModelError::OutOfBlocks {
-                needed,
-                free: self.cache.allocator.free(),
-            });
-        }
+        check_prefill(
+            self.model.config(),
+            &self.info(),
+            |id| self.sequences.contains_key(&id),
+            self.sequences.len(),
+            self.cache.allocator.free(),
+            &seqs,
+        )?;
         let cfg = self.model.config().clone();
         let mut inputs = Vec::with_capacity(seqs.len());
         for new in seqs {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::{check_new_sequence, Engine, EngineInfo, NewSequence, SequenceOutput};
+use crate::engine::{check_prefill, Engine, EngineInfo, NewSequence, SequenceOutput};
 use crate::kv_cache::BlockAllocator;
 use crate::{Image, ModelConfig, ModelError};
 
@@ -214,34 +214,14 @@ impl Engine for SimulatedEngine {
     }
 
     fn prefill(&mut self, seqs: Vec<NewSequence>) -> Result<Vec<SequenceOutput>, ModelError> {
-        if self.sequences.len() + seqs.len() > self.max_batch {
-            return Err(ModelError::BatchFull {
-                max_batch: self.max_batch,
-            });
-        }
-        let info = self.info();
-        let mut seen = std::collections::HashSet::new();
-        for seq in &seqs {
-            check_new_sequence(
-                &self.config,
-                &info,
-                self.sequences.contains_key(&seq.id),
-                seq,
-            )?;
-            if !seen.insert(seq.id) {
-                return Err(ModelError::InvalidSequence(format!(
-                    "sequence {} listed twice",
-                    seq.id
-                )));
-            }
-        }
-        let needed: usize = seqs.iter().map(|s| s.kv_blocks).sum();
-        if needed > self.allocator.free() {
-            return Err(ModelError::OutOfBlocks {
-                needed,
-                free: self.allocator.free(),
-            });
-        }
+        check_prefill(
+            &self.config,
+            &self.info(),
+            |id| self.sequences.contains_key(&id),
+            self.sequences.len(),
+            self.allocator.free(),
+            &seqs,
+        )?;
         let mut tokens = 0;
         let mut ids = Vec::with_capacity(seqs.len());
         for new in seqs {
