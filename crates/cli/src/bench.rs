@@ -158,54 +158,81 @@ fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Worker processes (`kiln worker` children of this process) for a benchmark run; killed on drop.
-struct WorkerProcesses {
+/// `kiln` child processes of a benchmark run, each announcing its address; killed on drop.
+#[derive(Default)]
+struct Processes {
     children: Vec<std::process::Child>,
-    addresses: Vec<String>,
 }
 
-impl WorkerProcesses {
-    fn start(model_dir: &Path, count: usize, max_batch: usize) -> Result<Self> {
+impl Processes {
+    /// Starts `kiln args...` (quiet logs, plus `env`) and returns the `http://` address it
+    /// announces on its first stdout line.
+    fn spawn(&mut self, env: &[(&str, String)], args: &[&str]) -> Result<String> {
         use std::io::BufRead;
         let exe = std::env::current_exe().context("locating the kiln binary")?;
-        let mut workers = WorkerProcesses {
-            children: Vec::new(),
-            addresses: Vec::new(),
-        };
-        for i in 0..count {
-            let mut child = std::process::Command::new(&exe)
-                .args(["worker", "--listen", "127.0.0.1:0", "--name"])
-                .arg(format!("bench-worker-{i}"))
-                .arg("--model")
-                .arg(model_dir)
-                .args(["--max-batch", &max_batch.to_string()])
-                .args(["--kv-blocks", &(64 * 96).to_string()])
-                .env("KILN_LOG", "warn")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("starting a bench worker process")?;
-            let mut line = String::new();
-            let stdout = child.stdout.take().context("worker stdout")?;
-            std::io::BufReader::new(stdout).read_line(&mut line)?;
-            workers.children.push(child);
-            let addr = line
-                .trim()
-                .rsplit_once("listening on ")
-                .map(|(_, a)| a.to_string())
-                .context("bench worker did not announce its address")?;
-            workers.addresses.push(format!("http://{addr}"));
-        }
-        Ok(workers)
+        let mut child = std::process::Command::new(exe)
+            .args(args)
+            .env("KILN_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting kiln {}", args[0]))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        self.children.push(child);
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .rsplit_once("listening on ")
+            .map(|(_, a)| a.to_string())
+            .with_context(|| format!("kiln {} did not announce its address", args[0]))?;
+        Ok(format!("http://{addr}"))
     }
 }
 
-impl Drop for WorkerProcesses {
+impl Drop for Processes {
     fn drop(&mut self) {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Worker processes for a benchmark run.
+struct WorkerProcesses {
+    _processes: Processes,
+    addresses: Vec<String>,
+}
+
+impl WorkerProcesses {
+    fn start(model_dir: &Path, count: usize, max_batch: usize) -> Result<Self> {
+        let model = model_dir.to_str().context("model path is not UTF-8")?;
+        let (max_batch, kv_blocks) = (max_batch.to_string(), (64 * 96).to_string());
+        let mut processes = Processes::default();
+        let mut addresses = Vec::new();
+        for i in 0..count {
+            let name = format!("bench-worker-{i}");
+            let args = [
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                &name,
+                "--model",
+                model,
+                "--max-batch",
+                &max_batch,
+                "--kv-blocks",
+                &kv_blocks,
+            ];
+            addresses.push(processes.spawn(&[], &args)?);
+        }
+        Ok(WorkerProcesses {
+            _processes: processes,
+            addresses,
+        })
     }
 }
 

@@ -5,9 +5,8 @@
 //! shared. The tiny model and the smallest image keep the model's share of each request small, so
 //! what tracing adds is as visible as it can be.
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -16,7 +15,7 @@ use kiln_proto::v1::image_service_client::ImageServiceClient;
 use kiln_proto::v1::GenerateRequest;
 use sha2::{Digest, Sha256};
 
-use super::median;
+use super::{median, Processes};
 
 const KEY: &str = "bench-tracing-key";
 /// No quota stands between the load and the cluster: the run measures serving, not admission.
@@ -27,48 +26,13 @@ const UNLIMITED_TIERS: &str = "[tiers.free]\nwindows = [{ seconds = 86400, image
 
 /// The processes of one configuration; killed on drop.
 struct Cluster {
-    children: Vec<Child>,
+    _processes: Processes,
     gateway: String,
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 impl Cluster {
-    /// Starts `kiln args...` and returns the address it announces on its first stdout line.
-    fn spawn(&mut self, env: &[(&str, String)], args: &[&str]) -> Result<String> {
-        let exe = std::env::current_exe().context("locating the kiln binary")?;
-        let mut child = Command::new(exe)
-            .args(args)
-            .env("KILN_LOG", "warn")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting kiln {}", args[0]))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        self.children.push(child);
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .rsplit_once("listening on ")
-            .map(|(_, a)| a.to_string())
-            .with_context(|| format!("kiln {} did not announce its address", args[0]))?;
-        Ok(format!("http://{addr}"))
-    }
-
     fn start(dir: &Path, env: &[(&str, String)]) -> Result<Cluster> {
-        let mut cluster = Cluster {
-            children: Vec::new(),
-            gateway: String::new(),
-        };
+        let mut processes = Processes::default();
         let model = dir.join("model");
         let model = model.to_str().context("utf-8 path")?;
         let keys = dir.join("keys.toml");
@@ -76,7 +40,7 @@ impl Cluster {
         let tiers = dir.join("tiers.toml");
         let tiers = tiers.to_str().context("utf-8 path")?;
         let any = "127.0.0.1:0";
-        let worker = cluster.spawn(
+        let worker = processes.spawn(
             env,
             &[
                 "worker",
@@ -88,8 +52,9 @@ impl Cluster {
                 "64",
             ],
         )?;
-        let scheduler = cluster.spawn(env, &["scheduler", "--listen", any, "--worker", &worker])?;
-        cluster.gateway = cluster.spawn(
+        let scheduler =
+            processes.spawn(env, &["scheduler", "--listen", any, "--worker", &worker])?;
+        let gateway = processes.spawn(
             env,
             &[
                 "gateway",
@@ -103,7 +68,10 @@ impl Cluster {
                 tiers,
             ],
         )?;
-        Ok(cluster)
+        Ok(Cluster {
+            _processes: processes,
+            gateway,
+        })
     }
 }
 
