@@ -127,15 +127,19 @@ fn gateway_refuses(args: &[&str]) -> String {
 fn a_misconfigured_signer_stops_the_gateway_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
+    let refused_with = |chain: &str, key: &str| {
+        gateway_refuses(&[
+            "--data-dir",
+            data,
+            "--c2pa-cert-chain",
+            chain,
+            "--c2pa-private-key",
+            key,
+        ])
+    };
     let missing = dir.path().join("missing-chain.pem");
-    let stderr = gateway_refuses(&[
-        "--data-dir",
-        data,
-        "--c2pa-cert-chain",
-        missing.to_str().unwrap(),
-        "--c2pa-private-key",
-        missing.to_str().unwrap(),
-    ]);
+    let missing = missing.to_str().unwrap();
+    let stderr = refused_with(missing, missing);
     assert!(stderr.contains("missing-chain.pem"), "{stderr}");
 
     let write = |name: &str, bytes: &[u8]| {
@@ -148,14 +152,7 @@ fn a_misconfigured_signer_stops_the_gateway_at_start() {
         write("old.pem", &expired.chain_pem),
         write("old.key", &expired.key_pem),
     );
-    let stderr = gateway_refuses(&[
-        "--data-dir",
-        data,
-        "--c2pa-cert-chain",
-        &chain,
-        "--c2pa-private-key",
-        &key,
-    ]);
+    let stderr = refused_with(&chain, &key);
     assert!(stderr.contains("expired"), "{stderr}");
 
     let a = kiln_provenance::dev_credentials(&dir.path().join("a"))
@@ -165,13 +162,6 @@ fn a_misconfigured_signer_stops_the_gateway_at_start() {
         .unwrap()
         .credentials;
     let (chain, key) = (write("a.pem", &a.chain_pem), write("b.key", &b.key_pem));
-    let stderr = gateway_refuses(&[
-        "--data-dir",
-        data,
-        "--c2pa-cert-chain",
-        &chain,
-        "--c2pa-private-key",
-        &key,
-    ]);
+    let stderr = refused_with(&chain, &key);
     assert!(stderr.contains("private key"), "{stderr}");
 }
