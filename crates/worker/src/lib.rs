@@ -33,14 +33,20 @@ pub struct WorkerService<E: Engine> {
     device: String,
     engine: Arc<Mutex<E>>,
     traces: SequenceTraces,
+    /// When memory was last read: reading it (a /proc file, or a driver call) on every step of
+    /// the decode loop would be waste, so it is read at most once per [`MEMORY_READ_EVERY`].
+    memory_read_at: Mutex<Option<Instant>>,
 }
+
+const MEMORY_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What an engine holds after a call.
 struct Load {
     free_blocks: usize,
     sequences: usize,
-    /// Accelerator memory (used, total); `None` on the CPU.
-    device_memory: Option<(u64, u64)>,
+    /// Memory (used, total): the accelerator's, else the process's on the machine's; `None` when
+    /// it was not read this call.
+    memory: Option<(u64, u64)>,
 }
 
 impl<E: Engine> WorkerService<E> {
@@ -57,7 +63,21 @@ impl<E: Engine> WorkerService<E> {
             device: info.device,
             engine: Arc::new(Mutex::new(engine)),
             traces: SequenceTraces::default(),
+            memory_read_at: Mutex::new(None),
         }
+    }
+
+    /// Whether this call should read memory (and, if so, notes that it did).
+    fn memory_due(&self) -> bool {
+        let mut last = self
+            .memory_read_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= MEMORY_READ_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     /// Runs `f` on the engine on a blocking thread: steps take milliseconds to seconds.
@@ -66,6 +86,7 @@ impl<E: Engine> WorkerService<E> {
         f: impl FnOnce(&mut E) -> Result<T, ModelError> + Send + 'static,
     ) -> Result<(T, Load), Status> {
         let engine = self.engine.clone();
+        let read_memory = self.memory_due();
         tokio::task::spawn_blocking(move || {
             let mut engine = engine
                 .lock()
@@ -74,7 +95,9 @@ impl<E: Engine> WorkerService<E> {
             let load = Load {
                 free_blocks: engine.free_blocks(),
                 sequences: engine.sequences(),
-                device_memory: engine.device_memory(),
+                memory: read_memory
+                    .then(|| engine.device_memory().or_else(telemetry::process_memory))
+                    .flatten(),
             };
             Ok((result, load))
         })
@@ -95,8 +118,7 @@ impl<E: Engine> WorkerService<E> {
         telemetry::WORKER_BATCH_SLOTS_USED
             .with_label_values(&[&self.name])
             .set(held as f64);
-        // The accelerator's memory where there is one, else the process's own on the machine's.
-        if let Some((used, total)) = load.device_memory.or_else(telemetry::process_memory) {
+        if let Some((used, total)) = load.memory {
             telemetry::WORKER_MEMORY_USED
                 .with_label_values(&[&self.name, &self.device])
                 .set(used as f64);
