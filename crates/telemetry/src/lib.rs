@@ -1,7 +1,8 @@
 //! Observability plumbing shared by every component: the one list of metric names (all `kiln_`
 //! prefixed, base units), the process-wide Prometheus registry with the metrics registered on it, a
-//! text encoder for `/metrics`, and the logging setup (human or JSON). It holds no business logic:
-//! components record into these metrics where the events happen.
+//! text encoder for `/metrics`, the logging setup (human or JSON), and distributed tracing ([`trace`]:
+//! the OTLP exporter, the one sampling decision, the W3C context passed between components). It
+//! holds no business logic: components record into these metrics and spans where the events happen.
 
 #![forbid(unsafe_code)]
 

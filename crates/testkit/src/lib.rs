@@ -1,7 +1,7 @@
 //! Test support shared by the crates' integration tests, the end-to-end suite and `kiln bench`:
 //! starts a real `redis-server` or `etcd` on free loopback ports in a temporary directory, waits
-//! until it answers, and kills it when dropped; and receives OTLP traces ([`OtlpReceiver`]). It owns no Kiln logic; `scripts/bootstrap.sh
-//! --test` installs the servers it needs.
+//! until it answers, and kills it when dropped; and receives OTLP traces ([`OtlpReceiver`]). It owns
+//! no Kiln logic; `scripts/bootstrap.sh --test` installs the servers it needs.
 
 #![forbid(unsafe_code)]
 

@@ -1,7 +1,8 @@
 //! The worker: serves the internal `kiln.v1.Worker` protocol over one [`Engine`]. It validates every
 //! call, runs the engine's batched steps off the async runtime, keeps its metrics, and answers with
-//! tokens, finished images and timings. It knows nothing of users, tiers or quotas; registration in a
-//! membership store comes from the cluster layer.
+//! tokens, finished images and timings; traced requests get a span per sequence and per batched call.
+//! The engine is the model on a device or the simulated accelerator. It knows nothing of users, tiers
+//! or quotas; registration in a membership store comes from the cluster layer.
 
 #![forbid(unsafe_code)]
 
