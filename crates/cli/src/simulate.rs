@@ -36,6 +36,10 @@ pub struct SimulateArgs {
     /// Batch slots per GPU.
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
+    /// Milliseconds each worker call spends outside the GPU (network round trip and the scheduler's
+    /// turn); 0 simulates the accelerator's time alone.
+    #[arg(long, default_value_t = 0.0)]
+    pub call_overhead_ms: f64,
     /// Tier table (TOML); the shipped launch defaults when absent.
     #[arg(long)]
     pub tiers: Option<PathBuf>,
@@ -96,6 +100,12 @@ fn meets_targets(report: &Report, scenario: &Scenario, free_shed: f64) -> Result
 
 pub fn run(args: SimulateArgs) -> Result<()> {
     args.batching.validate()?;
+    if !(args.call_overhead_ms.is_finite() && args.call_overhead_ms >= 0.0) {
+        anyhow::bail!(
+            "--call-overhead-ms must be a non-negative number, not {}",
+            args.call_overhead_ms
+        );
+    }
     let text = std::fs::read_to_string(&args.scenario)
         .with_context(|| format!("reading --scenario {}", args.scenario.display()))?;
     let scenario = Scenario::from_toml(&text)
@@ -120,6 +130,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         },
         cost: cost.clone(),
         model: kiln_model::ModelConfig::random_20m(),
+        call_overhead: std::time::Duration::from_secs_f64(args.call_overhead_ms / 1000.0),
     };
     let play = |workers: usize| -> Result<Report> {
         let started = Instant::now();

@@ -27,6 +27,9 @@ pub struct Fleet {
     pub capacity: Capacity,
     pub cost: StepCost,
     pub model: ModelConfig,
+    /// Time every worker call spends outside the model: the protocol's round trip and the
+    /// scheduler's turn (0 for the accelerator's time alone).
+    pub call_overhead: Duration,
 }
 
 /// What went wrong setting a simulation up.
@@ -46,24 +49,83 @@ pub struct Simulated {
     pub events: u64,
 }
 
-/// Events in time order (ties in the order they were scheduled).
-#[derive(Default)]
+/// Events in time order. Arrivals come sorted from the schedule, so only worker calls (at most one
+/// in flight per GPU) need a heap; at equal times arrivals go first, then calls in the order issued.
 struct Agenda {
-    order: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, Event>,
-    next: u64,
+    arrival_times: Vec<u64>,
+    next_arrival: usize,
+    calls: BinaryHeap<Reverse<Call>>,
+    issued: u64,
+}
+
+/// A worker call and when it completes; ordered by time, then by when it was issued.
+struct Call {
+    at_ns: u64,
+    seq: u64,
+    worker: u32,
+    reports: Vec<SequenceReport>,
+}
+
+impl PartialEq for Call {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_ns, self.seq) == (other.at_ns, other.seq)
+    }
+}
+
+impl Eq for Call {}
+
+impl PartialOrd for Call {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Call {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at_ns, self.seq).cmp(&(other.at_ns, other.seq))
+    }
 }
 
 impl Agenda {
-    fn push(&mut self, at_ns: u64, event: Event) {
-        self.next += 1;
-        self.events.insert(self.next, event);
-        self.order.push(Reverse((at_ns, self.next)));
+    fn new(arrival_times: Vec<u64>) -> Self {
+        Agenda {
+            arrival_times,
+            next_arrival: 0,
+            calls: BinaryHeap::new(),
+            issued: 0,
+        }
+    }
+
+    fn push_call(&mut self, at_ns: u64, worker: u32, reports: Vec<SequenceReport>) {
+        self.issued += 1;
+        self.calls.push(Reverse(Call {
+            at_ns,
+            seq: self.issued,
+            worker,
+            reports,
+        }));
     }
 
     fn pop(&mut self) -> Option<(u64, Event)> {
-        let Reverse((at, id)) = self.order.pop()?;
-        Some((at, self.events.remove(&id)?))
+        let arrival = self.arrival_times.get(self.next_arrival).copied();
+        let call = self.calls.peek().map(|Reverse(c)| c.at_ns);
+        match (arrival, call) {
+            (Some(a), c) if c.is_none_or(|c| a <= c) => {
+                self.next_arrival += 1;
+                Some((a, Event::Arrival(self.next_arrival - 1)))
+            }
+            (_, Some(_)) => {
+                let Reverse(c) = self.calls.pop()?;
+                Some((
+                    c.at_ns,
+                    Event::CallDone {
+                        worker: c.worker,
+                        reports: c.reports,
+                    },
+                ))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -120,10 +182,8 @@ pub fn simulate(
     let users = scenario.users();
     let arrivals = scenario.arrivals(prompts.len());
     let mut state = SchedulerState::new(config);
-    let mut agenda = Agenda::default();
-    for (i, arrival) in arrivals.iter().enumerate() {
-        agenda.push((arrival.at * 1e9) as u64, Event::Arrival(i));
-    }
+    // The schedule is in time order (the load test relies on it too).
+    let mut agenda = Agenda::new(arrivals.iter().map(|a| (a.at * 1e9) as u64).collect());
     let mut jobs: HashMap<u64, Running> = HashMap::new();
     let mut outcomes = Vec::with_capacity(arrivals.len());
     let mut next_job = 1u64;
@@ -140,10 +200,8 @@ pub fn simulate(
             match output {
                 Output::Command { worker, command } => {
                     let (seconds, reports) = run_call(&fleet.cost, &mut jobs, command);
-                    agenda.push(
-                        now_ns + (seconds * 1e9) as u64,
-                        Event::CallDone { worker, reports },
-                    );
+                    let took = (seconds * 1e9) as u64 + fleet.call_overhead.as_nanos() as u64;
+                    agenda.push_call(now_ns + took, worker, reports);
                 }
                 Output::Event { job, event } => match event {
                     JobEvent::Progress { .. } => {
@@ -293,19 +351,31 @@ fn run_call(
         Command::Decode {
             jobs: batch, steps, ..
         } => {
+            // One lookup per sequence: how many of the call's steps it takes part in (it stops at its
+            // last token) and its context at the first step; the steps are then summed from those.
+            let steps = steps.max(1);
+            let mut taking = Vec::with_capacity(batch.len());
+            let mut reports = Vec::with_capacity(batch.len());
+            for id in &batch {
+                let Some(r) = jobs.get_mut(id) else {
+                    continue;
+                };
+                let n = steps.min(r.image_tokens.saturating_sub(r.done));
+                taking.push((n, r.prompt_tokens + r.done));
+                r.done += n;
+                reports.push(SequenceReport {
+                    job: *id,
+                    new_tokens: n,
+                    finished: r.done >= r.image_tokens,
+                });
+            }
             let mut seconds = 0.0;
-            let mut new = vec![0usize; batch.len()];
-            for _ in 0..steps.max(1) {
-                let mut active = 0;
-                let mut context = 0;
-                for (k, id) in batch.iter().enumerate() {
-                    if let Some(r) = jobs.get_mut(id) {
-                        if r.done < r.image_tokens {
-                            active += 1;
-                            context += r.prompt_tokens + r.done;
-                            r.done += 1;
-                            new[k] += 1;
-                        }
+            for step in 0..steps {
+                let (mut active, mut context) = (0, 0);
+                for &(n, start) in &taking {
+                    if step < n {
+                        active += 1;
+                        context += start + step;
                     }
                 }
                 if active == 0 {
@@ -313,18 +383,6 @@ fn run_call(
                 }
                 seconds += cost.decode_seconds(active, context);
             }
-            let reports = batch
-                .iter()
-                .zip(new)
-                .filter_map(|(id, n)| {
-                    let r = jobs.get(id)?;
-                    Some(SequenceReport {
-                        job: *id,
-                        new_tokens: n,
-                        finished: r.done >= r.image_tokens,
-                    })
-                })
-                .collect();
             (seconds, reports)
         }
     }
@@ -345,6 +403,7 @@ mod tests {
             },
             cost: StepCost::load("h100-20m").unwrap(),
             model: ModelConfig::tiny(),
+            call_overhead: Duration::ZERO,
         }
     }
 

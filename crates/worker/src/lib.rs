@@ -128,10 +128,17 @@ impl<E: Engine> WorkerService<E> {
                 .set(total as f64);
         }
         let seconds = start.elapsed().as_secs_f64();
-        // A multi-step decode call is `steps` forward passes of (at most) this batch.
-        telemetry::WORKER_STEP_DURATION
-            .with_label_values(&[&self.name, phase, telemetry::batch_bucket(batch)])
-            .observe(seconds / steps.max(1) as f64);
+        // A multi-step decode call is `steps` forward passes of (at most) this batch: one observation
+        // each, so the histogram's count is passes and its sum the time the engine took.
+        let passes = steps.max(1);
+        let step_duration = telemetry::WORKER_STEP_DURATION.with_label_values(&[
+            &self.name,
+            phase,
+            telemetry::batch_bucket(batch),
+        ]);
+        for _ in 0..passes {
+            step_duration.observe(seconds / passes as f64);
+        }
         let tokens: usize = outputs.iter().map(|o| o.tokens.len()).sum();
         telemetry::WORKER_TOKENS
             .with_label_values(&[&self.name])
