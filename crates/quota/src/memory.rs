@@ -1,7 +1,8 @@
 //! The in-memory store: the same semantics as the Redis scripts, for `kiln up`'s embedded default,
 //! for a gateway's fail-open limiter while Redis is down, and for unit tests. One mutex makes every
 //! operation atomic, as a script is in Redis. Expired entries are dropped as they are met and swept
-//! every few thousand operations, so memory stays bounded by live charges.
+//! after as many operations as the store holds entries (at least a few thousand), so memory stays
+//! within twice the live charges and a sweep costs O(1) per operation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -41,6 +42,8 @@ struct Inner {
     digests: HashMap<String, String>,
     tiers: Option<String>,
     operations: u64,
+    /// The operation count at which the next sweep runs.
+    next_sweep: u64,
 }
 
 /// Milliseconds on some monotonic clock.
@@ -104,7 +107,7 @@ impl Inner {
 
     fn sweep(&mut self, now: u64) {
         self.operations += 1;
-        if !self.operations.is_multiple_of(4096) {
+        if self.operations < self.next_sweep {
             return;
         }
         self.windows.retain(|(_, w), e| {
@@ -119,6 +122,15 @@ impl Inner {
         self.charges.retain(|_, (_, e)| *e > now);
         self.idempotency.retain(|_, (_, e)| *e > now);
         self.results.retain(|_, (_, e)| *e > now);
+        // A sweep costs as much as the store holds: the next one waits as many operations (at least
+        // a few thousand), so a store of a million users costs O(1) per operation, not a scan.
+        let held = self.windows.len()
+            + self.rates.len()
+            + self.in_flight.len()
+            + self.charges.len()
+            + self.idempotency.len()
+            + self.results.len();
+        self.next_sweep = self.operations + held.max(4096) as u64;
     }
 }
 

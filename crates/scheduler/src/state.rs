@@ -9,7 +9,9 @@
 //! leave at once. Every job reserves all the KV blocks it will ever need when it is placed: nothing is
 //! preempted and no worker runs out of memory mid-image.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::time::Duration;
 
 /// Time as the driver sees it: real time since start, or virtual time in a simulation.
@@ -224,6 +226,8 @@ struct WorkerState {
     pending_release: Vec<JobId>,
     /// A command is in flight; the next one waits for its report.
     busy: bool,
+    /// Listed in `SchedulerState::idle` (not busy, so holding no job and nothing to release).
+    idle: bool,
     /// When the command in flight was issued.
     busy_since: Time,
     /// Measured image tokens per second (moving average over calls; 0 until measured).
@@ -318,7 +322,17 @@ pub struct SchedulerState {
     shed: [u64; 4],
     jobs: HashMap<JobId, JobState>,
     workers: BTreeMap<WorkerId, WorkerState>,
+    /// Workers with no call in flight, most free blocks first (then highest id): the only ones a new
+    /// arrival can start, so an arrival costs nothing per busy worker of a large fleet.
+    idle: BTreeSet<IdleKey>,
+    /// Sum of the workers' measured tokens per second, kept as they report (read on every arrival).
+    tokens_per_second: f64,
+    /// The largest worker's capacity (by KV blocks), kept as workers join and leave.
+    largest: Option<Capacity>,
 }
+
+/// Orders idle workers by most free blocks first, then highest id.
+type IdleKey = Reverse<(usize, WorkerId)>;
 
 /// A snapshot for status pages and metrics.
 #[derive(Clone, Debug, PartialEq)]
@@ -356,12 +370,7 @@ impl SchedulerState {
     /// A job arrives. It is queued (and placed at once where a worker is free).
     pub fn submit(&mut self, job: Job, now: Time) -> Vec<Output> {
         let mut out = Vec::new();
-        if let Some(largest) = self
-            .workers
-            .values()
-            .map(|w| w.capacity)
-            .max_by_key(|c| c.kv_blocks)
-        {
+        if let Some(largest) = self.largest {
             let needed = blocks_for(&job, largest.block_size);
             if needed > largest.kv_blocks {
                 out.push(Output::Event {
@@ -413,7 +422,7 @@ impl SchedulerState {
 
     /// Measured image tokens per second of the whole cluster (0 until measured).
     pub fn tokens_per_second(&self) -> f64 {
-        self.workers.values().map(|w| w.tokens_per_second).sum()
+        self.tokens_per_second.max(0.0)
     }
 
     /// Predicted time to generate `tokens` more tokens behind all running work and the waiting work
@@ -568,11 +577,13 @@ impl SchedulerState {
                 running: Vec::new(),
                 pending_release: Vec::new(),
                 busy: false,
+                idle: false,
                 busy_since: now,
                 tokens_per_second: 0.0,
                 last_call: Duration::ZERO,
             },
         );
+        self.largest = self.largest_capacity();
         self.schedule(id, now, &mut out);
         out
     }
@@ -584,6 +595,11 @@ impl SchedulerState {
         let Some(worker) = self.workers.remove(&id) else {
             return out;
         };
+        if worker.idle {
+            self.idle.remove(&Reverse((worker.free_blocks, id)));
+        }
+        self.largest = self.largest_capacity();
+        self.refresh_tokens_per_second();
         for job in worker.running.into_iter().rev() {
             let state = self.jobs.get_mut(&job).expect("running jobs are live");
             state.phase = Phase::Waiting;
@@ -619,11 +635,13 @@ impl SchedulerState {
         w.last_call = elapsed;
         if tokens > 0 && !elapsed.is_zero() {
             let measured = tokens as f64 / elapsed.as_secs_f64();
-            w.tokens_per_second = if w.tokens_per_second > 0.0 {
-                0.8 * w.tokens_per_second + 0.2 * measured
+            let before = w.tokens_per_second;
+            w.tokens_per_second = if before > 0.0 {
+                0.8 * before + 0.2 * measured
             } else {
                 measured
             };
+            self.tokens_per_second += w.tokens_per_second - before;
         }
         for report in reports {
             // Reports for jobs cancelled meanwhile are stale: their blocks were already accounted.
@@ -754,18 +772,38 @@ impl SchedulerState {
         }
     }
 
-    /// Gives every free worker its next command, most free blocks first.
+    /// Gives every free worker its next command, most free blocks first. A free worker holds no job,
+    /// so with nothing waiting there is nothing to give, and the walk stops.
     fn schedule_all(&mut self, now: Time, out: &mut Vec<Output>) {
-        let mut idle: Vec<(usize, WorkerId)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| !w.busy)
-            .map(|(&id, w)| (w.free_blocks, id))
-            .collect();
-        idle.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, id) in idle {
+        let mut after: Option<IdleKey> = None;
+        while self.waiting() > 0 {
+            let next = match after {
+                None => self.idle.first().copied(),
+                Some(key) => self
+                    .idle
+                    .range((Bound::Excluded(key), Bound::Unbounded))
+                    .next()
+                    .copied(),
+            };
+            let Some(key) = next else {
+                return;
+            };
+            let Reverse((_, id)) = key;
             self.schedule(id, now, out);
+            after = Some(key);
         }
+    }
+
+    fn largest_capacity(&self) -> Option<Capacity> {
+        self.workers
+            .values()
+            .map(|w| w.capacity)
+            .max_by_key(|c| c.kv_blocks)
+    }
+
+    /// Recounts the fleet's tokens per second (on membership changes, so rounding cannot build up).
+    fn refresh_tokens_per_second(&mut self) {
+        self.tokens_per_second = self.workers.values().map(|w| w.tokens_per_second).sum();
     }
 
     /// The next command of one free worker: prefill what fits, else decode the batch, else release.
@@ -776,6 +814,8 @@ impl SchedulerState {
         if w.busy {
             return;
         }
+        // Taken before `admit` changes the free blocks the key is made of.
+        let idle_key = w.idle.then_some(Reverse((w.free_blocks, id)));
         let placements = self.admit(id, now);
         let w = self.workers.get_mut(&id).expect("checked above");
         let release = std::mem::take(&mut w.pending_release);
@@ -806,8 +846,16 @@ impl SchedulerState {
         } else if !release.is_empty() {
             Command::Release { release }
         } else {
+            if !w.idle {
+                w.idle = true;
+                self.idle.insert(Reverse((w.free_blocks, id)));
+            }
             return;
         };
+        if let Some(key) = idle_key {
+            w.idle = false;
+            self.idle.remove(&key);
+        }
         w.busy = true;
         w.busy_since = now;
         out.push(Output::Command {
@@ -1302,6 +1350,13 @@ mod tests {
                     prop_assert_eq!(w.free_blocks + reserved, w.capacity.kv_blocks);
                     prop_assert!(w.running <= w.capacity.max_batch);
                 }
+                // The kept indexes match a recount: free workers, fleet speed, largest worker.
+                let idle: BTreeSet<IdleKey> = s.workers.iter().filter(|(_, w)| !w.busy).map(|(&id, w)| Reverse((w.free_blocks, id))).collect();
+                prop_assert_eq!(&idle, &s.idle);
+                prop_assert!(s.workers.values().all(|w| w.busy || w.running.is_empty()), "a free worker holds jobs");
+                let speed: f64 = s.workers.values().map(|w| w.tokens_per_second).sum();
+                prop_assert!((speed - s.tokens_per_second()).abs() <= 1e-6 * speed.max(1.0));
+                prop_assert_eq!(s.largest.map(|c| c.kv_blocks), s.workers.values().map(|w| w.capacity.kv_blocks).max());
                 let waiting = s.jobs.values().filter(|j| matches!(j.phase, Phase::Waiting)).count();
                 prop_assert_eq!(waiting, s.waiting());
                 // Arrivals respect the bound; jobs re-queued from a lost worker may exceed it (they
