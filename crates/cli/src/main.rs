@@ -18,6 +18,7 @@ mod generate;
 mod loadtest;
 mod simulate;
 mod status;
+mod train;
 mod verify;
 
 use cluster::Shutdown;
@@ -136,6 +137,10 @@ enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Play a scenario in virtual time against N simulated GPUs; --find-workers plans capacity.
     Simulate(simulate::SimulateArgs),
+    /// Train the image model on procedural scenes (codebook, transformer; resumable).
+    Train(train::TrainArgs),
+    /// Score a model's attribute binding on held-out prompts, and time its generation.
+    Eval(train::EvalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -408,6 +413,8 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Simulate(args) => simulate::run(args),
+        Command::Train(args) => train::train(args),
+        Command::Eval(args) => train::eval(args),
         Command::Verify(args) => {
             if verify::run(args, &cli.data_dir)? {
                 Ok(())

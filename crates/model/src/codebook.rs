@@ -71,6 +71,11 @@ impl Codebook {
         }
     }
 
+    /// Pixels per side of one patch.
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
+    }
+
     /// Number of codes.
     pub fn len(&self) -> usize {
         self.patches.len() / (self.patch_size * self.patch_size * 3)

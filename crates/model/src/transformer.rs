@@ -63,8 +63,8 @@ pub struct Transformer {
     codebook: Codebook,
 }
 
-/// Weight names and shapes, as stored in `model.safetensors`.
-fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+/// Weight names and shapes, as stored in `model.safetensors` (matrices `[in, out]`).
+pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.d_model;
     let mut shapes = vec![
         ("tok_emb".to_string(), vec![cfg.vocab_size(), d]),
@@ -90,11 +90,6 @@ impl Transformer {
     /// Writes a randomly initialised model (`config.json` + `model.safetensors`) into `dir`.
     pub fn init_random(cfg: &ModelConfig, seed: u64, dir: &Path) -> Result<(), ModelError> {
         cfg.validate()?;
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| ModelError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
         for (name, shape) in weight_shapes(cfg) {
@@ -115,6 +110,32 @@ impl Transformer {
             tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
         }
         let codebook = Codebook::procedural(cfg.codebook_size, cfg.patch_size);
+        Self::save(cfg, tensors, &codebook, dir)
+    }
+
+    /// Writes a model (`config.json` + `model.safetensors` with the weights of [`weight_shapes`] and
+    /// the codebook) into `dir`: what `load` reads. Training writes its models through this too.
+    pub fn save(
+        cfg: &ModelConfig,
+        mut tensors: HashMap<String, Tensor>,
+        codebook: &Codebook,
+        dir: &Path,
+    ) -> Result<(), ModelError> {
+        cfg.validate()?;
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| ModelError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if codebook.len() != cfg.codebook_size || codebook.patch_size() != cfg.patch_size {
+            return Err(ModelError::Weights(format!(
+                "a codebook of {} {}px patches for a model of {} {}px codes",
+                codebook.len(),
+                codebook.patch_size(),
+                cfg.codebook_size,
+                cfg.patch_size
+            )));
+        }
         let per = cfg.patch_size * cfg.patch_size * 3;
         tensors.insert(
             "codebook".to_string(),

@@ -1,0 +1,394 @@
+//! `kiln train`: learns the patch codebook from procedural scenes, trains the transformer on their
+//! captions (resumable from checkpoints), and writes a servable model. `kiln eval`: draws held-out
+//! prompts through the serving engine and scores them with the scene checker (attribute binding per
+//! number of objects), with generation times alone and in a batch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_model::{
+    CandleEngine, Engine, EngineInfo, ModelConfig, NewSequence, SamplingParams, Transformer,
+};
+use kiln_scenes::{held_out, Scene, SceneSampler};
+use kiln_train::{data, PatchCodebook, TrainConfig, Trainer};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Where to write the trained model (config.json + model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Checkpoints and the codebook of the run; a run found there is resumed.
+    #[arg(long)]
+    pub work: PathBuf,
+    /// Model name written into its config.
+    #[arg(long, default_value = "kiln-shapes")]
+    pub name: String,
+    /// Optimiser steps in all (a resumed run continues up to this many).
+    #[arg(long, default_value_t = 3000)]
+    pub steps: usize,
+    /// Stop (checkpoint and export) after this many minutes even if steps remain.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Checkpoint every this many steps.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Image side in pixels the model is trained (and served) at.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Pixels per side of one image token.
+    #[arg(long, default_value_t = 8)]
+    pub patch: usize,
+    /// Codes in the codebook.
+    #[arg(long, default_value_t = 512)]
+    pub codebook: usize,
+    /// Scenes the codebook is learned from.
+    #[arg(long, default_value_t = 3000)]
+    pub codebook_images: usize,
+    #[arg(long, default_value_t = 128)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 512)]
+    pub d_ff: usize,
+}
+
+const CODEBOOK_FILE: &str = "codebook.bin";
+
+impl TrainArgs {
+    fn model_config(&self, codes: usize) -> ModelConfig {
+        ModelConfig {
+            name: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            d_model: self.d_model,
+            n_layers: self.layers,
+            n_heads: self.heads,
+            d_ff: self.d_ff,
+            codebook_size: codes,
+            patch_size: self.patch,
+            sizes: vec![self.size],
+            default_size: self.size,
+            max_prompt_bytes: 128,
+            norm_eps: 1e-5,
+        }
+    }
+}
+
+/// The codebook of the run in `work`, learned (and saved) on first use.
+fn codebook(args: &TrainArgs) -> Result<PatchCodebook> {
+    let path = args.work.join(CODEBOOK_FILE);
+    if let Ok(bytes) = std::fs::read(&path) {
+        let book = PatchCodebook {
+            patch: args.patch,
+            patches: bytes,
+        };
+        if book.len() * args.patch * args.patch * 3 == book.patches.len() {
+            return Ok(book);
+        }
+        bail!("{} does not hold {}px patches", path.display(), args.patch);
+    }
+    let started = Instant::now();
+    eprintln!(
+        "learning a {}-code codebook of {}px patches from {} scenes...",
+        args.codebook, args.patch, args.codebook_images
+    );
+    let book = data::learn_codebook(
+        args.seed,
+        args.codebook_images,
+        args.size,
+        args.patch,
+        args.codebook,
+        12,
+    );
+    let scenes: Vec<Scene> = (1..=4)
+        .flat_map(|n| held_out(args.seed, n, 100).expect("1-4 objects"))
+        .collect();
+    let (rmse, ceiling) = data::reconstruction(&book, &scenes, args.size);
+    eprintln!(
+        "codebook: {} codes in {:.1} s; held-out reconstruction RMSE {rmse:.2} (of 255), checker \
+         still correct on {:.1} % of reconstructions",
+        book.len(),
+        started.elapsed().as_secs_f64(),
+        ceiling * 100.0
+    );
+    std::fs::create_dir_all(&args.work)?;
+    std::fs::write(&path, &book.patches).with_context(|| format!("writing {}", path.display()))?;
+    Ok(book)
+}
+
+/// The examples of step `step`: a sampler seeded by the run and the step, so a resumed run sees
+/// the data it would have seen.
+fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_train::Example> {
+    let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
+    SceneSampler::new(seed)
+        .take(args.batch)
+        .map(|scene| data::example(&scene, book, args.size))
+        .collect()
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    if args.batch == 0 || args.steps == 0 {
+        bail!("--batch and --steps must be positive");
+    }
+    let book = codebook(&args)?;
+    let cfg = args.model_config(book.len());
+    cfg.validate().context("model shape flags")?;
+    eprintln!(
+        "model {}: {:.2} M parameters, {} image tokens per {}px image",
+        cfg.name,
+        cfg.parameter_count() as f64 / 1e6,
+        cfg.image_tokens(args.size, args.size),
+        args.size
+    );
+    let device = candle_core::Device::Cpu;
+    let config = TrainConfig {
+        steps: args.steps,
+        batch: args.batch,
+        learning_rate: args.learning_rate,
+        warmup: args.warmup,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::resume_or_new(&args.work, &cfg, config, &device)?;
+    if trainer.step_count() > 0 {
+        eprintln!("resuming at step {}", trainer.step_count());
+    }
+    let validation: Vec<_> = (1..=4)
+        .flat_map(|n| held_out(args.seed + 1, n, 8).expect("1-4 objects"))
+        .map(|scene| data::example(&scene, &book, args.size))
+        .collect();
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {elapsed} (eta {eta}) {msg}")
+            .expect("template"),
+    );
+    bar.set_position(trainer.step_count() as u64);
+    let started = Instant::now();
+    let first_step = trainer.step_count();
+    let mut recent = Vec::new();
+    while trainer.step_count() < args.steps {
+        if args
+            .minutes
+            .is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
+        {
+            bar.println("time budget spent: checkpointing and exporting");
+            break;
+        }
+        let step = trainer.step_count();
+        let loss = trainer.train_step(&batch_for(&args, &book, step))?;
+        recent.push(loss);
+        if recent.len() > 20 {
+            recent.remove(0);
+        }
+        let mean = recent.iter().sum::<f32>() / recent.len() as f32;
+        bar.set_message(format!("loss {mean:.3}"));
+        bar.inc(1);
+        if trainer.step_count() % args.checkpoint_every == 0 {
+            trainer.checkpoint(&args.work)?;
+            let held = trainer.evaluate(&validation)?;
+            bar.println(format!(
+                "step {}: train loss {mean:.3}, held-out loss {held:.3}, lr {:.2e}",
+                trainer.step_count(),
+                trainer.config().learning_rate_at(trainer.step_count())
+            ));
+        }
+    }
+    bar.finish();
+    trainer.checkpoint(&args.work)?;
+    trainer.export(&book, &args.out)?;
+    eprintln!(
+        "trained {} steps ({} this run, {:.1} min); model written to {}",
+        trainer.step_count(),
+        trainer.step_count() - first_step,
+        started.elapsed().as_secs_f64() / 60.0,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model directory (as `kiln train --out` writes it).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Held-out prompts per number of objects.
+    #[arg(long, default_value_t = 50)]
+    pub per_count: usize,
+    /// Seed of the held-out prompts (and of sampling).
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Sampling temperature (0 is greedy; the gateway's default is 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Images generated together.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Write every generated image (PNG, named by outcome and prompt) here.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// Generates `prompts` together and returns their PNGs.
+fn generate(
+    engine: &mut CandleEngine,
+    info: &EngineInfo,
+    prompts: &[String],
+    sampling: SamplingParams,
+    first_id: u64,
+) -> Result<Vec<Vec<u8>>> {
+    let size = info.default_size;
+    let seqs: Vec<NewSequence> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| NewSequence {
+            id: first_id + i as u64,
+            prompt: p.clone(),
+            width: size,
+            height: size,
+            sampling: SamplingParams {
+                seed: sampling.seed + first_id + i as u64,
+                ..sampling
+            },
+            generated: Vec::new(),
+            kv_blocks: info.blocks_needed(p.len(), size, size),
+        })
+        .collect();
+    let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
+    let mut images: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+    let collect = |images: &mut std::collections::HashMap<u64, Vec<u8>>,
+                   outputs: Vec<kiln_model::SequenceOutput>| {
+        for o in outputs {
+            if let Some(image) = o.image {
+                images.insert(o.id, image.png);
+            }
+        }
+    };
+    collect(&mut images, engine.prefill(seqs)?);
+    while images.len() < ids.len() {
+        let live: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !images.contains_key(id))
+            .collect();
+        collect(&mut images, engine.decode(&live, 16)?);
+    }
+    Ok(ids
+        .iter()
+        .map(|id| images.remove(id).expect("finished"))
+        .collect())
+}
+
+fn slug(prompt: &str) -> String {
+    prompt
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    if args.batch == 0 || args.per_count == 0 {
+        bail!("--batch and --per-count must be positive");
+    }
+    let model = Transformer::load(&args.model, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading --model {}", args.model.display()))?;
+    let cfg = model.config().clone();
+    let mut engine = CandleEngine::new(model, 4096, 16, args.batch.max(16));
+    let info = engine.info();
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        seed: args.seed,
+        ..Default::default()
+    };
+    if let Some(dir) = &args.save {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut figures = serde_json::Map::new();
+    let mut next_id = 1u64;
+    println!(
+        "{} ({:.2} M parameters), {}px, temperature {}",
+        cfg.name,
+        cfg.parameter_count() as f64 / 1e6,
+        info.default_size,
+        args.temperature
+    );
+    println!("objects  prompts  correct  accuracy  objects right");
+    for n in 1..=4 {
+        let scenes = held_out(args.seed, n, args.per_count)?;
+        let (mut correct, mut object_score) = (0usize, 0f64);
+        for chunk in scenes.chunks(args.batch) {
+            let prompts: Vec<String> = chunk.iter().map(Scene::caption).collect();
+            let pngs = generate(&mut engine, &info, &prompts, sampling, next_id)?;
+            next_id += chunk.len() as u64;
+            for ((scene, png), prompt) in chunk.iter().zip(&pngs).zip(&prompts) {
+                let image = kiln_scenes::from_png(png)?;
+                let result = kiln_scenes::check(&image, &scene.spec());
+                correct += usize::from(result.correct);
+                object_score += result.score() as f64;
+                if let Some(dir) = &args.save {
+                    let verdict = if result.correct { "ok" } else { "wrong" };
+                    std::fs::write(dir.join(format!("{n}-{verdict}-{}.png", slug(prompt))), png)?;
+                }
+            }
+        }
+        let accuracy = correct as f64 / scenes.len() as f64;
+        println!(
+            "{n:>7}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%",
+            scenes.len(),
+            accuracy * 100.0,
+            object_score / scenes.len() as f64 * 100.0
+        );
+        figures.insert(format!("accuracy_{n}"), accuracy.into());
+    }
+    // Generation time: one image alone, and a batch (medians of a few runs).
+    let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();
+    let time = |count: usize, engine: &mut CandleEngine, next_id: &mut u64| -> Result<f64> {
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let prompts = vec![prompt.clone(); count];
+            let started = Instant::now();
+            generate(engine, &info, &prompts, sampling, *next_id)?;
+            *next_id += count as u64;
+            runs.push(started.elapsed().as_secs_f64());
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[1])
+    };
+    let alone = time(1, &mut engine, &mut next_id)?;
+    let batch = time(args.batch, &mut engine, &mut next_id)?;
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "generation on {threads} thread(s): one image {:.0} ms; a batch of {} {:.0} ms ({:.0} ms per image)",
+        alone * 1e3,
+        args.batch,
+        batch * 1e3,
+        batch * 1e3 / args.batch as f64
+    );
+    figures.insert("threads".into(), threads.into());
+    figures.insert("one_image_seconds".into(), alone.into());
+    figures.insert("batch".into(), args.batch.into());
+    figures.insert("batch_seconds".into(), batch.into());
+    if let Some(path) = &args.report {
+        write_report(path, &figures)?;
+    }
+    Ok(())
+}
+
+fn write_report(path: &Path, figures: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(figures)?)
+        .with_context(|| format!("writing --report {}", path.display()))
+}

@@ -1,0 +1,358 @@
+//! Captions: the English text of a [`SceneSpec`] and its parser, so that an evaluation can take a
+//! held-out prompt as text. The grammar is small and regular on purpose (a small model must learn
+//! it):
+//!
+//! ```text
+//! caption  = object                                    "a red circle"
+//!          | object relation object                    "a red triangle above a blue star"
+//!          | placed ("," placed)* "and" placed         "a red circle top left, ... and a ..."
+//! object   = ("a" | "an") colour shape
+//! placed   = object ("top" | "bottom") ("left" | "right")
+//! relation = "above" | "below" | "left of" | "right of"
+//! ```
+//!
+//! The parser folds case, ignores extra spaces and a final full stop, and accepts any of ",",
+//! "and" or ", and" between placed objects; a word it cannot use is named in the error.
+
+use crate::scene::{Colour, ObjectSpec, Place, SceneSpec, Shape};
+use crate::SceneError;
+
+impl SceneSpec {
+    /// The caption in its one canonical form, which [`parse_caption`] reads back.
+    pub fn caption(&self) -> String {
+        match self.objects() {
+            [single] => object_phrase(single),
+            [subject, reference] => format!(
+                "{} {} {}",
+                object_phrase(subject),
+                relation_words(subject.place),
+                object_phrase(reference)
+            ),
+            objects => {
+                let placed: Vec<String> = objects
+                    .iter()
+                    .map(|object| {
+                        format!("{} {}", object_phrase(object), place_words(object.place))
+                    })
+                    .collect();
+                match placed.split_last() {
+                    Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                    None => String::new(),
+                }
+            }
+        }
+    }
+}
+
+fn object_phrase(object: &ObjectSpec) -> String {
+    let article = if object.colour == Colour::Orange {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {} {}", object.colour.name(), object.shape.name())
+}
+
+/// The relation that puts the subject in `place` (the reference takes the opposite half).
+fn relation_words(place: Place) -> &'static str {
+    match place {
+        Place::Top => "above",
+        Place::Bottom => "below",
+        Place::Left => "left of",
+        Place::Right => "right of",
+        // Unreachable for a valid two-object spec; kept total rather than panicking.
+        _ => "and",
+    }
+}
+
+fn place_words(place: Place) -> &'static str {
+    match place {
+        Place::TopLeft => "top left",
+        Place::TopRight => "top right",
+        Place::BottomLeft => "bottom left",
+        Place::BottomRight => "bottom right",
+        // Unreachable for a valid spec of three or four objects.
+        _ => "",
+    }
+}
+
+const EXPECT_ARTICLE: &str = "\"a\" or \"an\"";
+const EXPECT_COLOUR: &str = "a colour (red, green, blue, yellow, purple, orange)";
+const EXPECT_SHAPE: &str = "a shape (circle, square, triangle, star)";
+const EXPECT_AFTER_OBJECT: &str =
+    "a relation (above, below, left of, right of), a place (top left, ...) or the end";
+const EXPECT_VERTICAL: &str = "\"top\" or \"bottom\"";
+const EXPECT_HORIZONTAL: &str = "\"left\" or \"right\"";
+const EXPECT_OF: &str = "\"of\"";
+const EXPECT_END: &str = "the end of the caption";
+const EXPECT_SEPARATOR: &str = "\",\", \"and\" or the end";
+
+/// Reads a caption back into the spec it states.
+pub fn parse_caption(text: &str) -> Result<SceneSpec, SceneError> {
+    let lowered = text.trim().trim_end_matches('.').to_lowercase();
+    let spaced = lowered.replace(',', " , ");
+    let mut words = Words {
+        words: spaced.split_whitespace().collect(),
+        next: 0,
+    };
+
+    let first = words.object()?;
+    let objects = match words.peek() {
+        None => vec![ObjectSpec {
+            place: Place::Anywhere,
+            ..first
+        }],
+        Some("above" | "below" | "left" | "right") => {
+            let (subject, reference) = words.relation()?;
+            let second = words.object()?;
+            words.end()?;
+            vec![
+                ObjectSpec {
+                    place: subject,
+                    ..first
+                },
+                ObjectSpec {
+                    place: reference,
+                    ..second
+                },
+            ]
+        }
+        Some("top" | "bottom") => {
+            let mut objects = vec![ObjectSpec {
+                place: words.place()?,
+                ..first
+            }];
+            loop {
+                match words.peek() {
+                    None => break,
+                    Some("," | "and") => {
+                        words.advance();
+                        if words.peek() == Some("and") {
+                            words.advance();
+                        }
+                    }
+                    Some(_) => return Err(words.unexpected(EXPECT_SEPARATOR)),
+                }
+                let object = words.object()?;
+                objects.push(ObjectSpec {
+                    place: words.place()?,
+                    ..object
+                });
+            }
+            objects
+        }
+        Some(_) => return Err(words.unexpected(EXPECT_AFTER_OBJECT)),
+    };
+    SceneSpec::new(objects)
+}
+
+/// A cursor over the caption's words.
+struct Words<'a> {
+    words: Vec<&'a str>,
+    next: usize,
+}
+
+impl Words<'_> {
+    fn peek(&self) -> Option<&str> {
+        self.words.get(self.next).copied()
+    }
+
+    fn advance(&mut self) {
+        self.next += 1;
+    }
+
+    /// The error for the word under the cursor (or for the missing one).
+    fn unexpected(&self, expected: &'static str) -> SceneError {
+        match self.peek() {
+            Some(word) => SceneError::UnexpectedWord {
+                word: word.to_string(),
+                position: self.next + 1,
+                expected,
+            },
+            None => SceneError::UnexpectedEnd { expected },
+        }
+    }
+
+    /// Takes the next word if `parse` accepts it.
+    fn take<T>(
+        &mut self,
+        expected: &'static str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, SceneError> {
+        let value = self.peek().and_then(parse);
+        match value {
+            Some(value) => {
+                self.advance();
+                Ok(value)
+            }
+            None => Err(self.unexpected(expected)),
+        }
+    }
+
+    /// `("a" | "an") colour shape`, with the place left `Anywhere` for the caller to set.
+    fn object(&mut self) -> Result<ObjectSpec, SceneError> {
+        self.take(EXPECT_ARTICLE, |word| {
+            matches!(word, "a" | "an").then_some(())
+        })?;
+        let colour = self.take(EXPECT_COLOUR, Colour::from_name)?;
+        let shape = self.take(EXPECT_SHAPE, Shape::from_name)?;
+        Ok(ObjectSpec {
+            colour,
+            shape,
+            place: Place::Anywhere,
+        })
+    }
+
+    /// A relation word (or two), as the places of the subject and of the reference.
+    fn relation(&mut self) -> Result<(Place, Place), SceneError> {
+        let places = self.take(EXPECT_AFTER_OBJECT, |word| match word {
+            "above" => Some((Place::Top, Place::Bottom)),
+            "below" => Some((Place::Bottom, Place::Top)),
+            "left" => Some((Place::Left, Place::Right)),
+            "right" => Some((Place::Right, Place::Left)),
+            _ => None,
+        })?;
+        if matches!(places.0, Place::Left | Place::Right) {
+            self.take(EXPECT_OF, |word| (word == "of").then_some(()))?;
+        }
+        Ok(places)
+    }
+
+    /// `("top" | "bottom") ("left" | "right")`.
+    fn place(&mut self) -> Result<Place, SceneError> {
+        let top = self.take(EXPECT_VERTICAL, |word| match word {
+            "top" => Some(true),
+            "bottom" => Some(false),
+            _ => None,
+        })?;
+        let left = self.take(EXPECT_HORIZONTAL, |word| match word {
+            "left" => Some(true),
+            "right" => Some(false),
+            _ => None,
+        })?;
+        Ok(match (top, left) {
+            (true, true) => Place::TopLeft,
+            (true, false) => Place::TopRight,
+            (false, true) => Place::BottomLeft,
+            (false, false) => Place::BottomRight,
+        })
+    }
+
+    fn end(&self) -> Result<(), SceneError> {
+        match self.peek() {
+            None => Ok(()),
+            Some(_) => Err(self.unexpected(EXPECT_END)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ObjectCountMix, SceneSampler};
+    use proptest::prelude::*;
+
+    fn object(colour: Colour, shape: Shape, place: Place) -> ObjectSpec {
+        ObjectSpec {
+            colour,
+            shape,
+            place,
+        }
+    }
+
+    #[test]
+    fn captions_read_as_english() {
+        let single = SceneSpec::new(vec![object(Colour::Red, Shape::Circle, Place::Anywhere)]);
+        assert_eq!(single.unwrap().caption(), "a red circle");
+
+        let pair = SceneSpec::new(vec![
+            object(Colour::Orange, Shape::Triangle, Place::Right),
+            object(Colour::Blue, Shape::Star, Place::Left),
+        ]);
+        assert_eq!(
+            pair.unwrap().caption(),
+            "an orange triangle right of a blue star"
+        );
+
+        let grid = SceneSpec::new(vec![
+            object(Colour::Red, Shape::Circle, Place::TopLeft),
+            object(Colour::Blue, Shape::Star, Place::TopRight),
+            object(Colour::Green, Shape::Square, Place::BottomLeft),
+        ]);
+        assert_eq!(
+            grid.unwrap().caption(),
+            "a red circle top left, a blue star top right and a green square bottom left"
+        );
+    }
+
+    #[test]
+    fn parsing_tolerates_case_spaces_and_punctuation() {
+        let canonical = parse_caption("a yellow square below a purple circle").unwrap();
+        let sloppy = parse_caption("  A Yellow  SQUARE below an   purple circle. ").unwrap();
+        assert_eq!(canonical, sloppy);
+
+        let grid = "a red circle top left, a blue star top right and a green square bottom left";
+        let oxford = "a red circle top left ,a blue star top right, and a green square bottom left";
+        assert_eq!(parse_caption(grid).unwrap(), parse_caption(oxford).unwrap());
+    }
+
+    #[test]
+    fn parse_errors_name_the_offending_word() {
+        let err = parse_caption("a pink circle").unwrap_err();
+        assert_eq!(
+            err,
+            SceneError::UnexpectedWord {
+                word: "pink".into(),
+                position: 2,
+                expected: EXPECT_COLOUR,
+            }
+        );
+        assert!(err.to_string().contains("\"pink\""), "{err}");
+
+        let err = parse_caption("a red hexagon above a blue star").unwrap_err();
+        assert!(err.to_string().contains("\"hexagon\""), "{err}");
+
+        let err = parse_caption("a red circle beside a blue star").unwrap_err();
+        assert!(err.to_string().contains("\"beside\""), "{err}");
+
+        let err = parse_caption("a red circle left a blue star").unwrap_err();
+        assert!(err.to_string().contains("\"a\" (word 5)"), "{err}");
+
+        let err = parse_caption("a red circle top middle, a blue star top right").unwrap_err();
+        assert!(err.to_string().contains("\"middle\""), "{err}");
+
+        let err = parse_caption("a red circle above").unwrap_err();
+        assert_eq!(
+            err,
+            SceneError::UnexpectedEnd {
+                expected: EXPECT_ARTICLE
+            }
+        );
+        assert_eq!(err.error_type(), "parse");
+    }
+
+    #[test]
+    fn captions_outside_the_layout_scheme_are_refused() {
+        // Two objects are related, not placed in cells; cells are not shared.
+        for text in [
+            "a red circle top left and a blue star bottom right",
+            "a red circle top left, a blue star top left and a green square bottom left",
+        ] {
+            let err = parse_caption(text).unwrap_err();
+            assert_eq!(err.error_type(), "layout", "{text}: {err}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn captions_round_trip(seed in any::<u64>(), n_objects in 1usize..=4) {
+            let mix = ObjectCountMix::only(n_objects).unwrap();
+            let scene = SceneSampler::with_mix(seed, mix).next().unwrap();
+            let spec = scene.spec();
+            prop_assert_eq!(parse_caption(&scene.caption()), Ok(spec.clone()));
+            // Case and spacing do not matter.
+            let shouted = scene.caption().to_uppercase().replace(' ', "   ");
+            prop_assert_eq!(parse_caption(&shouted), Ok(spec));
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The checker: scores an image against the prompt it was generated from. [`detect`] finds the
+//! objects without knowing the prompt; [`check()`] then matches them to the prompt's objects. It is
+//! built for the outputs of a generative model, so it tolerates stray pixels, small holes and
+//! ragged edges:
+//!
+//! 1. every pixel takes the nearest palette colour, or the background, or "unknown" when it is
+//!    far from all of them (a blend of two colours must not pass for a third);
+//! 2. a pixel unlike all four of its neighbours, which agree, takes their colour (lone specks and
+//!    pinholes are the commonest noise);
+//! 3. 8-connected components per colour, dropping those smaller than a quarter of the smallest
+//!    object the sampler draws;
+//! 4. a component's shape is the shape drawn into its bounding box that overlaps it best
+//!    (intersection over union), also trying boxes a pixel smaller or larger on some sides, so
+//!    that stray edge pixels and tips between pixel centres do not skew the fit; under
+//!    [`MIN_SHAPE_FIT`] it has no shape;
+//! 5. its place is the grid cell holding its centroid.
+//!
+//! An image is correct when the detected objects and the prompt's objects pair up one to one with
+//! equal colour and shape, each detected cell inside the prompted place, and nothing is left over.
+
+use serde::Serialize;
+
+use crate::render::Frame;
+use crate::scene::{Colour, ObjectSpec, Place, SceneSpec, Shape, BACKGROUND};
+use crate::RgbImage;
+
+/// A pixel further than this (Euclidean RGB) from every palette colour and the background is
+/// unknown. An even blend of any colour with the background lies at least 120 from every colour,
+/// so a soft edge does not pass for a third colour; a model's colour noise stays well inside 80.
+pub const MAX_COLOUR_DISTANCE: u32 = 80;
+
+/// The least overlap with a shape template for a component to count as that shape. Any blob
+/// overlaps some template by 0.5 or so; a drawn shape, even ragged, by more than 0.8.
+pub const MIN_SHAPE_FIT: f32 = 0.6;
+
+/// Components smaller than this fraction of the image are specks. The smallest object drawn (a
+/// star in 55% of a grid cell) covers about 2.9% of the image; this is a quarter of that.
+const MIN_AREA_FRACTION: f32 = 0.007;
+
+/// Pixel labels: `0..6` index `Colour::ALL`; then these two.
+const BACKGROUND_LABEL: u8 = Colour::ALL.len() as u8;
+const UNKNOWN_LABEL: u8 = BACKGROUND_LABEL + 1;
+
+/// An object found in an image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DetectedObject {
+    pub colour: Colour,
+    /// `None` when no shape fits well enough.
+    pub shape: Option<Shape>,
+    /// Intersection over union with the best shape template, 0 to 1.
+    pub shape_fit: f32,
+    /// The grid cell holding the centroid: always one of [`Place::QUADRANTS`].
+    pub place: Place,
+    /// `[x, y]` as fractions of the image size.
+    pub centroid: [f32; 2],
+    /// In pixels.
+    pub area: usize,
+}
+
+/// How one prompted object fared.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ObjectOutcome {
+    pub expected: ObjectSpec,
+    /// Index into [`CheckResult::detected`] of the object that matches it in colour, shape and
+    /// place, if any.
+    pub matched: Option<usize>,
+}
+
+/// The verdict on one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckResult {
+    pub detected: Vec<DetectedObject>,
+    /// One per prompted object, in the prompt's order.
+    pub objects: Vec<ObjectOutcome>,
+    /// Every prompted object matched and no detected object left over.
+    pub correct: bool,
+}
+
+impl CheckResult {
+    /// The fraction of prompted objects found with the right colour, shape and place.
+    pub fn score(&self) -> f32 {
+        let matched = self.objects.iter().filter(|o| o.matched.is_some()).count();
+        matched as f32 / self.objects.len().max(1) as f32
+    }
+
+    /// Detected objects that match nothing in the prompt.
+    pub fn extra(&self) -> impl Iterator<Item = &DetectedObject> {
+        self.detected.iter().enumerate().filter_map(|(i, object)| {
+            let used = self.objects.iter().any(|o| o.matched == Some(i));
+            (!used).then_some(object)
+        })
+    }
+}
+
+/// Scores `image` against the prompt `spec`.
+pub fn check(image: &RgbImage, spec: &SceneSpec) -> CheckResult {
+    let detected = detect(image);
+    let matched = match_objects(spec.objects(), &detected);
+    let objects: Vec<ObjectOutcome> = spec
+        .objects()
+        .iter()
+        .zip(matched)
+        .map(|(&expected, matched)| ObjectOutcome { expected, matched })
+        .collect();
+    let correct = objects.iter().all(|o| o.matched.is_some()) && detected.len() == objects.len();
+    CheckResult {
+        detected,
+        objects,
+        correct,
+    }
+}
+
+/// Finds the objects in an image, knowing nothing of its prompt.
+pub fn detect(image: &RgbImage) -> Vec<DetectedObject> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let labels = repair_lone_pixels(&classify_pixels(image), width, height);
+    let min_area = ((width * height) as f32 * MIN_AREA_FRACTION)
+        .round()
+        .max(1.0) as usize;
+    components(&labels, width, height)
+        .into_iter()
+        .filter(|component| component.pixels.len() >= min_area)
+        .map(|component| describe(&component, width, height))
+        .collect()
+}
+
+fn classify_pixels(image: &RgbImage) -> Vec<u8> {
+    let references: Vec<[u8; 3]> = Colour::ALL
+        .iter()
+        .map(|colour| colour.rgb())
+        .chain([BACKGROUND])
+        .collect();
+    image
+        .pixels()
+        .chunks_exact(3)
+        .map(|pixel| {
+            let distance = |reference: &[u8; 3]| -> u32 {
+                (0..3)
+                    .map(|c| u32::from(pixel[c].abs_diff(reference[c])).pow(2))
+                    .sum()
+            };
+            let (label, nearest) = references
+                .iter()
+                .map(distance)
+                .enumerate()
+                .min_by_key(|&(_, d)| d)
+                .expect("the palette is not empty");
+            if nearest <= MAX_COLOUR_DISTANCE.pow(2) {
+                label as u8
+            } else {
+                UNKNOWN_LABEL
+            }
+        })
+        .collect()
+}
+
+/// Gives a pixel the label its four neighbours share when it differs from all of them. Edge
+/// pixels have fewer neighbours and need them all to agree too (at least two).
+fn repair_lone_pixels(labels: &[u8], width: usize, height: usize) -> Vec<u8> {
+    let mut repaired = labels.to_vec();
+    for y in 0..height {
+        for x in 0..width {
+            let neighbours = [
+                (x > 0).then(|| labels[y * width + x - 1]),
+                (x + 1 < width).then(|| labels[y * width + x + 1]),
+                (y > 0).then(|| labels[(y - 1) * width + x]),
+                (y + 1 < height).then(|| labels[(y + 1) * width + x]),
+            ];
+            let mut present = neighbours.iter().flatten();
+            let Some(&first) = present.next() else {
+                continue;
+            };
+            let others_agree = present.clone().all(|&label| label == first);
+            if others_agree && present.count() >= 1 && first != labels[y * width + x] {
+                repaired[y * width + x] = first;
+            }
+        }
+    }
+    repaired
+}
+
+struct Component {
+    colour: Colour,
+    /// `(x, y)` of every pixel.
+    pixels: Vec<(usize, usize)>,
+}
+
+/// 8-connected runs of one palette colour; background and unknown pixels belong to none.
+fn components(labels: &[u8], width: usize, height: usize) -> Vec<Component> {
+    let mut seen = vec![false; labels.len()];
+    let mut found = Vec::new();
+    for start in 0..labels.len() {
+        let label = labels[start];
+        if seen[start] || label >= BACKGROUND_LABEL {
+            continue;
+        }
+        seen[start] = true;
+        let mut pixels = Vec::new();
+        let mut stack = vec![(start % width, start / width)];
+        while let Some((x, y)) = stack.pop() {
+            pixels.push((x, y));
+            for ny in y.saturating_sub(1)..=(y + 1).min(height - 1) {
+                for nx in x.saturating_sub(1)..=(x + 1).min(width - 1) {
+                    let at = ny * width + nx;
+                    if !seen[at] && labels[at] == label {
+                        seen[at] = true;
+                        stack.push((nx, ny));
+                    }
+                }
+            }
+        }
+        found.push(Component {
+            colour: Colour::ALL[label as usize],
+            pixels,
+        });
+    }
+    found
+}
+
+fn describe(component: &Component, width: usize, height: usize) -> DetectedObject {
+    let area = component.pixels.len();
+    let (sum_x, sum_y) = component
+        .pixels
+        .iter()
+        .fold((0.0, 0.0), |(sx, sy), &(x, y)| {
+            (sx + x as f32 + 0.5, sy + y as f32 + 0.5)
+        });
+    let centroid = [
+        sum_x / area as f32 / width as f32,
+        sum_y / area as f32 / height as f32,
+    ];
+    let (shape, shape_fit) = fit_shape(&component.pixels);
+    DetectedObject {
+        colour: component.colour,
+        shape: (shape_fit >= MIN_SHAPE_FIT).then_some(shape),
+        shape_fit,
+        place: Place::quadrant_of(centroid[0], centroid[1]),
+        centroid,
+        area,
+    }
+}
+
+/// The shape whose template, drawn into the component's bounding box or a box up to a pixel off
+/// on some sides, overlaps the component best; with that overlap. Trimmed boxes discount stray
+/// pixels stuck to the edges; widened ones a point's tip that fell between pixel centres.
+fn fit_shape(pixels: &[(usize, usize)]) -> (Shape, f32) {
+    let x0 = pixels.iter().map(|p| p.0).min().unwrap_or(0);
+    let y0 = pixels.iter().map(|p| p.1).min().unwrap_or(0);
+    let x1 = pixels.iter().map(|p| p.0).max().unwrap_or(0);
+    let y1 = pixels.iter().map(|p| p.1).max().unwrap_or(0);
+    let (width, height) = (x1 - x0 + 1, y1 - y0 + 1);
+    let mut mask = vec![false; width * height];
+    for &(x, y) in pixels {
+        mask[(y - y0) * width + (x - x0)] = true;
+    }
+    let in_mask = |x: i32, y: i32| {
+        (0..width as i32).contains(&x)
+            && (0..height as i32).contains(&y)
+            && mask[y as usize * width + x as usize]
+    };
+
+    // Moves of the left, top, right and bottom edges of the bounding box, in pixels. Trimming
+    // every side is for large boxes only: in a small one a pixel is a big part of the shape, and
+    // a tiny star trimmed all round passes for a circle.
+    let large = width.min(height) >= 16;
+    const EDGE_MOVES: [[f32; 4]; 11] = [
+        [0.0, 0.0, 0.0, 0.0],
+        [1.0, 1.0, -1.0, -1.0],
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0],
+        [0.0, 0.0, -1.0, 0.0],
+        [0.0, 0.0, 0.0, -1.0],
+        [-1.0, 0.0, 0.0, 0.0],
+        [0.0, -1.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0],
+        [-0.5, -0.5, 0.5, 0.5],
+    ];
+    let mut best = (Shape::Square, 0.0);
+    for [left, top, right, bottom] in EDGE_MOVES {
+        let frame = Frame {
+            x: left,
+            y: top,
+            width: width as f32 + right - left,
+            height: height as f32 + bottom - top,
+        };
+        let trims_every_side = left > 0.0 && top > 0.0;
+        if frame.width < 2.0 || frame.height < 2.0 || (trims_every_side && !large) {
+            continue;
+        }
+        for shape in Shape::ALL {
+            let (mut both, mut either) = (0usize, 0usize);
+            for y in -1..=height as i32 {
+                for x in -1..=width as i32 {
+                    let template = frame.covers(shape, x as f32, y as f32);
+                    let mask = in_mask(x, y);
+                    both += usize::from(template && mask);
+                    either += usize::from(template || mask);
+                }
+            }
+            let fit = both as f32 / either.max(1) as f32;
+            if fit > best.1 {
+                best = (shape, fit);
+            }
+        }
+    }
+    best
+}
+
+/// A maximum one-to-one pairing of prompted and detected objects that agree in colour, shape and
+/// place (augmenting paths; a handful of objects each side). Returns, per prompted object, its
+/// detected partner.
+fn match_objects(expected: &[ObjectSpec], detected: &[DetectedObject]) -> Vec<Option<usize>> {
+    let agrees = |e: &ObjectSpec, d: &DetectedObject| {
+        d.colour == e.colour && d.shape == Some(e.shape) && e.place.admits(d.place)
+    };
+    fn augment(
+        i: usize,
+        expected: &[ObjectSpec],
+        detected: &[DetectedObject],
+        agrees: &dyn Fn(&ObjectSpec, &DetectedObject) -> bool,
+        tried: &mut [bool],
+        partner_of_detected: &mut [Option<usize>],
+    ) -> bool {
+        for j in 0..detected.len() {
+            if tried[j] || !agrees(&expected[i], &detected[j]) {
+                continue;
+            }
+            tried[j] = true;
+            let free = match partner_of_detected[j] {
+                None => true,
+                Some(k) => augment(k, expected, detected, agrees, tried, partner_of_detected),
+            };
+            if free {
+                partner_of_detected[j] = Some(i);
+                return true;
+            }
+        }
+        false
+    }
+
+    let mut partner_of_detected = vec![None; detected.len()];
+    for i in 0..expected.len() {
+        let mut tried = vec![false; detected.len()];
+        augment(
+            i,
+            expected,
+            detected,
+            &agrees,
+            &mut tried,
+            &mut partner_of_detected,
+        );
+    }
+    let mut partner_of_expected = vec![None; expected.len()];
+    for (j, partner) in partner_of_detected.into_iter().enumerate() {
+        if let Some(i) = partner {
+            partner_of_expected[i] = Some(j);
+        }
+    }
+    partner_of_expected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_caption;
+
+    #[test]
+    fn a_blank_image_has_no_objects() {
+        let blank = RgbImage::filled(64, 64, BACKGROUND);
+        let result = check(&blank, &parse_caption("a red circle").unwrap());
+        assert!(result.detected.is_empty());
+        assert!(!result.correct);
+        assert_eq!(result.score(), 0.0);
+    }
+
+    #[test]
+    fn lone_pixels_take_their_neighbours_label() {
+        #[rustfmt::skip]
+        let labels = [
+            6, 6, 6, 6,
+            6, 0, 6, 6,
+            6, 6, 1, 1,
+            6, 6, 1, 2,
+        ];
+        let repaired = repair_lone_pixels(&labels, 4, 4);
+        assert_eq!(repaired[5], 6, "a speck in the background goes");
+        assert_eq!(
+            repaired[15], 1,
+            "a corner pixel joins its two agreeing neighbours"
+        );
+        assert_eq!(repaired[10], 1, "a pixel with a like neighbour stays");
+    }
+
+    #[test]
+    fn blends_are_unknown_not_a_third_colour() {
+        // Red half-blended with white is nearest to orange in RGB, but far from everything.
+        let image = RgbImage::new(1, 1, vec![237, 142, 142]).unwrap();
+        assert_eq!(classify_pixels(&image), vec![UNKNOWN_LABEL]);
+    }
+
+    #[test]
+    fn matching_pairs_same_looking_objects_one_to_one() {
+        let found = |place| DetectedObject {
+            colour: Colour::Red,
+            shape: Some(Shape::Circle),
+            shape_fit: 1.0,
+            place,
+            centroid: [0.0, 0.0],
+            area: 100,
+        };
+        let expected = |place| ObjectSpec {
+            colour: Colour::Red,
+            shape: Shape::Circle,
+            place,
+        };
+        // The first prompted object could take either detection; augmenting leaves the second
+        // its only option.
+        let prompt = [expected(Place::Top), expected(Place::TopLeft)];
+        let detected = [found(Place::TopLeft), found(Place::TopRight)];
+        assert_eq!(match_objects(&prompt, &detected), vec![Some(1), Some(0)]);
+    }
+}

@@ -1,0 +1,272 @@
+//! The transformer of `kiln-model` as a differentiable candle graph over whole sequences: the same
+//! weights under the same names and layouts (matrices `[in, out]`), the same pre-norm blocks
+//! (RMS norm, causal attention without biases, ReLU MLP) and the same inputs (text positions for the
+//! prefix, row and column embeddings for image patches), so what trains here is what a worker serves.
+//! Sequences of a batch share one image size; their prefixes are padded on the left, so every image
+//! position sits at the same index and the loss reads one slice.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use kiln_model::tokenizer::{code_token, prefix_tokens, BOI, BOS};
+use kiln_model::ModelConfig;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::TrainError;
+
+/// The model's weights as trainable variables, in `weight_shapes` order.
+pub struct TrainableModel {
+    pub cfg: ModelConfig,
+    pub vars: Vec<(String, Var)>,
+}
+
+/// One training example: a prompt and the codes of its image.
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub codes: Vec<u32>,
+}
+
+/// A batch laid out for the graph.
+pub struct Batch {
+    tokens: Tensor,
+    pos_a: Tensor,
+    pos_b: Tensor,
+    /// `[B, 1, T, T]`: 0 where a query may attend a key, a large negative number elsewhere.
+    mask: Tensor,
+    targets: Tensor,
+    size: usize,
+    prefix: usize,
+    image: usize,
+}
+
+impl TrainableModel {
+    /// Fresh weights, initialised as `Transformer::init_random` does.
+    pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = Vec::new();
+        for (name, shape) in kiln_model::transformer::weight_shapes(cfg) {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with("norm") {
+                vec![1.0; n]
+            } else {
+                let fan_in = if shape.len() == 2 && !name.contains("emb") && name != "text_pos" {
+                    shape[0]
+                } else {
+                    2500
+                };
+                // Residual outputs start small so that the blocks begin near the identity.
+                let damp = if name.ends_with("wo") || name.ends_with("w_down") {
+                    1.0 / (2.0 * cfg.n_layers as f32).sqrt()
+                } else {
+                    1.0
+                };
+                let a = damp * (3.0f32 / fan_in as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-a..a)).collect()
+            };
+            vars.push((name, Var::from_vec(values, shape, device)?));
+        }
+        Ok(TrainableModel {
+            cfg: cfg.clone(),
+            vars,
+        })
+    }
+
+    /// Variables from stored tensors (a checkpoint), checked against the configuration's shapes.
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let mut vars = Vec::new();
+        for (name, shape) in kiln_model::transformer::weight_shapes(cfg) {
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| TrainError::Checkpoint(format!("missing tensor {name}")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(TrainError::Checkpoint(format!(
+                    "{name} has shape {:?}, the configuration implies {shape:?}",
+                    t.dims()
+                )));
+            }
+            vars.push((
+                name,
+                Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?,
+            ));
+        }
+        Ok(TrainableModel {
+            cfg: cfg.clone(),
+            vars,
+        })
+    }
+
+    fn var(&self, name: &str) -> &Tensor {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor())
+            .expect("every weight has a variable")
+    }
+
+    /// Lays `examples` (one image size) out as a batch.
+    pub fn batch(&self, examples: &[Example], device: &Device) -> Result<Batch, TrainError> {
+        let cfg = &self.cfg;
+        let first = examples
+            .first()
+            .ok_or_else(|| TrainError::Data("an empty batch".into()))?;
+        let (w, h) = (first.width, first.height);
+        let grid_w = w as usize / cfg.patch_size;
+        let image = cfg.image_tokens(w, h);
+        let prefixes: Vec<Vec<u32>> = examples
+            .iter()
+            .map(|e| {
+                if (e.width, e.height) != (w, h) || e.codes.len() != image {
+                    return Err(TrainError::Data(
+                        "every example of a batch has the same image size".into(),
+                    ));
+                }
+                if e.prompt.len() > cfg.max_prompt_bytes {
+                    return Err(TrainError::Data(format!(
+                        "prompt of {} bytes over the model's {}",
+                        e.prompt.len(),
+                        cfg.max_prompt_bytes
+                    )));
+                }
+                Ok(prefix_tokens(cfg, &e.prompt, w, h))
+            })
+            .collect::<Result<_, _>>()?;
+        let prefix = prefixes.iter().map(Vec::len).max().unwrap_or(0);
+        let t = prefix + image;
+        let b = examples.len();
+        // Rows of the extended position table: text positions, rows, columns, then one zero row.
+        let text_rows = cfg.max_prefix_tokens();
+        let grid = cfg.max_grid();
+        let zero = (text_rows + 2 * grid) as u32;
+        let (mut tokens, mut pos_a, mut pos_b) = (
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * t),
+        );
+        let mut mask = vec![0f32; b * t * t];
+        let mut targets = Vec::with_capacity(b * image);
+        for (s, (e, p)) in examples.iter().zip(&prefixes).enumerate() {
+            let pad = prefix - p.len();
+            for _ in 0..pad {
+                tokens.push(BOS);
+                pos_a.push(zero);
+                pos_b.push(zero);
+            }
+            for (i, &tok) in p.iter().enumerate() {
+                tokens.push(tok);
+                pos_a.push(i as u32);
+                pos_b.push(zero);
+            }
+            for i in 0..image {
+                tokens.push(if i == 0 {
+                    BOI
+                } else {
+                    code_token(cfg, e.codes[i - 1])
+                });
+                pos_a.push((text_rows + i / grid_w) as u32);
+                pos_b.push((text_rows + grid + i % grid_w) as u32);
+            }
+            targets.extend_from_slice(&e.codes);
+            // Causal, and padding is seen by no one but itself (a row with no key would be NaN).
+            let m = &mut mask[s * t * t..(s + 1) * t * t];
+            for q in 0..t {
+                for k in 0..t {
+                    let visible = k == q || (k < q && k >= pad);
+                    m[q * t + k] = if visible { 0.0 } else { -1e9 };
+                }
+            }
+        }
+        Ok(Batch {
+            tokens: Tensor::from_vec(tokens, b * t, device)?,
+            pos_a: Tensor::from_vec(pos_a, b * t, device)?,
+            pos_b: Tensor::from_vec(pos_b, b * t, device)?,
+            mask: Tensor::from_vec(mask, (b, 1, t, t), device)?,
+            targets: Tensor::from_vec(targets, b * image, device)?,
+            size: b,
+            prefix,
+            image,
+        })
+    }
+
+    /// Mean cross-entropy (nats per image token) of the batch's codes.
+    pub fn loss(&self, batch: &Batch) -> Result<Tensor, TrainError> {
+        let logits = self.logits(batch)?;
+        Ok(cross_entropy(&logits, &batch.targets)?)
+    }
+
+    /// Logits over codes at every image position: `[B * image, codebook]`.
+    pub fn logits(&self, batch: &Batch) -> Result<Tensor, TrainError> {
+        let cfg = &self.cfg;
+        let (b, t, d) = (batch.size, batch.prefix + batch.image, cfg.d_model);
+        let (heads, hd) = (cfg.n_heads, cfg.head_dim());
+        let device = self.var("tok_emb").device();
+        let positions = Tensor::cat(
+            &[
+                self.var("text_pos").clone(),
+                self.var("row_emb").clone(),
+                self.var("col_emb").clone(),
+                Tensor::zeros((1, d), DType::F32, device)?,
+            ],
+            0,
+        )?;
+        let mut x = (self.var("tok_emb").index_select(&batch.tokens, 0)?
+            + positions.index_select(&batch.pos_a, 0)?)?
+        .add(&positions.index_select(&batch.pos_b, 0)?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in 0..cfg.n_layers {
+            let w = |n: &str| self.var(&format!("layers.{l}.{n}"));
+            let h = rms_norm(&x, w("attn_norm"), cfg.norm_eps)?;
+            let qkv = h
+                .matmul(w("wqkv"))?
+                .reshape((b, t, 3, heads, hd))?
+                .permute((2, 0, 3, 1, 4))?;
+            let q = qkv.get(0)?.contiguous()?;
+            let k = qkv.get(1)?.contiguous()?;
+            let v = qkv.get(2)?.contiguous()?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&batch.mask)?;
+            let att = softmax_last(&scores)?
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b * t, d))?;
+            x = (x + att.matmul(w("wo"))?)?;
+            let h = rms_norm(&x, w("mlp_norm"), cfg.norm_eps)?;
+            x = (x + h.matmul(w("w_up"))?.relu()?.matmul(w("w_down"))?)?;
+        }
+        let image = x
+            .reshape((b, t, d))?
+            .narrow(1, batch.prefix, batch.image)?
+            .reshape((b * batch.image, d))?;
+        let image = rms_norm(&image, self.var("final_norm"), cfg.norm_eps)?;
+        Ok(image.matmul(self.var("head"))?)
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+        .sqrt()?
+        .recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+}
+
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    // The maximum only keeps exp in range; the result does not depend on it, so no gradient flows.
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Mean negative log-likelihood of `targets` under `logits` `[N, classes]`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_p = shifted.broadcast_sub(&log_z)?;
+    let picked = log_p.gather(&targets.unsqueeze(1)?, 1)?;
+    picked.mean_all()?.neg()
+}
