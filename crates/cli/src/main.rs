@@ -68,6 +68,9 @@ enum Command {
         /// Image side in pixels for `--generate` (0: the model's default).
         #[arg(long, default_value_t = 0)]
         size: u32,
+        /// Sampling seed for `--generate` (0: the gateway picks one and reports it).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Run the public gateway against a scheduler in another process.
     Gateway {
@@ -210,6 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
             generate,
             output,
             size,
+            seed,
         } => {
             worker.validate()?;
             batching.validate()?;
@@ -256,7 +260,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .context("no worker came up within 60 s")?;
             info!(gateway = %addr, workers, model = %model.model, "kiln is up");
             if let Some(prompt) = generate {
-                let args = generate::GenerateArgs::for_local(prompt, output, size, addr);
+                let args = generate::GenerateArgs {
+                    seed,
+                    ..generate::GenerateArgs::for_local(prompt, output, size, addr)
+                };
                 let result = generate::run(args, &cli.data_dir).await;
                 let _ = stop.send(true);
                 let _ = server.await;

@@ -46,11 +46,16 @@ pub struct TrainArgs {
     /// Image side in pixels the model is trained (and served) at.
     #[arg(long, default_value_t = 64)]
     pub size: u32,
-    /// Pixels per side of one image token.
+    /// Pixels per side of one image token (as served).
     #[arg(long, default_value_t = 8)]
     pub patch: usize,
+    /// The model draws at `size / draw_scale` pixels: scenes are rendered and tokenized at that
+    /// resolution, and the exported codebook's patches are scaled up by it (nearest neighbour). 64
+    /// tokens of a 2048-code codebook hold a 32-pixel scene almost exactly, not a 64-pixel one.
+    #[arg(long, default_value_t = 2)]
+    pub draw_scale: usize,
     /// Codes in the codebook.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 2048)]
     pub codebook: usize,
     /// Scenes the codebook is learned from.
     #[arg(long, default_value_t = 3000)]
@@ -68,6 +73,14 @@ pub struct TrainArgs {
 const CODEBOOK_FILE: &str = "codebook.bin";
 
 impl TrainArgs {
+    /// Side of the scenes as drawn, and of their patches.
+    fn drawn(&self) -> (u32, usize) {
+        (
+            self.size / self.draw_scale as u32,
+            self.patch / self.draw_scale,
+        )
+    }
+
     fn model_config(&self, codes: usize) -> ModelConfig {
         ModelConfig {
             name: self.name.clone(),
@@ -89,33 +102,34 @@ impl TrainArgs {
 /// The codebook of the run in `work`, learned (and saved) on first use.
 fn codebook(args: &TrainArgs) -> Result<PatchCodebook> {
     let path = args.work.join(CODEBOOK_FILE);
+    let (size, patch) = args.drawn();
     if let Ok(bytes) = std::fs::read(&path) {
         let book = PatchCodebook {
-            patch: args.patch,
+            patch,
             patches: bytes,
         };
-        if book.len() * args.patch * args.patch * 3 == book.patches.len() {
+        if book.len() * patch * patch * 3 == book.patches.len() {
             return Ok(book);
         }
-        bail!("{} does not hold {}px patches", path.display(), args.patch);
+        bail!("{} does not hold {patch}px patches", path.display());
     }
     let started = Instant::now();
     eprintln!(
-        "learning a {}-code codebook of {}px patches from {} scenes...",
-        args.codebook, args.patch, args.codebook_images
+        "learning a {}-code codebook of {patch}px patches from {} scenes of {size}px...",
+        args.codebook, args.codebook_images
     );
     let book = data::learn_codebook(
         args.seed,
         args.codebook_images,
-        args.size,
-        args.patch,
+        size,
+        patch,
         args.codebook,
         12,
     );
     let scenes: Vec<Scene> = (1..=4)
         .flat_map(|n| held_out(args.seed, n, 100).expect("1-4 objects"))
         .collect();
-    let (rmse, ceiling) = data::reconstruction(&book, &scenes, args.size);
+    let (rmse, ceiling) = data::reconstruction(&book, &scenes, size);
     eprintln!(
         "codebook: {} codes in {:.1} s; held-out reconstruction RMSE {rmse:.2} (of 255), checker \
          still correct on {:.1} % of reconstructions",
@@ -134,13 +148,39 @@ fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_tr
     let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
     SceneSampler::new(seed)
         .take(args.batch)
-        .map(|scene| data::example(&scene, book, args.size))
+        .map(|scene| drawn_example(args, &scene, book))
         .collect()
+}
+
+/// A scene's example: codes of its drawing, laid out as the served image's tokens.
+fn drawn_example(args: &TrainArgs, scene: &Scene, book: &PatchCodebook) -> kiln_train::Example {
+    let example = data::example(scene, book, args.drawn().0);
+    kiln_train::Example {
+        width: args.size,
+        height: args.size,
+        ..example
+    }
+}
+
+/// A line above the progress bar, or on stderr when there is no terminal to draw the bar on (a
+/// hidden bar prints nothing).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be positive");
+    }
+    if args.draw_scale == 0
+        || !args.patch.is_multiple_of(args.draw_scale)
+        || !(args.size as usize).is_multiple_of(args.patch)
+    {
+        bail!("--draw-scale must divide --patch, and --patch must divide --size");
     }
     let book = codebook(&args)?;
     let cfg = args.model_config(book.len());
@@ -167,7 +207,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let validation: Vec<_> = (1..=4)
         .flat_map(|n| held_out(args.seed + 1, n, 8).expect("1-4 objects"))
-        .map(|scene| data::example(&scene, &book, args.size))
+        .map(|scene| drawn_example(&args, &scene, &book))
         .collect();
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
@@ -183,7 +223,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
             .minutes
             .is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
         {
-            bar.println("time budget spent: checkpointing and exporting");
+            say(
+                &bar,
+                "time budget spent: checkpointing and exporting".into(),
+            );
             break;
         }
         let step = trainer.step_count();
@@ -198,16 +241,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
         if trainer.step_count() % args.checkpoint_every == 0 {
             trainer.checkpoint(&args.work)?;
             let held = trainer.evaluate(&validation)?;
-            bar.println(format!(
-                "step {}: train loss {mean:.3}, held-out loss {held:.3}, lr {:.2e}",
-                trainer.step_count(),
-                trainer.config().learning_rate_at(trainer.step_count())
-            ));
+            say(
+                &bar,
+                format!(
+                    "step {}: train loss {mean:.3}, held-out loss {held:.3}, lr {:.2e}, {:.1} min",
+                    trainer.step_count(),
+                    trainer.config().learning_rate_at(trainer.step_count()),
+                    started.elapsed().as_secs_f64() / 60.0
+                ),
+            );
         }
     }
     bar.finish();
     trainer.checkpoint(&args.work)?;
-    trainer.export(&book, &args.out)?;
+    trainer.export(&book.scaled(args.draw_scale), &args.out)?;
     eprintln!(
         "trained {} steps ({} this run, {:.1} min); model written to {}",
         trainer.step_count(),
@@ -232,6 +279,9 @@ pub struct EvalArgs {
     /// Sampling temperature (0 is greedy; the gateway's default is 1).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Sample among this many most likely codes (0: all, the gateway's default).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     /// Images generated together.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -311,6 +361,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let info = engine.info();
     let sampling = SamplingParams {
         temperature: args.temperature,
+        top_k: args.top_k,
         seed: args.seed,
         ..Default::default()
     };
@@ -320,11 +371,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut figures = serde_json::Map::new();
     let mut next_id = 1u64;
     println!(
-        "{} ({:.2} M parameters), {}px, temperature {}",
+        "{} ({:.2} M parameters), {}px, temperature {}, top-k {}",
         cfg.name,
         cfg.parameter_count() as f64 / 1e6,
         info.default_size,
-        args.temperature
+        args.temperature,
+        args.top_k
     );
     println!("objects  prompts  correct  accuracy  objects right");
     for n in 1..=4 {

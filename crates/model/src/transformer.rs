@@ -86,27 +86,43 @@ pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     shapes
 }
 
-impl Transformer {
-    /// Writes a randomly initialised model (`config.json` + `model.safetensors`) into `dir`.
-    pub fn init_random(cfg: &ModelConfig, seed: u64, dir: &Path) -> Result<(), ModelError> {
-        cfg.validate()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut tensors = HashMap::new();
-        for (name, shape) in weight_shapes(cfg) {
+/// Seeded initial values of every weight, in [`weight_shapes`] order: norms at 1, matrices uniform
+/// with the deviation of a scaled normal (1/sqrt(fan_in), about 0.02 for embeddings), and the
+/// matrices that write into the residual stream smaller still, so each block starts near the
+/// identity. `init_random` and training both start here.
+pub fn initial_weights(cfg: &ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    weight_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = if name.ends_with("norm") {
                 vec![1.0; n]
             } else {
-                // Uniform with the standard deviation of a scaled normal init: 1/sqrt(fan_in), or
-                // 0.02-ish for embeddings.
                 let fan_in = if shape.len() == 2 && !name.contains("emb") && name != "text_pos" {
                     shape[0]
                 } else {
                     2500
                 };
-                let a = (3.0f32 / fan_in as f32).sqrt();
+                let damp = if name.ends_with("wo") || name.ends_with("w_down") {
+                    1.0 / (2.0 * cfg.n_layers as f32).sqrt()
+                } else {
+                    1.0
+                };
+                let a = damp * (3.0f32 / fan_in as f32).sqrt();
                 (0..n).map(|_| rng.random_range(-a..a)).collect()
             };
+            (name, shape, values)
+        })
+        .collect()
+}
+
+impl Transformer {
+    /// Writes a randomly initialised model (`config.json` + `model.safetensors`) into `dir`.
+    pub fn init_random(cfg: &ModelConfig, seed: u64, dir: &Path) -> Result<(), ModelError> {
+        cfg.validate()?;
+        let mut tensors = HashMap::new();
+        for (name, shape, values) in initial_weights(cfg, seed) {
             tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
         }
         let codebook = Codebook::procedural(cfg.codebook_size, cfg.patch_size);

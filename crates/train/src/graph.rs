@@ -8,8 +8,6 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use kiln_model::tokenizer::{code_token, prefix_tokens, BOI, BOS};
 use kiln_model::ModelConfig;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use crate::TrainError;
 
@@ -45,29 +43,10 @@ impl TrainableModel {
     /// Fresh weights, initialised as `Transformer::init_random` does.
     pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Self, TrainError> {
         cfg.validate()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut vars = Vec::new();
-        for (name, shape) in kiln_model::transformer::weight_shapes(cfg) {
-            let n: usize = shape.iter().product();
-            let values: Vec<f32> = if name.ends_with("norm") {
-                vec![1.0; n]
-            } else {
-                let fan_in = if shape.len() == 2 && !name.contains("emb") && name != "text_pos" {
-                    shape[0]
-                } else {
-                    2500
-                };
-                // Residual outputs start small so that the blocks begin near the identity.
-                let damp = if name.ends_with("wo") || name.ends_with("w_down") {
-                    1.0 / (2.0 * cfg.n_layers as f32).sqrt()
-                } else {
-                    1.0
-                };
-                let a = damp * (3.0f32 / fan_in as f32).sqrt();
-                (0..n).map(|_| rng.random_range(-a..a)).collect()
-            };
-            vars.push((name, Var::from_vec(values, shape, device)?));
-        }
+        let vars = kiln_model::transformer::initial_weights(cfg, seed)
+            .into_iter()
+            .map(|(name, shape, values)| Ok((name, Var::from_vec(values, shape, device)?)))
+            .collect::<Result<Vec<_>, TrainError>>()?;
         Ok(TrainableModel {
             cfg: cfg.clone(),
             vars,

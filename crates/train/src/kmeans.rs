@@ -151,6 +151,21 @@ impl PatchCodebook {
         }
     }
 
+    /// The same codes drawn `factor` times larger (each pixel a `factor`² block).
+    pub fn scaled(&self, factor: usize) -> PatchCodebook {
+        let (p, q) = (self.patch, self.patch * factor);
+        let mut patches = Vec::with_capacity(self.patches.len() * factor * factor);
+        for code in self.patches.chunks(p * p * 3) {
+            for y in 0..q {
+                for x in 0..q {
+                    let at = ((y / factor) * p + x / factor) * 3;
+                    patches.extend_from_slice(&code[at..at + 3]);
+                }
+            }
+        }
+        PatchCodebook { patch: q, patches }
+    }
+
     pub fn len(&self) -> usize {
         self.patches.len() / (self.patch * self.patch * 3)
     }

@@ -311,9 +311,12 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = (g * scale)?;
-            self.first[i] = ((&self.first[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            self.second[i] = ((&self.second[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // Gradients remember the graph that made them (they are computed from the variables):
+            // detached, the moments do not keep every step's graph alive.
+            let g = (g.detach() * scale)?;
+            self.first[i] = ((&self.first[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?.detach();
+            self.second[i] =
+                ((&self.second[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?.detach();
             let m_hat = (&self.first[i] / c1)?;
             let v_hat = (&self.second[i] / c2)?;
             let step = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
@@ -323,7 +326,7 @@ impl AdamW {
             } else {
                 config.weight_decay
             };
-            let w = var.as_tensor();
+            let w = var.as_tensor().detach();
             let updated = ((w * (1.0 - lr * decay))? - (step * lr)?)?;
             var.set(&updated)?;
         }
