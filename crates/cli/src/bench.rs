@@ -93,7 +93,7 @@ fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize, device: &st
 }
 
 pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
-    let model_dir = cluster::ensure_model(&worker_opts(&args.model, 64, "cpu"), data_dir)?;
+    let model_dir = cluster::ensure_benchmark_model(&args.model, data_dir)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

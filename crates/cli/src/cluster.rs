@@ -60,17 +60,20 @@ async fn wait_for_signal() {
     }
 }
 
-/// The default model directory inside the data directory.
+/// The shipped model's directory inside the data directory.
 pub fn default_model_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("models").join(ModelConfig::random_20m().name)
+    data_dir.join("models").join("kiln-shapes")
 }
 
-/// Resolves the model directory, creating the default random model when it is missing.
+/// Resolves the model directory: `--model`, else the shipped model (written into the data directory
+/// on first use, and again when this binary ships another).
 pub fn ensure_model(opts: &WorkerOpts, data_dir: &Path) -> Result<PathBuf> {
     if let Some(dir) = &opts.model {
         if !dir.join("config.json").exists() {
             bail!(
-                "--model {}: no config.json there; create one with `kiln model init --out {}`",
+                "--model {}: no config.json there; train one with `kiln train --out {}` or create \
+                 a random one with `kiln model init --out {}`",
+                dir.display(),
                 dir.display(),
                 dir.display()
             );
@@ -78,8 +81,20 @@ pub fn ensure_model(opts: &WorkerOpts, data_dir: &Path) -> Result<PathBuf> {
         return Ok(dir.clone());
     }
     let dir = default_model_dir(data_dir);
+    if kiln_model::shipped::install(&dir).with_context(|| format!("writing {}", dir.display()))? {
+        info!(dir = %dir.display(), "installed the shipped model kiln-shapes");
+    }
+    Ok(dir)
+}
+
+/// The model `kiln bench` measures without `--model`: the randomly initialised ~20M-parameter model
+/// (created in the data directory), whose figures the README reports.
+pub fn ensure_benchmark_model(model: &Option<PathBuf>, data_dir: &Path) -> Result<PathBuf> {
+    if let Some(dir) = model {
+        return Ok(dir.clone());
+    }
+    let dir = data_dir.join("models").join(ModelConfig::random_20m().name);
     if !dir.join("model.safetensors").exists() {
-        info!(dir = %dir.display(), "no trained model is shipped yet: creating a randomly initialised ~20M-parameter model");
         Transformer::init_random(&ModelConfig::random_20m(), 0, &dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -405,6 +405,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             object_score / scenes.len() as f64 * 100.0
         );
         figures.insert(format!("accuracy_{n}"), accuracy.into());
+        figures.insert(
+            format!("objects_right_{n}"),
+            (object_score / scenes.len() as f64).into(),
+        );
     }
     // Generation time: one image alone, and a batch (medians of a few runs).
     let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();

@@ -31,6 +31,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod sampling;
+pub mod shipped;
 pub mod simulated;
 pub mod tokenizer;
 pub mod transformer;
