@@ -252,7 +252,7 @@ pub fn spawn(config: RuntimeConfig) -> SchedulerHandle {
         });
     }
     let owner = Owner {
-        gauges_at: Instant::now(),
+        gauges_at: None,
         own_tx: tx.clone(),
         drivers: HashMap::new(),
         next_worker: 0,
@@ -288,7 +288,7 @@ struct LiveWorker {
 
 struct Owner {
     /// When the slower gauges were last refreshed.
-    gauges_at: Instant,
+    gauges_at: Option<Instant>,
     /// For the driver tasks it starts.
     own_tx: mpsc::UnboundedSender<Msg>,
     /// address -> (worker id, driver task).
@@ -709,8 +709,12 @@ impl Owner {
     fn record_gauges(&mut self) {
         let (waiting, running) = self.state.counts();
         // The snapshot walks the queues: refresh the slower gauges at most every 250 ms.
-        if self.gauges_at.elapsed() >= Duration::from_millis(250) {
-            self.gauges_at = Instant::now();
+        // The first call records them at once, so they are on /metrics from the first decision.
+        if self
+            .gauges_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(250))
+        {
+            self.gauges_at = Some(Instant::now());
             let snapshot = self.state.snapshot(self.start.elapsed());
             for tier in Tier::ALL {
                 telemetry::SCHEDULER_OLDEST_WAIT
