@@ -148,18 +148,8 @@ fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_tr
     let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
     SceneSampler::new(seed)
         .take(args.batch)
-        .map(|scene| drawn_example(args, &scene, book))
+        .map(|scene| data::example(&scene, book, args.drawn().0, args.size))
         .collect()
-}
-
-/// A scene's example: codes of its drawing, laid out as the served image's tokens.
-fn drawn_example(args: &TrainArgs, scene: &Scene, book: &PatchCodebook) -> kiln_train::Example {
-    let example = data::example(scene, book, args.drawn().0);
-    kiln_train::Example {
-        width: args.size,
-        height: args.size,
-        ..example
-    }
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw the bar on (a
@@ -207,7 +197,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     let validation: Vec<_> = (1..=4)
         .flat_map(|n| held_out(args.seed + 1, n, 8).expect("1-4 objects"))
-        .map(|scene| drawn_example(&args, &scene, &book))
+        .map(|scene| data::example(&scene, &book, args.drawn().0, args.size))
         .collect();
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(

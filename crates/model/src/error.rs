@@ -26,6 +26,12 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// Maps an I/O error on `path` (for `map_err`).
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ModelError {
+        let path = path.display().to_string();
+        move |source| ModelError::Io { path, source }
+    }
+
     /// A stable machine-readable name of the error kind.
     pub fn error_type(&self) -> &'static str {
         match self {

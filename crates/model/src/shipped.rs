@@ -13,10 +13,6 @@ pub const WEIGHTS: &[u8] = include_bytes!("../shipped/kiln-shapes/model.safetens
 
 /// Writes the shipped model into `dir` unless an identical copy is there; returns whether it wrote.
 pub fn install(dir: &Path) -> Result<bool, ModelError> {
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| ModelError::Io { path, source }
-    };
     let config = dir.join("config.json");
     let weights = dir.join("model.safetensors");
     let same = std::fs::read(&config).is_ok_and(|c| c == CONFIG.as_bytes())
@@ -24,12 +20,12 @@ pub fn install(dir: &Path) -> Result<bool, ModelError> {
     if same {
         return Ok(false);
     }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
     // Written beside and renamed, so a concurrent start never loads half a file.
     for (path, bytes) in [(&weights, WEIGHTS), (&config, CONFIG.as_bytes())] {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
+        std::fs::write(&tmp, bytes).map_err(ModelError::io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(ModelError::io(path))?;
     }
     Ok(true)
 }

@@ -138,11 +138,7 @@ impl Transformer {
         dir: &Path,
     ) -> Result<(), ModelError> {
         cfg.validate()?;
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| ModelError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
         if codebook.len() != cfg.codebook_size || codebook.patch_size() != cfg.patch_size {
             return Err(ModelError::Weights(format!(
                 "a codebook of {} {}px patches for a model of {} {}px codes",
@@ -165,17 +161,14 @@ impl Transformer {
         let json =
             serde_json::to_string_pretty(cfg).map_err(|e| ModelError::Config(e.to_string()))?;
         let config_path = dir.join("config.json");
-        std::fs::write(&config_path, json).map_err(io(&config_path))?;
+        std::fs::write(&config_path, json).map_err(ModelError::io(&config_path))?;
         Ok(())
     }
 
     /// Loads `config.json` and `model.safetensors` from `dir` onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
-            path: config_path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&config_path).map_err(ModelError::io(&config_path))?;
         let cfg: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?;
         cfg.validate()?;

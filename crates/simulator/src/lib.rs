@@ -49,80 +49,47 @@ pub struct Simulated {
     pub events: u64,
 }
 
-/// Events in time order. Arrivals come sorted from the schedule, so only worker calls (at most one
-/// in flight per GPU) need a heap; at equal times arrivals go first, then calls in the order issued.
+/// Events in time order. Arrivals come sorted from the schedule, so only worker calls need a heap;
+/// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
+/// call's reports wait in their worker's slot. At equal times arrivals go first, then calls in the
+/// order issued.
 struct Agenda {
     arrival_times: Vec<u64>,
     next_arrival: usize,
-    calls: BinaryHeap<Reverse<Call>>,
+    calls: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    in_flight: Vec<Vec<SequenceReport>>,
     issued: u64,
 }
 
-/// A worker call and when it completes; ordered by time, then by when it was issued.
-struct Call {
-    at_ns: u64,
-    seq: u64,
-    worker: u32,
-    reports: Vec<SequenceReport>,
-}
-
-impl PartialEq for Call {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at_ns, self.seq) == (other.at_ns, other.seq)
-    }
-}
-
-impl Eq for Call {}
-
-impl PartialOrd for Call {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Call {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at_ns, self.seq).cmp(&(other.at_ns, other.seq))
-    }
-}
-
 impl Agenda {
-    fn new(arrival_times: Vec<u64>) -> Self {
+    fn new(arrival_times: Vec<u64>, workers: usize) -> Self {
         Agenda {
             arrival_times,
             next_arrival: 0,
             calls: BinaryHeap::new(),
+            in_flight: vec![Vec::new(); workers],
             issued: 0,
         }
     }
 
     fn push_call(&mut self, at_ns: u64, worker: u32, reports: Vec<SequenceReport>) {
         self.issued += 1;
-        self.calls.push(Reverse(Call {
-            at_ns,
-            seq: self.issued,
-            worker,
-            reports,
-        }));
+        self.in_flight[worker as usize] = reports;
+        self.calls.push(Reverse((at_ns, self.issued, worker)));
     }
 
     fn pop(&mut self) -> Option<(u64, Event)> {
         let arrival = self.arrival_times.get(self.next_arrival).copied();
-        let call = self.calls.peek().map(|Reverse(c)| c.at_ns);
+        let call = self.calls.peek().map(|Reverse((at, _, _))| *at);
         match (arrival, call) {
             (Some(a), c) if c.is_none_or(|c| a <= c) => {
                 self.next_arrival += 1;
                 Some((a, Event::Arrival(self.next_arrival - 1)))
             }
             (_, Some(_)) => {
-                let Reverse(c) = self.calls.pop()?;
-                Some((
-                    c.at_ns,
-                    Event::CallDone {
-                        worker: c.worker,
-                        reports: c.reports,
-                    },
-                ))
+                let Reverse((at, _, worker)) = self.calls.pop()?;
+                let reports = std::mem::take(&mut self.in_flight[worker as usize]);
+                Some((at, Event::CallDone { worker, reports }))
             }
             _ => None,
         }
@@ -183,7 +150,10 @@ pub fn simulate(
     let arrivals = scenario.arrivals(prompts.len());
     let mut state = SchedulerState::new(config);
     // The schedule is in time order (the load test relies on it too).
-    let mut agenda = Agenda::new(arrivals.iter().map(|a| (a.at * 1e9) as u64).collect());
+    let mut agenda = Agenda::new(
+        arrivals.iter().map(|a| (a.at * 1e9) as u64).collect(),
+        fleet.workers,
+    );
     let mut jobs: HashMap<u64, Running> = HashMap::new();
     let mut outcomes = Vec::with_capacity(arrivals.len());
     let mut next_job = 1u64;

@@ -24,14 +24,16 @@ pub fn learn_codebook(
     PatchCodebook::learn(&patches, patch, k, iterations, seed)
 }
 
-/// The example of one scene at `size` pixels.
-pub fn example(scene: &Scene, codebook: &PatchCodebook, size: u32) -> Example {
-    let image = render(scene, size);
+/// The example of one scene drawn at `drawn` pixels and served at `served` (the codebook's patches
+/// are shown `served / drawn` times larger): the codes of the drawing, laid out as the served
+/// image's tokens.
+pub fn example(scene: &Scene, codebook: &PatchCodebook, drawn: u32, served: u32) -> Example {
+    let image = render(scene, drawn);
     Example {
         prompt: scene.caption(),
-        width: size,
-        height: size,
-        codes: codebook.encode(image.pixels(), size as usize, size as usize),
+        width: served,
+        height: served,
+        codes: codebook.encode(image.pixels(), drawn as usize, drawn as usize),
     }
 }
 
