@@ -1,8 +1,9 @@
 //! The image-generation model and everything that runs it on one device: the configuration, the
 //! byte-level text tokenizer, the codebook that turns image tokens into pixels, the decoder-only
 //! transformer (candle for the matrix products, hand-written attention over a paged KV cache),
-//! seeded sampling, and the [`Engine`] that holds live sequences and executes batched prefill and
-//! decode steps. It knows nothing of networking, users or quotas.
+//! seeded sampling, the [`Engine`] that holds live sequences and executes batched prefill and
+//! decode steps (real, or simulated with calibrated step times), and the shipped trained model
+//! ([`shipped`]). It knows nothing of networking, users or quotas.
 
 #![forbid(unsafe_code)]
 
