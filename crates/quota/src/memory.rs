@@ -4,7 +4,10 @@
 //! after as many operations as the store holds entries (at least a few thousand), so memory stays
 //! within twice the live charges and a sweep costs O(1) per operation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// Seeded and fast: a simulated launch day puts millions of subjects through these maps.
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,8 +27,8 @@ enum State {
 
 #[derive(Default)]
 struct Inner {
-    /// (subject, window ms) -> charge times and ids, oldest first.
-    windows: HashMap<(String, u64), Vec<(u64, String)>>,
+    /// subject -> its windows.
+    windows: HashMap<String, Vec<Window>>,
     /// subject -> theoretical arrival time (GCRA).
     rates: HashMap<String, u64>,
     /// subject -> charge id -> lease expiry.
@@ -45,6 +48,9 @@ struct Inner {
     /// The operation count at which the next sweep runs.
     next_sweep: u64,
 }
+
+/// One sliding window of a subject: its length in ms, and its charges' times and ids, oldest first.
+type Window = (u64, Vec<(u64, String)>);
 
 /// Milliseconds on some monotonic clock.
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
@@ -91,16 +97,29 @@ impl MemoryStore {
 
 impl Inner {
     fn live_window(&mut self, subject: &str, window_ms: u64, now: u64) -> &mut Vec<(u64, String)> {
-        let entries = self
-            .windows
-            .entry((subject.to_string(), window_ms))
-            .or_default();
+        // Looked up by `&str` first: a known subject costs no allocation.
+        if !self.windows.contains_key(subject) {
+            self.windows.insert(subject.to_string(), Vec::new());
+        }
+        let windows = self.windows.get_mut(subject).expect("inserted above");
+        let at = match windows.iter().position(|(w, _)| *w == window_ms) {
+            Some(at) => at,
+            None => {
+                windows.push((window_ms, Vec::new()));
+                windows.len() - 1
+            }
+        };
+        let entries = &mut windows[at].1;
         entries.retain(|(t, _)| *t > now.saturating_sub(window_ms));
         entries
     }
 
     fn live_flights(&mut self, subject: &str, now: u64) -> &mut HashMap<String, u64> {
-        let flights = self.in_flight.entry(subject.to_string()).or_default();
+        if !self.in_flight.contains_key(subject) {
+            self.in_flight
+                .insert(subject.to_string(), HashMap::default());
+        }
+        let flights = self.in_flight.get_mut(subject).expect("inserted above");
         flights.retain(|_, expiry| *expiry > now);
         flights
     }
@@ -110,9 +129,12 @@ impl Inner {
         if self.operations < self.next_sweep {
             return;
         }
-        self.windows.retain(|(_, w), e| {
-            e.retain(|(t, _)| *t > now.saturating_sub(*w));
-            !e.is_empty()
+        self.windows.retain(|_, windows| {
+            windows.retain_mut(|(w, e)| {
+                e.retain(|(t, _)| *t > now.saturating_sub(*w));
+                !e.is_empty()
+            });
+            !windows.is_empty()
         });
         self.rates.retain(|_, tat| *tat > now);
         self.in_flight.retain(|_, f| {
@@ -267,10 +289,11 @@ impl QuotaStore for MemoryStore {
             Settlement::Commit => State::Committed,
             Settlement::Refund => {
                 for scope in scopes {
-                    for &(window_ms, _) in &scope.windows {
-                        if let Some(e) = inner.windows.get_mut(&(scope.subject.clone(), window_ms))
-                        {
-                            e.retain(|(_, id)| id != charge_id);
+                    if let Some(windows) = inner.windows.get_mut(&scope.subject) {
+                        for (window_ms, entries) in windows.iter_mut() {
+                            if scope.windows.iter().any(|(w, _)| w == window_ms) {
+                                entries.retain(|(_, id)| id != charge_id);
+                            }
                         }
                     }
                 }

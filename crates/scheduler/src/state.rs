@@ -10,8 +10,12 @@
 //! preempted and no worker runs out of memory mid-image.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::ops::Bound;
+
+// A seeded fast hasher: these maps are touched for every sequence of every call (SipHash was a
+// tenth of a simulated launch day's time).
+use foldhash::HashMap;
 use std::time::Duration;
 
 /// Time as the driver sees it: real time since start, or virtual time in a simulation.
@@ -321,7 +325,8 @@ pub struct SchedulerState {
     /// Jobs shed per tier since start.
     shed: [u64; 4],
     jobs: HashMap<JobId, JobState>,
-    workers: BTreeMap<WorkerId, WorkerState>,
+    /// Unordered: whatever reads the whole fleet and must be reproducible sorts it by id first.
+    workers: HashMap<WorkerId, WorkerState>,
     /// Workers with no call in flight, most free blocks first (then highest id): the only ones a new
     /// arrival can start, so an arrival costs nothing per busy worker of a large fleet.
     idle: BTreeSet<IdleKey>,
@@ -370,6 +375,13 @@ impl SchedulerState {
     /// A job arrives. It is queued (and placed at once where a worker is free).
     pub fn submit(&mut self, job: Job, now: Time) -> Vec<Output> {
         let mut out = Vec::new();
+        self.submit_into(job, now, &mut out);
+        out
+    }
+
+    /// [`submit`](Self::submit), appending to `out` (a driver that reuses one buffer allocates
+    /// nothing per call).
+    pub fn submit_into(&mut self, job: Job, now: Time, out: &mut Vec<Output>) {
         if let Some(largest) = self.largest {
             let needed = blocks_for(&job, largest.block_size);
             if needed > largest.kv_blocks {
@@ -377,11 +389,11 @@ impl SchedulerState {
                     job: job.id,
                     event: JobEvent::Failed(FailReason::TooLarge { kv_blocks: needed }),
                 });
-                return out;
+                return;
             }
         }
         let tier = job.tier as usize;
-        if let Some((reason, retry_after)) = self.shed_on_arrival(&job, now, &mut out) {
+        if let Some((reason, retry_after)) = self.shed_on_arrival(&job, now, out) {
             self.shed[tier] += 1;
             out.push(Output::Event {
                 job: job.id,
@@ -390,7 +402,7 @@ impl SchedulerState {
                     retry_after,
                 }),
             });
-            return out;
+            return;
         }
         let position = self.queues[tier..].iter().map(|q| q.len).sum();
         self.queues[tier].push_back(&job.user, job.id);
@@ -410,9 +422,8 @@ impl SchedulerState {
                 phase: Phase::Waiting,
             },
         );
-        self.shed_overdue(tier, now, &mut out);
-        self.schedule_all(now, &mut out);
-        out
+        self.shed_overdue(tier, now, out);
+        self.schedule_all(now, out);
     }
 
     /// The part of a tier's deadline that predictions must fit in.
@@ -626,8 +637,20 @@ impl SchedulerState {
         now: Time,
     ) -> Vec<Output> {
         let mut out = Vec::new();
+        self.step_done_into(worker, reports, now, &mut out);
+        out
+    }
+
+    /// [`step_done`](Self::step_done), appending to `out`.
+    pub fn step_done_into(
+        &mut self,
+        worker: WorkerId,
+        reports: &[SequenceReport],
+        now: Time,
+        out: &mut Vec<Output>,
+    ) {
         let Some(w) = self.workers.get_mut(&worker) else {
-            return out;
+            return;
         };
         w.busy = false;
         let elapsed = now.saturating_sub(w.busy_since);
@@ -684,8 +707,7 @@ impl SchedulerState {
                 });
             }
         }
-        self.schedule(worker, now, &mut out);
-        out
+        self.schedule(worker, now, out);
     }
 
     /// A worker refused a prefill as invalid: those jobs fail (their reservations return) and the
@@ -758,9 +780,9 @@ impl SchedulerState {
                 0.0
             },
             workers: self
-                .workers
-                .iter()
-                .map(|(&id, w)| WorkerSnapshot {
+                .workers_by_id()
+                .into_iter()
+                .map(|(id, w)| WorkerSnapshot {
                     id,
                     capacity: w.capacity,
                     free_blocks: w.free_blocks,
@@ -794,16 +816,29 @@ impl SchedulerState {
         }
     }
 
-    fn largest_capacity(&self) -> Option<Capacity> {
-        self.workers
-            .values()
-            .map(|w| w.capacity)
-            .max_by_key(|c| c.kv_blocks)
+    /// The workers in id order (for sums and listings that must not depend on hashing).
+    fn workers_by_id(&self) -> Vec<(WorkerId, &WorkerState)> {
+        let mut workers: Vec<_> = self.workers.iter().map(|(&id, w)| (id, w)).collect();
+        workers.sort_unstable_by_key(|&(id, _)| id);
+        workers
     }
 
-    /// Recounts the fleet's tokens per second (on membership changes, so rounding cannot build up).
+    /// The largest worker by KV blocks (the highest id among equals).
+    fn largest_capacity(&self) -> Option<Capacity> {
+        self.workers
+            .iter()
+            .max_by_key(|(&id, w)| (w.capacity.kv_blocks, id))
+            .map(|(_, w)| w.capacity)
+    }
+
+    /// Recounts the fleet's tokens per second (on membership changes, so rounding cannot build up),
+    /// in id order so that one run of a simulation gives one result.
     fn refresh_tokens_per_second(&mut self) {
-        self.tokens_per_second = self.workers.values().map(|w| w.tokens_per_second).sum();
+        self.tokens_per_second = self
+            .workers_by_id()
+            .iter()
+            .map(|(_, w)| w.tokens_per_second)
+            .sum();
     }
 
     /// The next command of one free worker: prefill what fits, else decode the batch, else release.
@@ -920,6 +955,7 @@ pub fn blocks_for(job: &Job, block_size: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use foldhash::HashMapExt;
     use proptest::prelude::*;
 
     const T0: Time = Duration::ZERO;

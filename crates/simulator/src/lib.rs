@@ -7,11 +7,12 @@
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt};
 use kiln_loadtest::{Outcome, OutcomeKind, Scenario};
 use kiln_model::{ModelConfig, StepCost};
 use kiln_quota::{Charge, Decision, MemoryStore, QuotaStore, Scope, Settlement, TierTable};
@@ -72,9 +73,16 @@ impl Agenda {
         }
     }
 
-    fn push_call(&mut self, at_ns: u64, worker: u32, reports: Vec<SequenceReport>) {
+    /// The report slot of `worker`'s next call, emptied (its buffer is reused call after call).
+    fn reports_of(&mut self, worker: u32) -> &mut Vec<SequenceReport> {
+        let slot = &mut self.in_flight[worker as usize];
+        slot.clear();
+        slot
+    }
+
+    /// `worker`'s call, whose reports were written with `reports_of`, ends at `at_ns`.
+    fn push_call(&mut self, at_ns: u64, worker: u32) {
         self.issued += 1;
-        self.in_flight[worker as usize] = reports;
         self.calls.push(Reverse((at_ns, self.issued, worker)));
     }
 
@@ -88,8 +96,7 @@ impl Agenda {
             }
             (_, Some(_)) => {
                 let Reverse((at, _, worker)) = self.calls.pop()?;
-                let reports = std::mem::take(&mut self.in_flight[worker as usize]);
-                Some((at, Event::CallDone { worker, reports }))
+                Some((at, Event::CallDone(worker)))
             }
             _ => None,
         }
@@ -98,10 +105,36 @@ impl Agenda {
 
 enum Event {
     Arrival(usize),
-    CallDone {
-        worker: u32,
-        reports: Vec<SequenceReport>,
-    },
+    /// A worker's call ended; its reports are in the worker's slot.
+    CallDone(u32),
+}
+
+/// What a simulated GPU holds of one sequence (a real worker's KV cache, without the cache).
+#[derive(Clone, Copy)]
+struct Sequence {
+    job: u64,
+    /// Tokens of context before the first image token.
+    prompt_tokens: usize,
+    image_tokens: usize,
+    /// Image tokens generated so far.
+    done: usize,
+}
+
+/// One simulated GPU: the sequences of its batch, in the order the scheduler placed them.
+#[derive(Default, Clone)]
+struct SimulatedGpu {
+    sequences: Vec<Sequence>,
+}
+
+impl SimulatedGpu {
+    fn position(&self, job: u64, hint: usize) -> Option<usize> {
+        // The scheduler lists its batch in placement order, as this vector is kept: the hint is
+        // almost always right.
+        if self.sequences.get(hint).is_some_and(|s| s.job == job) {
+            return Some(hint);
+        }
+        self.sequences.iter().position(|s| s.job == job)
+    }
 }
 
 struct Running {
@@ -111,11 +144,8 @@ struct Running {
     tier: &'static str,
     phase: usize,
     charge: String,
-    scopes: Vec<Scope>,
     prompt_tokens: usize,
     image_tokens: usize,
-    /// Tokens generated so far (the simulated worker's view).
-    done: usize,
     first_progress: Option<f64>,
 }
 
@@ -155,6 +185,8 @@ pub fn simulate(
         fleet.workers,
     );
     let mut jobs: HashMap<u64, Running> = HashMap::new();
+    // Each user's scheduler name and quota scopes, made on their first request.
+    let mut identities: Vec<Option<(String, Vec<Scope>)>> = vec![None; users.len()];
     let mut outcomes = Vec::with_capacity(arrivals.len());
     let mut next_job = 1u64;
     let mut processed = 0u64;
@@ -162,32 +194,42 @@ pub fn simulate(
     for w in 0..fleet.workers as u32 {
         pending_outputs.extend(state.add_worker(w, fleet.capacity, Duration::ZERO));
     }
+    let mut gpus = vec![SimulatedGpu::default(); fleet.workers];
+    let mut scratch = Vec::new();
+    let overhead_ns = fleet.call_overhead.as_nanos() as u64;
     let mut now_ns = 0u64;
     loop {
         // Apply what the state machine asked for at `now`, in its order.
-        for output in std::mem::take(&mut pending_outputs) {
+        for output in pending_outputs.drain(..) {
             let now_s = now_ns as f64 / 1e9;
             match output {
                 Output::Command { worker, command } => {
-                    let (seconds, reports) = run_call(&fleet.cost, &mut jobs, command);
-                    let took = (seconds * 1e9) as u64 + fleet.call_overhead.as_nanos() as u64;
-                    agenda.push_call(now_ns + took, worker, reports);
-                }
-                Output::Event { job, event } => match event {
-                    JobEvent::Progress { .. } => {
+                    let gpu = &mut gpus[worker as usize];
+                    let reports = agenda.reports_of(worker);
+                    let call =
+                        run_call(&fleet.cost, gpu, &mut jobs, command, reports, &mut scratch);
+                    let ends = now_ns + (call.seconds * 1e9) as u64 + overhead_ns;
+                    // The first token of a prefilled sequence is the caller's first progress.
+                    for job in call.prefilled {
                         if let Some(r) = jobs.get_mut(&job) {
-                            r.first_progress.get_or_insert(now_s - r.sent_at);
+                            r.first_progress
+                                .get_or_insert(ends as f64 / 1e9 - r.sent_at);
                         }
                     }
+                    agenda.push_call(ends, worker);
+                }
+                Output::Event { job, event } => match event {
+                    // Recorded when the prefill was issued (above): no lookup per decoded token.
+                    JobEvent::Progress { .. } => {}
                     JobEvent::Finished { .. } => {
                         if let Some(r) = jobs.remove(&job) {
-                            settle(&store, &r, Settlement::Commit);
+                            settle(&store, &r, &identities, Settlement::Commit);
                             outcomes.push(outcome(&r, OutcomeKind::Completed, now_s));
                         }
                     }
                     JobEvent::Failed(reason) => {
                         if let Some(r) = jobs.remove(&job) {
-                            settle(&store, &r, Settlement::Refund);
+                            settle(&store, &r, &identities, Settlement::Refund);
                             let kind = match reason {
                                 FailReason::Shed { .. } => OutcomeKind::Shed,
                                 _ => OutcomeKind::Error,
@@ -210,15 +252,19 @@ pub fn simulate(
             Event::Arrival(i) => {
                 let arrival = &arrivals[i];
                 let user = &users[arrival.user];
-                let name = format!("{}-{}", scenario.name, user.name);
-                let scopes = tiers
-                    .scopes(&name, user.org.as_deref(), user.tier, 1.0)
-                    .map_err(|e| SimulationError::Quota(e.to_string()))?;
+                if identities[arrival.user].is_none() {
+                    let name = format!("{}-{}", scenario.name, user.name);
+                    let scopes = tiers
+                        .scopes(&name, user.org.as_deref(), user.tier, 1.0)
+                        .map_err(|e| SimulationError::Quota(e.to_string()))?;
+                    identities[arrival.user] = Some((name, scopes));
+                }
+                let (name, scopes) = identities[arrival.user].as_ref().expect("made above");
                 let charge = format!("sim-{i}");
                 let decision = futures::executor::block_on(store.admit(&Charge {
                     charge_id: &charge,
                     idempotency: None,
-                    scopes: &scopes,
+                    scopes,
                     lease: Duration::from_secs(3600 * 24),
                     retention: tiers.longest_window(),
                 }))
@@ -234,10 +280,8 @@ pub fn simulate(
                     tier: user.tier,
                     phase: arrival.phase,
                     charge,
-                    scopes,
                     prompt_tokens,
                     image_tokens,
-                    done: 0,
                     first_progress: None,
                 };
                 if !matches!(decision, Decision::Admitted(_)) {
@@ -248,16 +292,17 @@ pub fn simulate(
                 next_job += 1;
                 let job = Job {
                     id,
-                    user: name,
+                    user: name.clone(),
                     tier: tier_of(user.tier),
                     prompt_tokens,
                     image_tokens,
                 };
                 jobs.insert(id, running);
-                pending_outputs.extend(state.submit(job, now));
+                state.submit_into(job, now, &mut pending_outputs);
             }
-            Event::CallDone { worker, reports } => {
-                pending_outputs.extend(state.step_done(worker, &reports, now));
+            Event::CallDone(worker) => {
+                let reports = &agenda.in_flight[worker as usize];
+                state.step_done_into(worker, reports, now, &mut pending_outputs);
             }
         }
     }
@@ -274,8 +319,14 @@ pub fn simulate(
     })
 }
 
-fn settle(store: &MemoryStore, r: &Running, settlement: Settlement) {
-    let _ = futures::executor::block_on(store.settle(&r.charge, None, &r.scopes, settlement));
+fn settle(
+    store: &MemoryStore,
+    r: &Running,
+    identities: &[Option<(String, Vec<Scope>)>],
+    settlement: Settlement,
+) {
+    let scopes = identities[r.user].as_ref().map_or(&[][..], |(_, s)| s);
+    let _ = futures::executor::block_on(store.settle(&r.charge, None, scopes, settlement));
 }
 
 fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
@@ -292,57 +343,93 @@ fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
     }
 }
 
-/// What a simulated GPU does with one call: its duration and the tokens it reports.
+/// What one simulated call took, and the jobs it prefilled (their first token comes with it).
+struct Call {
+    seconds: f64,
+    prefilled: Vec<u64>,
+}
+
+/// What a simulated GPU does with one call: its duration, and the tokens it reports in `reports`.
+/// `scratch` is reused between calls.
 fn run_call(
     cost: &StepCost,
+    gpu: &mut SimulatedGpu,
     jobs: &mut HashMap<u64, Running>,
     command: Command,
-) -> (f64, Vec<SequenceReport>) {
+    reports: &mut Vec<SequenceReport>,
+    scratch: &mut Vec<(usize, usize)>,
+) -> Call {
+    let mut call = Call {
+        seconds: 0.0,
+        prefilled: Vec::new(),
+    };
     match command {
-        Command::Release { .. } => (0.0, Vec::new()),
-        Command::Prefill { jobs: placed, .. } => {
+        Command::Release { release } => {
+            gpu.sequences.retain(|s| !release.contains(&s.job));
+        }
+        Command::Prefill {
+            jobs: placed,
+            release,
+        } => {
+            if !release.is_empty() {
+                gpu.sequences.retain(|s| !release.contains(&s.job));
+            }
             let mut tokens = 0;
-            let mut reports = Vec::with_capacity(placed.len());
             for p in &placed {
-                let Some(r) = jobs.get_mut(&p.job) else {
+                let Some(r) = jobs.get(&p.job) else {
                     continue;
                 };
-                r.done = p.resume_from;
                 tokens += r.prompt_tokens + p.resume_from;
-                r.done += 1;
+                let done = p.resume_from + 1;
+                gpu.sequences.push(Sequence {
+                    job: p.job,
+                    prompt_tokens: r.prompt_tokens,
+                    image_tokens: r.image_tokens,
+                    done,
+                });
+                let finished = done >= r.image_tokens;
+                if finished {
+                    gpu.sequences.pop();
+                }
                 reports.push(SequenceReport {
                     job: p.job,
                     new_tokens: 1,
-                    finished: r.done >= r.image_tokens,
+                    finished,
                 });
+                call.prefilled.push(p.job);
             }
-            (cost.prefill_seconds(tokens), reports)
+            call.seconds = cost.prefill_seconds(tokens);
         }
         Command::Decode {
-            jobs: batch, steps, ..
+            jobs: batch,
+            steps,
+            release,
         } => {
-            // One lookup per sequence: how many of the call's steps it takes part in (it stops at its
-            // last token) and its context at the first step; the steps are then summed from those.
+            if !release.is_empty() {
+                gpu.sequences.retain(|s| !release.contains(&s.job));
+            }
+            // How many of the call's steps each sequence takes part in (it stops at its last token)
+            // and its context at the first step; the steps are then summed from those.
             let steps = steps.max(1);
-            let mut taking = Vec::with_capacity(batch.len());
-            let mut reports = Vec::with_capacity(batch.len());
-            for id in &batch {
-                let Some(r) = jobs.get_mut(id) else {
+            scratch.clear();
+            for (i, id) in batch.iter().enumerate() {
+                let Some(at) = gpu.position(*id, i) else {
                     continue;
                 };
-                let n = steps.min(r.image_tokens.saturating_sub(r.done));
-                taking.push((n, r.prompt_tokens + r.done));
-                r.done += n;
+                let seq = &mut gpu.sequences[at];
+                let n = steps.min(seq.image_tokens.saturating_sub(seq.done));
+                scratch.push((n, seq.prompt_tokens + seq.done));
+                seq.done += n;
                 reports.push(SequenceReport {
                     job: *id,
                     new_tokens: n,
-                    finished: r.done >= r.image_tokens,
+                    finished: seq.done >= seq.image_tokens,
                 });
             }
-            let mut seconds = 0.0;
+            gpu.sequences.retain(|s| s.done < s.image_tokens);
             for step in 0..steps {
                 let (mut active, mut context) = (0, 0);
-                for &(n, start) in &taking {
+                for &(n, start) in scratch.iter() {
                     if step < n {
                         active += 1;
                         context += start + step;
@@ -351,11 +438,11 @@ fn run_call(
                 if active == 0 {
                     break;
                 }
-                seconds += cost.decode_seconds(active, context);
+                call.seconds += cost.decode_seconds(active, context);
             }
-            (seconds, reports)
         }
     }
+    call
 }
 
 #[cfg(test)]
