@@ -68,6 +68,9 @@ pub struct TrainArgs {
     pub heads: usize,
     #[arg(long, default_value_t = 512)]
     pub d_ff: usize,
+    /// Read prompts as UTF-8 bytes instead of the captions' words (the first shipped model did).
+    #[arg(long)]
+    pub byte_prompts: bool,
 }
 
 const CODEBOOK_FILE: &str = "codebook.bin";
@@ -95,6 +98,14 @@ impl TrainArgs {
             default_size: self.size,
             max_prompt_bytes: 128,
             norm_eps: 1e-5,
+            words: if self.byte_prompts {
+                Vec::new()
+            } else {
+                kiln_scenes::caption_words()
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            },
         }
     }
 }

@@ -32,6 +32,11 @@ pub struct ModelConfig {
     /// Epsilon of the RMS norms.
     #[serde(default = "default_eps")]
     pub norm_eps: f32,
+    /// The prompt words a model reads, when it reads words rather than bytes: word `i` is token
+    /// `i`, and any other word or sign is token `words.len()` (unknown). Empty: the prompt's UTF-8
+    /// bytes are its tokens. See [`crate::tokenizer`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub words: Vec<String>,
 }
 
 fn default_eps() -> f32 {
@@ -57,6 +62,7 @@ impl ModelConfig {
             default_size: 128,
             max_prompt_bytes: 256,
             norm_eps: 1e-5,
+            words: Vec::new(),
         }
     }
 
@@ -75,6 +81,7 @@ impl ModelConfig {
             default_size: 32,
             max_prompt_bytes: 256,
             norm_eps: 1e-5,
+            words: Vec::new(),
         }
     }
 
@@ -112,6 +119,26 @@ impl ModelConfig {
         }
         if self.max_prompt_bytes == 0 {
             return bad("max_prompt_bytes must be positive".into());
+        }
+        // Words share the byte tokens' ids, and one id is kept for unknown words.
+        if self.words.len() >= crate::tokenizer::BOS as usize {
+            return bad(format!(
+                "words lists {} entries; at most {} fit",
+                self.words.len(),
+                crate::tokenizer::BOS - 1
+            ));
+        }
+        for (i, word) in self.words.iter().enumerate() {
+            let one_piece =
+                crate::tokenizer::prompt_pieces(word).eq(std::iter::once(word.as_str()));
+            if !one_piece || word.to_lowercase() != *word {
+                return bad(format!(
+                    "words[{i}] ({word:?}) is not one lowercase word or sign"
+                ));
+            }
+            if self.words[..i].contains(word) {
+                return bad(format!("words[{i}] ({word:?}) is listed twice"));
+            }
         }
         Ok(())
     }

@@ -309,7 +309,9 @@ impl QuotaStore for MemoryStore {
                 State::Refunded
             }
         };
-        inner.charges.insert(charge_id.to_string(), (next, expiry));
+        if let Some(record) = inner.charges.get_mut(charge_id) {
+            record.0 = next;
+        }
         Ok(true)
     }
 

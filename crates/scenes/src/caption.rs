@@ -44,6 +44,18 @@ impl SceneSpec {
     }
 }
 
+/// Every word and sign the grammar writes (and the full stop the parser accepts): the vocabulary a
+/// model that reads words needs for these captions.
+pub fn caption_words() -> Vec<&'static str> {
+    let mut words = vec!["a", "an"];
+    words.extend(Colour::ALL.map(Colour::name));
+    words.extend(Shape::ALL.map(Shape::name));
+    words.extend([
+        "above", "below", "left", "right", "of", "top", "bottom", "and", ",", ".",
+    ]);
+    words
+}
+
 fn object_phrase(object: &ObjectSpec) -> String {
     let article = if object.colour == Colour::Orange {
         "an"
@@ -257,6 +269,17 @@ mod tests {
             colour,
             shape,
             place,
+        }
+    }
+
+    #[test]
+    fn the_caption_words_cover_every_caption() {
+        let words = caption_words();
+        for scene in SceneSampler::new(5).take(2000) {
+            let caption = scene.caption();
+            for word in caption.replace(',', " , ").split_whitespace() {
+                assert!(words.contains(&word), "{word:?} of {caption:?}");
+            }
         }
     }
 

@@ -29,7 +29,7 @@ pub mod render;
 pub mod sample;
 pub mod scene;
 
-pub use caption::parse_caption;
+pub use caption::{caption_words, parse_caption};
 pub use check::{check, detect, CheckResult, DetectedObject, ObjectOutcome};
 pub use error::SceneError;
 pub use image::{from_png, to_png, RgbImage};
