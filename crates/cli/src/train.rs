@@ -71,6 +71,12 @@ pub struct TrainArgs {
     /// Read prompts as UTF-8 bytes instead of the captions' words (the first shipped model did).
     #[arg(long)]
     pub byte_prompts: bool,
+    /// Sampling temperature written into the model's config: what requests that set none get.
+    #[arg(long)]
+    pub default_temperature: Option<f32>,
+    /// Top-k written into the model's config, for requests that set neither it nor temperature.
+    #[arg(long)]
+    pub default_top_k: Option<u32>,
 }
 
 const CODEBOOK_FILE: &str = "codebook.bin";
@@ -106,6 +112,8 @@ impl TrainArgs {
                     .map(String::from)
                     .collect()
             },
+            default_temperature: self.default_temperature,
+            default_top_k: self.default_top_k,
         }
     }
 }
@@ -277,12 +285,13 @@ pub struct EvalArgs {
     /// Seed of the held-out prompts (and of sampling).
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Sampling temperature (0 is greedy; the gateway's default is 1).
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Sample among this many most likely codes (0: all, the gateway's default).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
+    /// Sampling temperature (0 is greedy). Absent: the model's default, as the gateway applies it.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample among this many most likely codes (0: all). Absent: as the gateway chooses for a
+    /// request that sets neither.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Images generated together.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -360,9 +369,17 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let cfg = model.config().clone();
     let mut engine = CandleEngine::new(model, 4096, 16, args.batch.max(16));
     let info = engine.info();
+    // The gateway's rule: a request without a temperature samples with the model's defaults.
+    let temperature = args
+        .temperature
+        .unwrap_or(cfg.default_temperature.unwrap_or(1.0));
+    let top_k = args.top_k.unwrap_or(match args.temperature {
+        None => cfg.default_top_k.unwrap_or(0) as usize,
+        Some(_) => 0,
+    });
     let sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
+        temperature,
+        top_k,
         seed: args.seed,
         ..Default::default()
     };
@@ -376,8 +393,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         cfg.name,
         cfg.parameter_count() as f64 / 1e6,
         info.default_size,
-        args.temperature,
-        args.top_k
+        temperature,
+        top_k
     );
     println!("objects  prompts  correct  accuracy  objects right");
     for n in 1..=4 {

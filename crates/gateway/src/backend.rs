@@ -115,6 +115,8 @@ impl Backend for RemoteScheduler {
                     patch_size: m.patch_size,
                     max_prompt_bytes: m.max_prompt_bytes,
                     prefix_overhead_tokens: status.prefix_overhead_tokens,
+                    default_temperature: m.default_temperature,
+                    default_top_k: m.default_top_k,
                 })
             })
             .await

@@ -315,6 +315,8 @@ impl Gateway {
             default_size: m.default_size,
             patch_size: m.patch_size,
             max_prompt_bytes: m.max_prompt_bytes,
+            default_temperature: m.default_temperature,
+            default_top_k: m.default_top_k,
         });
         if let Ok(quota) = self.admission.status(&identity).await {
             quota_metadata(response.metadata_mut(), &quota);

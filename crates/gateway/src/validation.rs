@@ -103,10 +103,15 @@ pub fn validate(
     let height = side("height", request.height)?;
 
     let given = request.sampling.unwrap_or_default();
-    let temperature = if given.has_temperature {
-        given.temperature
+    // A request that sets no temperature samples as the model samples best.
+    let (temperature, top_k) = if given.has_temperature {
+        (given.temperature, given.top_k)
     } else {
-        1.0
+        let top_k = match given.top_k {
+            0 => model.default_top_k.unwrap_or(0),
+            k => k,
+        };
+        (model.default_temperature.unwrap_or(1.0), top_k)
     };
     if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
         return Err(GatewayError::invalid(
@@ -114,13 +119,10 @@ pub fn validate(
             format!("must be in [0, 2], got {temperature}"),
         ));
     }
-    if given.top_k > MAX_TOP_K {
+    if top_k > MAX_TOP_K {
         return Err(GatewayError::invalid(
             "sampling.top_k",
-            format!(
-                "must be at most {MAX_TOP_K} (0 disables it), got {}",
-                given.top_k
-            ),
+            format!("must be at most {MAX_TOP_K} (0 disables it), got {top_k}"),
         ));
     }
     let top_p = if given.top_p == 0.0 { 1.0 } else { given.top_p };
@@ -144,7 +146,7 @@ pub fn validate(
         height,
         sampling: Sampling {
             temperature,
-            top_k: given.top_k,
+            top_k,
             top_p,
             seed,
         },
@@ -177,6 +179,8 @@ pub(crate) mod tests {
             patch_size: 8,
             max_prompt_bytes: 20,
             prefix_overhead_tokens: 3,
+            default_temperature: None,
+            default_top_k: None,
         }
     }
 
@@ -331,5 +335,43 @@ pub(crate) mod tests {
             }
         );
         assert_eq!(v.image_tokens, 8 * 4);
+    }
+
+    #[test]
+    fn a_request_without_temperature_samples_as_the_model_prefers() {
+        let tuned = ModelDescription {
+            default_temperature: Some(0.8),
+            default_top_k: Some(8),
+            ..model()
+        };
+        let sampled = |s: SamplingParams| {
+            let v = validate(
+                GenerateRequest {
+                    sampling: Some(s),
+                    ..request("a")
+                },
+                &tuned,
+            )
+            .unwrap();
+            (v.sampling.temperature, v.sampling.top_k)
+        };
+        assert_eq!(sampled(SamplingParams::default()), (0.8, 8));
+        let own_top_k = SamplingParams {
+            top_k: 3,
+            ..Default::default()
+        };
+        assert_eq!(sampled(own_top_k), (0.8, 3));
+        let own_temperature = SamplingParams {
+            temperature: 1.0,
+            has_temperature: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            sampled(own_temperature),
+            (1.0, 0),
+            "the caller's choice stands"
+        );
+        let plain = validate(request("a"), &model()).unwrap();
+        assert_eq!((plain.sampling.temperature, plain.sampling.top_k), (1.0, 0));
     }
 }

@@ -37,6 +37,12 @@ pub struct ModelConfig {
     /// bytes are its tokens. See [`crate::tokenizer`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub words: Vec<String>,
+    /// Temperature a request gets when it sets none (1 when absent): what this model samples best at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_temperature: Option<f32>,
+    /// Top-k a request gets when it sets neither temperature nor top-k (0, all codes, when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_top_k: Option<u32>,
 }
 
 fn default_eps() -> f32 {
@@ -63,6 +69,8 @@ impl ModelConfig {
             max_prompt_bytes: 256,
             norm_eps: 1e-5,
             words: Vec::new(),
+            default_temperature: None,
+            default_top_k: None,
         }
     }
 
@@ -82,6 +90,8 @@ impl ModelConfig {
             max_prompt_bytes: 256,
             norm_eps: 1e-5,
             words: Vec::new(),
+            default_temperature: None,
+            default_top_k: None,
         }
     }
 
@@ -119,6 +129,11 @@ impl ModelConfig {
         }
         if self.max_prompt_bytes == 0 {
             return bad("max_prompt_bytes must be positive".into());
+        }
+        if let Some(t) = self.default_temperature {
+            if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+                return bad(format!("default_temperature must be in [0, 2], got {t}"));
+            }
         }
         // Words share the byte tokens' ids, and one id is kept for unknown words.
         if self.words.len() >= crate::tokenizer::BOS as usize {

@@ -23,6 +23,9 @@ pub struct EngineInfo {
     pub default_size: u32,
     pub patch_size: usize,
     pub max_prompt_bytes: usize,
+    /// The model's sampling defaults (`ModelConfig::default_temperature`, `default_top_k`).
+    pub default_temperature: Option<f32>,
+    pub default_top_k: Option<u32>,
 }
 
 impl EngineInfo {
@@ -306,6 +309,8 @@ impl Engine for CandleEngine {
             default_size: cfg.default_size,
             patch_size: cfg.patch_size,
             max_prompt_bytes: cfg.max_prompt_bytes,
+            default_temperature: cfg.default_temperature,
+            default_top_k: cfg.default_top_k,
         }
     }
 

@@ -202,6 +202,8 @@ impl Engine for SimulatedEngine {
             default_size: self.config.default_size,
             patch_size: self.config.patch_size,
             max_prompt_bytes: self.config.max_prompt_bytes,
+            default_temperature: self.config.default_temperature,
+            default_top_k: self.config.default_top_k,
         }
     }
 

@@ -73,6 +73,9 @@ pub struct ModelDescription {
     pub patch_size: u32,
     pub max_prompt_bytes: u32,
     pub prefix_overhead_tokens: u32,
+    /// Sampling for requests that set none (see `ModelInfo` in `image.proto`).
+    pub default_temperature: Option<f32>,
+    pub default_top_k: Option<u32>,
 }
 
 /// Runtime settings.
@@ -747,6 +750,8 @@ fn describe(info: &WorkerInfo) -> ModelDescription {
         patch_size: info.patch_size.max(1),
         max_prompt_bytes: info.max_prompt_bytes,
         prefix_overhead_tokens: info.prefix_overhead_tokens,
+        default_temperature: info.default_temperature,
+        default_top_k: info.default_top_k,
     }
 }
 

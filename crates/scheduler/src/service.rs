@@ -169,6 +169,8 @@ impl Scheduler for SchedulerService {
                 default_size: m.default_size,
                 patch_size: m.patch_size,
                 max_prompt_bytes: m.max_prompt_bytes,
+                default_temperature: m.default_temperature,
+                default_top_k: m.default_top_k,
             });
             status.prefix_overhead_tokens = m.prefix_overhead_tokens;
         }

@@ -152,7 +152,13 @@ impl Trainer {
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let state: TrainState = serde_json::from_str(&text)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", state_path.display())))?;
-        if &state.model != cfg {
+        // Sampling defaults are not the architecture: a run may be exported with new ones.
+        let architecture = |c: &ModelConfig| ModelConfig {
+            default_temperature: None,
+            default_top_k: None,
+            ..c.clone()
+        };
+        if architecture(&state.model) != architecture(cfg) {
             return Err(TrainError::Checkpoint(format!(
                 "{} holds a run of another model configuration; use another directory",
                 dir.display()

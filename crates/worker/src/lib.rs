@@ -207,6 +207,8 @@ impl<E: Engine> Worker for WorkerService<E> {
             max_prompt_bytes: info.max_prompt_bytes as u32,
             default_size: info.default_size,
             prefix_overhead_tokens: kiln_model::engine::prompt_tokens(0) as u32,
+            default_temperature: info.default_temperature,
+            default_top_k: info.default_top_k,
         }))
     }
 

@@ -329,6 +329,8 @@ impl Backend for InstantBackend {
             patch_size: 8,
             max_prompt_bytes: 256,
             prefix_overhead_tokens: 3,
+            default_temperature: None,
+            default_top_k: None,
         })
     }
 
