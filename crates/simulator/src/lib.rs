@@ -135,10 +135,16 @@ impl SimulatedGpu {
         }
         self.sequences.iter().position(|s| s.job == job)
     }
+
+    /// Drops the sequences the scheduler released (cancelled jobs' caches).
+    fn release(&mut self, released: &[u64]) {
+        if !released.is_empty() {
+            self.sequences.retain(|s| !released.contains(&s.job));
+        }
+    }
 }
 
 struct Running {
-    arrival: usize,
     sent_at: f64,
     user: usize,
     tier: &'static str,
@@ -274,7 +280,6 @@ pub fn simulate(
                 );
                 let image_tokens = fleet.model.image_tokens(arrival.size, arrival.size);
                 let running = Running {
-                    arrival: i,
                     sent_at: arrival.at,
                     user: arrival.user,
                     tier: user.tier,
@@ -333,7 +338,6 @@ fn settle(
 }
 
 fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
-    let _ = r.arrival;
     Outcome {
         sent_at: r.sent_at,
         phase: r.phase,
@@ -367,16 +371,12 @@ fn run_call(
         prefilled: Vec::new(),
     };
     match command {
-        Command::Release { release } => {
-            gpu.sequences.retain(|s| !release.contains(&s.job));
-        }
+        Command::Release { release } => gpu.release(&release),
         Command::Prefill {
             jobs: placed,
             release,
         } => {
-            if !release.is_empty() {
-                gpu.sequences.retain(|s| !release.contains(&s.job));
-            }
+            gpu.release(&release);
             let mut tokens = 0;
             for p in &placed {
                 let Some(r) = jobs.get(&p.job) else {
@@ -408,9 +408,7 @@ fn run_call(
             steps,
             release,
         } => {
-            if !release.is_empty() {
-                gpu.sequences.retain(|s| !release.contains(&s.job));
-            }
+            gpu.release(&release);
             // How many of the call's steps each sequence takes part in (it stops at its last token)
             // and its context at the first step; the steps are then summed from those.
             let steps = steps.max(1);
