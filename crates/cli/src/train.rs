@@ -367,6 +367,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let model = Transformer::load(&args.model, &candle_core::Device::Cpu)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
     let cfg = model.config().clone();
+    // The model's own codebook, to tell what its tokenizer allows from what the model learned.
+    let book = PatchCodebook {
+        patch: cfg.patch_size,
+        patches: model.codebook().as_bytes().to_vec(),
+    };
     let mut engine = CandleEngine::new(model, 4096, 16, args.batch.max(16));
     let info = engine.info();
     // The gateway's rule: a request without a temperature samples with the model's defaults.
@@ -396,7 +401,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         temperature,
         top_k
     );
-    println!("objects  prompts  correct  accuracy  objects right");
+    println!("objects  prompts  correct  accuracy  objects right  tokenizer ceiling");
     for n in 1..=4 {
         let scenes = held_out(args.seed, n, args.per_count)?;
         let (mut correct, mut object_score) = (0usize, 0f64);
@@ -416,12 +421,16 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             }
         }
         let accuracy = correct as f64 / scenes.len() as f64;
+        // The same scenes drawn, encoded and decoded by the codebook: the best any model can do.
+        let (_, ceiling) = data::reconstruction(&book, &scenes, info.default_size);
         println!(
-            "{n:>7}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%",
+            "{n:>7}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%",
             scenes.len(),
             accuracy * 100.0,
-            object_score / scenes.len() as f64 * 100.0
+            object_score / scenes.len() as f64 * 100.0,
+            ceiling * 100.0
         );
+        figures.insert(format!("tokenizer_ceiling_{n}"), ceiling.into());
         figures.insert(format!("accuracy_{n}"), accuracy.into());
         figures.insert(
             format!("objects_right_{n}"),

@@ -104,17 +104,33 @@ pub struct Report {
 }
 
 fn figures(outcomes: &[&Outcome], seconds: f64, deadlines: &BTreeMap<String, f64>) -> Figures {
-    let mut counts = BTreeMap::new();
+    // A launch day has millions of outcomes of five kinds: counted in a list, not a map.
+    let mut kinds: Vec<(OutcomeKind, usize)> = Vec::new();
     for o in outcomes {
-        *counts.entry(o.kind).or_insert(0) += 1;
+        match kinds.iter_mut().find(|(kind, _)| *kind == o.kind) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((o.kind, 1)),
+        }
     }
+    let counts: BTreeMap<OutcomeKind, usize> = kinds.into_iter().collect();
     let completed: Vec<&&Outcome> = outcomes
         .iter()
         .filter(|o| o.kind == OutcomeKind::Completed)
         .collect();
+    // Tiers are a handful of static names: each deadline is looked up once.
+    let mut tier_deadlines: Vec<(&str, Option<f64>)> = Vec::new();
+    let mut deadline_of = |tier: &'static str| match tier_deadlines.iter().find(|(t, _)| *t == tier)
+    {
+        Some(&(_, d)) => d,
+        None => {
+            let d = deadlines.get(tier).copied();
+            tier_deadlines.push((tier, d));
+            d
+        }
+    };
     let in_time = completed
         .iter()
-        .filter(|o| deadlines.get(o.tier).is_none_or(|d| o.latency <= *d))
+        .filter(|o| deadline_of(o.tier).is_none_or(|d| o.latency <= d))
         .count();
     Figures {
         sent: outcomes.len(),
@@ -147,17 +163,21 @@ impl Report {
         deadlines: &BTreeMap<String, f64>,
     ) -> Report {
         let all: Vec<&Outcome> = outcomes.iter().collect();
+        // One pass sorts the outcomes into their phase and tier.
+        let mut groups: Vec<Vec<&Outcome>> = vec![Vec::new(); scenario.phases.len() * TIERS.len()];
+        for &o in &all {
+            let tier = TIERS.iter().position(|&t| t == o.tier);
+            if let (Some(tier), true) = (tier, o.phase < scenario.phases.len()) {
+                groups[o.phase * TIERS.len() + tier].push(o);
+            }
+        }
         let mut phases = Vec::new();
         for (index, phase) in scenario.phases.iter().enumerate() {
             let mut tiers = BTreeMap::new();
-            for tier in TIERS {
-                let of: Vec<&Outcome> = all
-                    .iter()
-                    .copied()
-                    .filter(|o| o.phase == index && o.tier == tier)
-                    .collect();
+            for (t, tier) in TIERS.iter().enumerate() {
+                let of = &groups[index * TIERS.len() + t];
                 if !of.is_empty() {
-                    tiers.insert(tier.to_string(), figures(&of, phase.seconds, deadlines));
+                    tiers.insert(tier.to_string(), figures(of, phase.seconds, deadlines));
                 }
             }
             phases.push((phase.name.clone(), tiers));
@@ -181,14 +201,24 @@ impl Report {
                 OutcomeKind::Error => end.errors += 1,
             }
         }
-        let mut per_user: BTreeMap<usize, (&'static str, usize)> = BTreeMap::new();
-        for o in outcomes.iter().filter(|o| o.kind == OutcomeKind::Completed) {
-            per_user.entry(o.user).or_insert((o.tier, 0)).1 += 1;
-        }
-        let mut most_images_per_user = BTreeMap::new();
-        for (tier, n) in per_user.values() {
-            let most = most_images_per_user.entry(tier.to_string()).or_insert(0);
-            *most = (*most).max(*n);
+        // Images per user: the completed outcomes sorted by user, counted in runs (a map of a
+        // million users would cost a cache miss an image).
+        let mut completed: Vec<(usize, &'static str)> = outcomes
+            .iter()
+            .filter(|o| o.kind == OutcomeKind::Completed)
+            .map(|o| (o.user, o.tier))
+            .collect();
+        completed.sort_unstable_by_key(|&(user, _)| user);
+        let mut most_images_per_user: BTreeMap<String, usize> = BTreeMap::new();
+        for run in completed.chunk_by(|a, b| a.0 == b.0) {
+            // A user's tier is that of their first image, as users keep one tier.
+            let tier = run[0].1;
+            match most_images_per_user.get_mut(tier) {
+                Some(most) => *most = (*most).max(run.len()),
+                None => {
+                    most_images_per_user.insert(tier.to_string(), run.len());
+                }
+            }
         }
         Report {
             most_images_per_user,

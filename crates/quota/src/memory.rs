@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 // Seeded and fast: a simulated launch day puts millions of subjects through these maps.
 use foldhash::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::store::{
@@ -27,14 +27,10 @@ enum State {
 
 #[derive(Default)]
 struct Inner {
-    /// subject -> its windows.
-    windows: HashMap<String, Vec<Window>>,
-    /// subject -> theoretical arrival time (GCRA).
-    rates: HashMap<String, u64>,
-    /// subject -> charge id -> lease expiry.
-    in_flight: HashMap<String, HashMap<String, u64>>,
+    /// subject -> its windows, rate and charges in flight: one lookup per scope of a request.
+    subjects: HashMap<String, Subject>,
     /// charge id -> (state, expiry).
-    charges: HashMap<String, (State, u64)>,
+    charges: HashMap<ChargeId, (State, u64)>,
     /// idempotency key -> (charge id, expiry).
     idempotency: HashMap<String, (String, u64)>,
     /// charge id -> (answer, expiry).
@@ -49,8 +45,51 @@ struct Inner {
     next_sweep: u64,
 }
 
+/// A charge id, allocated once per admitted charge and shared by every entry that names it.
+type ChargeId = Arc<str>;
+
 /// One sliding window of a subject: its length in ms, and its charges' times and ids, oldest first.
-type Window = (u64, Vec<(u64, String)>);
+type Window = (u64, Vec<(u64, ChargeId)>);
+
+/// What the store holds of one subject (a user or an organisation).
+#[derive(Default)]
+struct Subject {
+    windows: Vec<Window>,
+    /// Theoretical arrival time (GCRA); at or before now it means no debt (0: never charged).
+    tat: u64,
+    /// Charges in flight, with their lease expiry (a handful at most: a list beats a map).
+    in_flight: Vec<(ChargeId, u64)>,
+}
+
+impl Subject {
+    fn live_window(&mut self, window_ms: u64, now: u64) -> &mut Vec<(u64, ChargeId)> {
+        let at = match self.windows.iter().position(|(w, _)| *w == window_ms) {
+            Some(at) => at,
+            None => {
+                self.windows.push((window_ms, Vec::new()));
+                self.windows.len() - 1
+            }
+        };
+        let entries = &mut self.windows[at].1;
+        entries.retain(|(t, _)| *t > now.saturating_sub(window_ms));
+        entries
+    }
+
+    fn live_flights(&mut self, now: u64) -> &mut Vec<(ChargeId, u64)> {
+        self.in_flight.retain(|(_, expiry)| *expiry > now);
+        &mut self.in_flight
+    }
+
+    /// Drops what has expired; true when nothing is left.
+    fn expire(&mut self, now: u64) -> bool {
+        self.windows.retain_mut(|(w, e)| {
+            e.retain(|(t, _)| *t > now.saturating_sub(*w));
+            !e.is_empty()
+        });
+        self.in_flight.retain(|(_, e)| *e > now);
+        self.windows.is_empty() && self.in_flight.is_empty() && self.tat <= now
+    }
+}
 
 /// Milliseconds on some monotonic clock.
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
@@ -96,32 +135,12 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn live_window(&mut self, subject: &str, window_ms: u64, now: u64) -> &mut Vec<(u64, String)> {
+    fn subject(&mut self, name: &str) -> &mut Subject {
         // Looked up by `&str` first: a known subject costs no allocation.
-        if !self.windows.contains_key(subject) {
-            self.windows.insert(subject.to_string(), Vec::new());
+        if !self.subjects.contains_key(name) {
+            self.subjects.insert(name.to_string(), Subject::default());
         }
-        let windows = self.windows.get_mut(subject).expect("inserted above");
-        let at = match windows.iter().position(|(w, _)| *w == window_ms) {
-            Some(at) => at,
-            None => {
-                windows.push((window_ms, Vec::new()));
-                windows.len() - 1
-            }
-        };
-        let entries = &mut windows[at].1;
-        entries.retain(|(t, _)| *t > now.saturating_sub(window_ms));
-        entries
-    }
-
-    fn live_flights(&mut self, subject: &str, now: u64) -> &mut HashMap<String, u64> {
-        if !self.in_flight.contains_key(subject) {
-            self.in_flight
-                .insert(subject.to_string(), HashMap::default());
-        }
-        let flights = self.in_flight.get_mut(subject).expect("inserted above");
-        flights.retain(|_, expiry| *expiry > now);
-        flights
+        self.subjects.get_mut(name).expect("inserted above")
     }
 
     fn sweep(&mut self, now: u64) {
@@ -129,29 +148,14 @@ impl Inner {
         if self.operations < self.next_sweep {
             return;
         }
-        self.windows.retain(|_, windows| {
-            windows.retain_mut(|(w, e)| {
-                e.retain(|(t, _)| *t > now.saturating_sub(*w));
-                !e.is_empty()
-            });
-            !windows.is_empty()
-        });
-        self.rates.retain(|_, tat| *tat > now);
-        self.in_flight.retain(|_, f| {
-            f.retain(|_, e| *e > now);
-            !f.is_empty()
-        });
+        self.subjects.retain(|_, subject| !subject.expire(now));
         self.charges.retain(|_, (_, e)| *e > now);
         self.idempotency.retain(|_, (_, e)| *e > now);
         self.results.retain(|_, (_, e)| *e > now);
         // A sweep costs as much as the store holds: the next one waits as many operations (at least
         // a few thousand), so a store of a million users costs O(1) per operation, not a scan.
-        let held = self.windows.len()
-            + self.rates.len()
-            + self.in_flight.len()
-            + self.charges.len()
-            + self.idempotency.len()
-            + self.results.len();
+        let held =
+            self.subjects.len() + self.charges.len() + self.idempotency.len() + self.results.len();
         self.next_sweep = self.operations + held.max(4096) as u64;
     }
 }
@@ -171,31 +175,25 @@ impl QuotaStore for MemoryStore {
                 }
             }
         }
-        let mut worst: Option<(i64, Refusal)> = None;
-        let mut refuse = |subject: &str, limit: Limit, retry: Option<u64>| {
+        // The worst refusal so far: (rank, scope, limit, retry); its subject is copied once, at the end.
+        let mut worst: Option<(i64, usize, Limit, Option<u64>)> = None;
+        let mut refuse = |scope: usize, limit: Limit, retry: Option<u64>| {
             let rank = retry.map_or(-1, |r| r as i64);
-            if worst.as_ref().is_none_or(|(w, _)| rank > *w) {
-                worst = Some((
-                    rank,
-                    Refusal {
-                        subject: subject.to_string(),
-                        limit,
-                        retry_after: retry.map(Duration::from_millis),
-                    },
-                ));
+            if worst.as_ref().is_none_or(|(w, ..)| rank > *w) {
+                worst = Some((rank, scope, limit, retry));
             }
         };
-        let mut new_tats = Vec::new();
-        for scope in charge.scopes {
+        for (index, scope) in charge.scopes.iter().enumerate() {
+            let subject = inner.subject(&scope.subject);
             for &(window_ms, images) in &scope.windows {
-                let entries = inner.live_window(&scope.subject, window_ms, now);
+                let entries = subject.live_window(window_ms, now);
                 let used = entries.len();
                 if used >= images as usize {
                     let retry = entries
                         .get(used - images as usize)
                         .map_or(window_ms, |(t, _)| t + window_ms - now);
                     refuse(
-                        &scope.subject,
+                        index,
                         Limit::Window {
                             seconds: window_ms / 1000,
                             images,
@@ -205,16 +203,11 @@ impl QuotaStore for MemoryStore {
                 }
             }
             if let Some((interval, burst)) = scope.rate {
-                let tat = inner
-                    .rates
-                    .get(&scope.subject)
-                    .copied()
-                    .unwrap_or(0)
-                    .max(now);
+                let tat = subject.tat.max(now);
                 let allow_at = (tat + interval).saturating_sub(interval * u64::from(burst));
                 if now < allow_at {
                     refuse(
-                        &scope.subject,
+                        index,
                         Limit::Rate {
                             interval_ms: interval,
                             burst,
@@ -222,22 +215,27 @@ impl QuotaStore for MemoryStore {
                         Some(allow_at - now),
                     );
                 }
-                new_tats.push((scope.subject.clone(), tat + interval));
             }
             if let Some(max) = scope.max_in_flight {
-                if inner.live_flights(&scope.subject, now).len() >= max as usize {
-                    refuse(&scope.subject, Limit::InFlight { max }, None);
+                if subject.live_flights(now).len() >= max as usize {
+                    refuse(index, Limit::InFlight { max }, None);
                 }
             }
         }
-        if let Some((_, refusal)) = worst {
-            return Ok(Decision::Refused(refusal));
+        if let Some((_, index, limit, retry)) = worst {
+            return Ok(Decision::Refused(Refusal {
+                subject: charge.scopes[index].subject.clone(),
+                limit,
+                retry_after: retry.map(Duration::from_millis),
+            }));
         }
-        let mut usage = Vec::new();
+        let id: ChargeId = Arc::from(charge.charge_id);
+        let mut usage = Vec::with_capacity(charge.scopes.iter().map(|s| s.windows.len()).sum());
         for scope in charge.scopes {
+            let subject = inner.subject(&scope.subject);
             for &(window_ms, images) in &scope.windows {
-                let entries = inner.live_window(&scope.subject, window_ms, now);
-                entries.push((now, charge.charge_id.to_string()));
+                let entries = subject.live_window(window_ms, now);
+                entries.push((now, id.clone()));
                 usage.push(WindowUsage {
                     subject: scope.subject.clone(),
                     window_seconds: window_ms / 1000,
@@ -246,17 +244,16 @@ impl QuotaStore for MemoryStore {
                     reset_after: Duration::from_millis(entries[0].0 + window_ms - now),
                 });
             }
+            // Scopes name distinct subjects (a user, their organisation), so each debt is its own.
+            if let Some((interval, _)) = scope.rate {
+                subject.tat = subject.tat.max(now) + interval;
+            }
             if scope.max_in_flight.is_some() {
-                inner
-                    .live_flights(&scope.subject, now)
-                    .insert(charge.charge_id.to_string(), now + ms(charge.lease));
+                subject.in_flight.push((id.clone(), now + ms(charge.lease)));
             }
         }
-        inner.rates.extend(new_tats);
         let keep = now + ms(charge.retention);
-        inner
-            .charges
-            .insert(charge.charge_id.to_string(), (State::Charged, keep));
+        inner.charges.insert(id, (State::Charged, keep));
         if let Some(key) = charge.idempotency {
             inner
                 .idempotency
@@ -275,8 +272,8 @@ impl QuotaStore for MemoryStore {
         let now = self.now();
         let mut inner = self.lock();
         for scope in scopes {
-            if let Some(f) = inner.in_flight.get_mut(&scope.subject) {
-                f.remove(charge_id);
+            if let Some(subject) = inner.subjects.get_mut(&scope.subject) {
+                subject.in_flight.retain(|(id, _)| &**id != charge_id);
             }
         }
         let Some((state, expiry)) = inner.charges.get(charge_id).copied() else {
@@ -289,10 +286,10 @@ impl QuotaStore for MemoryStore {
             Settlement::Commit => State::Committed,
             Settlement::Refund => {
                 for scope in scopes {
-                    if let Some(windows) = inner.windows.get_mut(&scope.subject) {
-                        for (window_ms, entries) in windows.iter_mut() {
+                    if let Some(subject) = inner.subjects.get_mut(&scope.subject) {
+                        for (window_ms, entries) in subject.windows.iter_mut() {
                             if scope.windows.iter().any(|(w, _)| w == window_ms) {
-                                entries.retain(|(_, id)| id != charge_id);
+                                entries.retain(|(_, id)| &**id != charge_id);
                             }
                         }
                     }
@@ -324,7 +321,8 @@ impl QuotaStore for MemoryStore {
         let now = self.now();
         let mut inner = self.lock();
         for scope in scopes {
-            if let Some(expiry) = inner.live_flights(&scope.subject, now).get_mut(charge_id) {
+            let flights = inner.subject(&scope.subject).live_flights(now);
+            if let Some((_, expiry)) = flights.iter_mut().find(|(id, _)| &**id == charge_id) {
                 *expiry = now + ms(lease);
             }
         }
@@ -336,8 +334,9 @@ impl QuotaStore for MemoryStore {
         let mut inner = self.lock();
         let mut usage = Usage::default();
         for scope in scopes {
+            let subject = inner.subject(&scope.subject);
             for &(window_ms, images) in &scope.windows {
-                let entries = inner.live_window(&scope.subject, window_ms, now);
+                let entries = subject.live_window(window_ms, now);
                 usage.windows.push(WindowUsage {
                     subject: scope.subject.clone(),
                     window_seconds: window_ms / 1000,
@@ -348,7 +347,7 @@ impl QuotaStore for MemoryStore {
                     ),
                 });
             }
-            let flights = inner.live_flights(&scope.subject, now).len() as u32;
+            let flights = subject.live_flights(now).len() as u32;
             usage.in_flight.push((scope.subject.clone(), flights));
         }
         Ok(usage)

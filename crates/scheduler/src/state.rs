@@ -334,6 +334,9 @@ pub struct SchedulerState {
     tokens_per_second: f64,
     /// The largest worker's capacity (by KV blocks), kept as workers join and leave.
     largest: Option<Capacity>,
+    /// Batch lists of decode commands a driver handed back ([`recycle`](Self::recycle)), reused so
+    /// that a decode call allocates nothing.
+    spare_batches: Vec<Vec<JobId>>,
 }
 
 /// Orders idle workers by most free blocks first, then highest id.
@@ -742,6 +745,18 @@ impl SchedulerState {
         out
     }
 
+    /// Hands a carried-out command's buffers back for the next ones (optional: a driver that keeps
+    /// its commands loses nothing but an allocation per decode call).
+    pub fn recycle(&mut self, command: Command) {
+        if let Command::Decode { mut jobs, .. } = command {
+            // Enough for every worker's call in flight; more would only hold memory.
+            if self.spare_batches.len() < 64 {
+                jobs.clear();
+                self.spare_batches.push(jobs);
+            }
+        }
+    }
+
     /// Waiting jobs per tier (indexed by `Tier as usize`) and running jobs, without allocating.
     pub fn counts(&self) -> ([usize; 4], usize) {
         let running = self.workers.values().map(|w| w.running.len()).sum();
@@ -873,9 +888,11 @@ impl SchedulerState {
                 .min()
                 .unwrap_or(1);
             let steps = soonest.clamp(1, self.config.max_steps_per_call.max(1));
+            let mut jobs = self.spare_batches.pop().unwrap_or_default();
+            jobs.extend_from_slice(&w.running);
             Command::Decode {
                 release,
-                jobs: w.running.clone(),
+                jobs,
                 steps,
             }
         } else if !release.is_empty() {

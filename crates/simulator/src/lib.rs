@@ -149,7 +149,8 @@ struct Running {
     user: usize,
     tier: &'static str,
     phase: usize,
-    charge: String,
+    /// The arrival's index, which names its quota charge (see [`charge_id`]).
+    charge: usize,
     prompt_tokens: usize,
     image_tokens: usize,
     first_progress: Option<f64>,
@@ -202,6 +203,7 @@ pub fn simulate(
     }
     let mut gpus = vec![SimulatedGpu::default(); fleet.workers];
     let mut scratch = Vec::new();
+    let mut charge_buffer = String::new();
     let overhead_ns = fleet.call_overhead.as_nanos() as u64;
     let mut now_ns = 0u64;
     loop {
@@ -213,7 +215,8 @@ pub fn simulate(
                     let gpu = &mut gpus[worker as usize];
                     let reports = agenda.reports_of(worker);
                     let call =
-                        run_call(&fleet.cost, gpu, &mut jobs, command, reports, &mut scratch);
+                        run_call(&fleet.cost, gpu, &mut jobs, &command, reports, &mut scratch);
+                    state.recycle(command);
                     let ends = now_ns + (call.seconds * 1e9) as u64 + overhead_ns;
                     // The first token of a prefilled sequence is the caller's first progress.
                     for job in call.prefilled {
@@ -229,13 +232,25 @@ pub fn simulate(
                     JobEvent::Progress { .. } => {}
                     JobEvent::Finished { .. } => {
                         if let Some(r) = jobs.remove(&job) {
-                            settle(&store, &r, &identities, Settlement::Commit);
+                            settle(
+                                &store,
+                                &r,
+                                &identities,
+                                &mut charge_buffer,
+                                Settlement::Commit,
+                            );
                             outcomes.push(outcome(&r, OutcomeKind::Completed, now_s));
                         }
                     }
                     JobEvent::Failed(reason) => {
                         if let Some(r) = jobs.remove(&job) {
-                            settle(&store, &r, &identities, Settlement::Refund);
+                            settle(
+                                &store,
+                                &r,
+                                &identities,
+                                &mut charge_buffer,
+                                Settlement::Refund,
+                            );
                             let kind = match reason {
                                 FailReason::Shed { .. } => OutcomeKind::Shed,
                                 _ => OutcomeKind::Error,
@@ -266,9 +281,8 @@ pub fn simulate(
                     identities[arrival.user] = Some((name, scopes));
                 }
                 let (name, scopes) = identities[arrival.user].as_ref().expect("made above");
-                let charge = format!("sim-{i}");
                 let decision = futures::executor::block_on(store.admit(&Charge {
-                    charge_id: &charge,
+                    charge_id: charge_id(i, &mut charge_buffer),
                     idempotency: None,
                     scopes,
                     lease: Duration::from_secs(3600 * 24),
@@ -284,7 +298,7 @@ pub fn simulate(
                     user: arrival.user,
                     tier: user.tier,
                     phase: arrival.phase,
-                    charge,
+                    charge: i,
                     prompt_tokens,
                     image_tokens,
                     first_progress: None,
@@ -327,14 +341,24 @@ pub fn simulate(
     })
 }
 
+/// The quota charge id of arrival `index`, written into `buffer` (no allocation per request).
+fn charge_id(index: usize, buffer: &mut String) -> &str {
+    use std::fmt::Write;
+    buffer.clear();
+    write!(buffer, "sim-{index}").expect("writing to a String cannot fail");
+    buffer
+}
+
 fn settle(
     store: &MemoryStore,
     r: &Running,
     identities: &[Option<(String, Vec<Scope>)>],
+    buffer: &mut String,
     settlement: Settlement,
 ) {
     let scopes = identities[r.user].as_ref().map_or(&[][..], |(_, s)| s);
-    let _ = futures::executor::block_on(store.settle(&r.charge, None, scopes, settlement));
+    let charge = charge_id(r.charge, buffer);
+    let _ = futures::executor::block_on(store.settle(charge, None, scopes, settlement));
 }
 
 fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
@@ -362,7 +386,7 @@ fn run_call(
     cost: &StepCost,
     gpu: &mut SimulatedGpu,
     jobs: &mut HashMap<u64, Running>,
-    command: Command,
+    command: &Command,
     reports: &mut Vec<SequenceReport>,
     scratch: &mut Vec<(usize, usize)>,
 ) -> Call {
@@ -371,14 +395,14 @@ fn run_call(
         prefilled: Vec::new(),
     };
     match command {
-        Command::Release { release } => gpu.release(&release),
+        Command::Release { release } => gpu.release(release),
         Command::Prefill {
             jobs: placed,
             release,
         } => {
-            gpu.release(&release);
+            gpu.release(release);
             let mut tokens = 0;
-            for p in &placed {
+            for p in placed {
                 let Some(r) = jobs.get(&p.job) else {
                     continue;
                 };
@@ -408,10 +432,10 @@ fn run_call(
             steps,
             release,
         } => {
-            gpu.release(&release);
+            gpu.release(release);
             // How many of the call's steps each sequence takes part in (it stops at its last token)
             // and its context at the first step; the steps are then summed from those.
-            let steps = steps.max(1);
+            let steps = (*steps).max(1);
             scratch.clear();
             for (i, id) in batch.iter().enumerate() {
                 let Some(at) = gpu.position(*id, i) else {
