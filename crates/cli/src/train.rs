@@ -408,15 +408,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         for chunk in scenes.chunks(args.batch) {
             let prompts: Vec<String> = chunk.iter().map(Scene::caption).collect();
             let pngs = generate(&mut engine, &info, &prompts, sampling, next_id)?;
-            next_id += chunk.len() as u64;
             for ((scene, png), prompt) in chunk.iter().zip(&pngs).zip(&prompts) {
+                next_id += 1;
                 let image = kiln_scenes::from_png(png)?;
                 let result = kiln_scenes::check(&image, &scene.spec());
                 correct += usize::from(result.correct);
                 object_score += result.score() as f64;
                 if let Some(dir) = &args.save {
+                    // Numbered, as held-out prompts repeat (a single object has few captions).
                     let verdict = if result.correct { "ok" } else { "wrong" };
-                    std::fs::write(dir.join(format!("{n}-{verdict}-{}.png", slug(prompt))), png)?;
+                    let name = format!("{n}-{:03}-{verdict}-{}", next_id % 1000, slug(prompt));
+                    std::fs::write(dir.join(format!("{name}.png")), png)?;
+                    if !result.correct {
+                        std::fs::write(
+                            dir.join(format!("{name}.json")),
+                            serde_json::to_vec_pretty(&result)?,
+                        )?;
+                    }
                 }
             }
         }
