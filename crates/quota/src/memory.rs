@@ -27,8 +27,9 @@ enum State {
 
 #[derive(Default)]
 struct Inner {
-    /// subject -> its windows, rate and charges in flight: one lookup per scope of a request.
-    subjects: HashMap<String, Subject>,
+    /// subject -> its windows, rate and charges in flight: one lookup per scope of a request
+    /// (hashbrown's `entry_ref` finds or makes one in a single probe, allocating only a new name).
+    subjects: hashbrown::HashMap<String, Subject>,
     /// charge id -> (state, expiry).
     charges: HashMap<ChargeId, (State, u64)>,
     /// idempotency key -> (charge id, expiry).
@@ -136,11 +137,7 @@ impl MemoryStore {
 
 impl Inner {
     fn subject(&mut self, name: &str) -> &mut Subject {
-        // Looked up by `&str` first: a known subject costs no allocation.
-        if !self.subjects.contains_key(name) {
-            self.subjects.insert(name.to_string(), Subject::default());
-        }
-        self.subjects.get_mut(name).expect("inserted above")
+        self.subjects.entry_ref(name).or_default()
     }
 
     fn sweep(&mut self, now: u64) {

@@ -669,6 +669,9 @@ impl SchedulerState {
             };
             self.tokens_per_second += w.tokens_per_second - before;
         }
+        // The fewest tokens left of the reported jobs still running: when every running job
+        // reported (a decode call), the next decode's length without a lookup per job.
+        let (mut soonest, mut still_running) = (usize::MAX, 0);
         for report in reports {
             // Reports for jobs cancelled meanwhile are stale: their blocks were already accounted.
             let Some(state) = self.jobs.get_mut(&report.job) else {
@@ -708,9 +711,14 @@ impl SchedulerState {
                         ran_for: now.saturating_sub(started),
                     },
                 });
+            } else {
+                soonest = soonest.min(state.remaining());
+                still_running += 1;
             }
         }
-        self.schedule(worker, now, out);
+        // Reports name distinct jobs, so as many still running as the worker runs is all of them.
+        let known = (still_running > 0 && still_running == w.running.len()).then_some(soonest);
+        self.schedule_with(worker, now, out, known);
     }
 
     /// A worker refused a prefill as invalid: those jobs fail (their reservations return) and the
@@ -858,6 +866,18 @@ impl SchedulerState {
 
     /// The next command of one free worker: prefill what fits, else decode the batch, else release.
     fn schedule(&mut self, id: WorkerId, now: Time, out: &mut Vec<Output>) {
+        self.schedule_with(id, now, out, None);
+    }
+
+    /// [`schedule`](Self::schedule), told the fewest tokens any running job has left when the
+    /// caller knows it (a decode then looks up no job).
+    fn schedule_with(
+        &mut self,
+        id: WorkerId,
+        now: Time,
+        out: &mut Vec<Output>,
+        soonest_known: Option<usize>,
+    ) {
         let Some(w) = self.workers.get(&id) else {
             return;
         };
@@ -881,12 +901,14 @@ impl SchedulerState {
                 jobs: placements,
             }
         } else if !w.running.is_empty() {
-            let soonest = w
-                .running
-                .iter()
-                .map(|j| self.jobs[j].remaining())
-                .min()
-                .unwrap_or(1);
+            // Placing nothing left the running jobs as they were when `soonest_known` was taken.
+            let soonest = soonest_known.unwrap_or_else(|| {
+                w.running
+                    .iter()
+                    .map(|j| self.jobs[j].remaining())
+                    .min()
+                    .unwrap_or(1)
+            });
             let steps = soonest.clamp(1, self.config.max_steps_per_call.max(1));
             let mut jobs = self.spare_batches.pop().unwrap_or_default();
             jobs.extend_from_slice(&w.running);

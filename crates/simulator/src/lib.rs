@@ -434,16 +434,20 @@ fn run_call(
         } => {
             gpu.release(release);
             // How many of the call's steps each sequence takes part in (it stops at its last token)
-            // and its context at the first step; the steps are then summed from those.
+            // and its context at the first step, gathered per step count: `scratch[n]` is the number
+            // of sequences taking part in exactly n steps and the sum of their first contexts. The
+            // sums are integers, so each step's cost is what a walk over the sequences would give.
             let steps = (*steps).max(1);
             scratch.clear();
+            scratch.resize(steps + 1, (0, 0));
             for (i, id) in batch.iter().enumerate() {
                 let Some(at) = gpu.position(*id, i) else {
                     continue;
                 };
                 let seq = &mut gpu.sequences[at];
                 let n = steps.min(seq.image_tokens.saturating_sub(seq.done));
-                scratch.push((n, seq.prompt_tokens + seq.done));
+                scratch[n].0 += 1;
+                scratch[n].1 += seq.prompt_tokens + seq.done;
                 seq.done += n;
                 reports.push(SequenceReport {
                     job: *id,
@@ -453,17 +457,13 @@ fn run_call(
             }
             gpu.sequences.retain(|s| s.done < s.image_tokens);
             for step in 0..steps {
-                let (mut active, mut context) = (0, 0);
-                for &(n, start) in scratch.iter() {
-                    if step < n {
-                        active += 1;
-                        context += start + step;
-                    }
-                }
+                let (active, first_contexts) = scratch[step + 1..]
+                    .iter()
+                    .fold((0, 0), |(a, c), &(n, sum)| (a + n, c + sum));
                 if active == 0 {
                     break;
                 }
-                call.seconds += cost.decode_seconds(active, context);
+                call.seconds += cost.decode_seconds(active, first_contexts + step * active);
             }
         }
     }
