@@ -337,6 +337,9 @@ pub struct SchedulerState {
     /// Batch lists of decode commands a driver handed back ([`recycle`](Self::recycle)), reused so
     /// that a decode call allocates nothing.
     spare_batches: Vec<Vec<JobId>>,
+    /// Skip `JobEvent::Progress` (a driver with no caller to stream to, such as the simulator,
+    /// saves an output per sequence per call). Decisions never depend on it.
+    no_progress_events: bool,
 }
 
 /// Orders idle workers by most free blocks first, then highest id.
@@ -373,6 +376,12 @@ impl SchedulerState {
             config,
             ..Default::default()
         }
+    }
+
+    /// The same state machine without `JobEvent::Progress` outputs (for drivers that stream nothing).
+    pub fn without_progress_events(mut self) -> Self {
+        self.no_progress_events = true;
+        self
     }
 
     /// A job arrives. It is queued (and placed at once where a worker is free).
@@ -690,13 +699,15 @@ impl SchedulerState {
             let before = state.done;
             state.done = (state.done + report.new_tokens).min(state.job.image_tokens);
             self.running_work -= state.done - before;
-            out.push(Output::Event {
-                job: report.job,
-                event: JobEvent::Progress {
-                    done: state.done,
-                    total: state.job.image_tokens,
-                },
-            });
+            if !self.no_progress_events {
+                out.push(Output::Event {
+                    job: report.job,
+                    event: JobEvent::Progress {
+                        done: state.done,
+                        total: state.job.image_tokens,
+                    },
+                });
+            }
             if report.finished {
                 self.running_work -= state.remaining();
                 let blocks = state.kv_blocks;
@@ -1071,6 +1082,61 @@ mod tests {
                 steps: 4
             }
         );
+    }
+
+    /// Drives a state machine through a few jobs to the end, answering every command as a worker
+    /// would (and handing decode buffers back), and returns everything it emitted.
+    fn drive(mut s: SchedulerState) -> Vec<Output> {
+        let mut all = s.add_worker(1, cap(100, 8), T0);
+        for (id, tokens) in [(1, 5), (2, 9), (3, 3)] {
+            all.extend(s.submit(job(id, "u", Tier::Free, tokens), T0));
+        }
+        let mut left: HashMap<JobId, usize> = HashMap::from_iter([(1, 5), (2, 9), (3, 3)]);
+        let mut next = 0;
+        while let Some(command) = all[next..].iter().find_map(|o| match o {
+            Output::Command { command, .. } => Some(command.clone()),
+            _ => None,
+        }) {
+            next = all.len();
+            let (jobs, steps): (Vec<JobId>, usize) = match &command {
+                Command::Prefill { jobs, .. } => (jobs.iter().map(|p| p.job).collect(), 1),
+                Command::Decode { jobs, steps, .. } => (jobs.clone(), *steps),
+                Command::Release { .. } => (vec![], 0),
+            };
+            let reports: Vec<SequenceReport> = jobs
+                .iter()
+                .map(|id| {
+                    let remaining = left.get_mut(id).unwrap();
+                    let n = steps.min(*remaining);
+                    *remaining -= n;
+                    report(*id, n, *remaining == 0)
+                })
+                .collect();
+            s.recycle(command);
+            all.extend(s.step_done(1, &reports, T0));
+        }
+        assert!(left.values().all(|&n| n == 0), "every job ran to its end");
+        all
+    }
+
+    #[test]
+    fn without_progress_events_only_the_progress_events_go() {
+        let loud = drive(SchedulerState::new(SchedulerConfig::default()));
+        let quiet =
+            drive(SchedulerState::new(SchedulerConfig::default()).without_progress_events());
+        let is_progress = |o: &Output| {
+            matches!(
+                o,
+                Output::Event {
+                    event: JobEvent::Progress { .. },
+                    ..
+                }
+            )
+        };
+        assert!(loud.iter().any(is_progress));
+        assert!(!quiet.iter().any(is_progress));
+        let loud_without: Vec<Output> = loud.into_iter().filter(|o| !is_progress(o)).collect();
+        assert_eq!(quiet, loud_without);
     }
 
     #[test]

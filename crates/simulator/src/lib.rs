@@ -52,8 +52,8 @@ pub struct Simulated {
 
 /// Events in time order. Arrivals come sorted from the schedule, so only worker calls need a heap;
 /// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
-/// call's reports wait in their worker's slot. At equal times arrivals go first, then calls in the
-/// order issued.
+/// call's reports wait in their worker's slot. At equal times arrivals go first,
+/// then calls in the order issued.
 struct Agenda {
     arrival_times: Vec<u64>,
     next_arrival: usize,
@@ -185,7 +185,8 @@ pub fn simulate(
     };
     let users = scenario.users();
     let arrivals = scenario.arrivals(prompts.len());
-    let mut state = SchedulerState::new(config);
+    // Nobody streams progress in a simulation: the first token is noted when its prefill is issued.
+    let mut state = SchedulerState::new(config).without_progress_events();
     // The schedule is in time order (the load test relies on it too).
     let mut agenda = Agenda::new(
         arrivals.iter().map(|a| (a.at * 1e9) as u64).collect(),
