@@ -275,7 +275,9 @@ pub fn simulate(
                 let arrival = &arrivals[i];
                 let user = &users[arrival.user];
                 if identities[arrival.user].is_none() {
-                    let name = format!("{}-{}", scenario.name, user.name);
+                    // The store and the state machine are this run's own: the user's name needs
+                    // no run prefix (as a shared Redis would), and a short key hashes faster.
+                    let name = user.name.clone();
                     let scopes = tiers
                         .scopes(&name, user.org.as_deref(), user.tier, 1.0)
                         .map_err(|e| SimulationError::Quota(e.to_string()))?;
