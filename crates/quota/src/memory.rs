@@ -157,18 +157,19 @@ impl Inner {
     }
 }
 
-#[tonic::async_trait]
-impl QuotaStore for MemoryStore {
-    async fn admit(&self, charge: &Charge<'_>) -> Result<Decision, QuotaError> {
+impl MemoryStore {
+    /// [`QuotaStore::admit`], synchronously: the memory store never waits, so a driver in virtual
+    /// time (the simulator) calls it without an executor or a boxed future.
+    pub fn admit_now(&self, charge: &Charge<'_>) -> Decision {
         let now = self.now();
         let mut inner = self.lock();
         inner.sweep(now);
         if let Some(key) = charge.idempotency {
             if let Some((cid, expiry)) = inner.idempotency.get(key) {
                 if *expiry > now {
-                    return Ok(Decision::Duplicate {
+                    return Decision::Duplicate {
                         charge_id: cid.clone(),
-                    });
+                    };
                 }
             }
         }
@@ -220,11 +221,11 @@ impl QuotaStore for MemoryStore {
             }
         }
         if let Some((_, index, limit, retry)) = worst {
-            return Ok(Decision::Refused(Refusal {
+            return Decision::Refused(Refusal {
                 subject: charge.scopes[index].subject.clone(),
                 limit,
                 retry_after: retry.map(Duration::from_millis),
-            }));
+            });
         }
         let id: ChargeId = Arc::from(charge.charge_id);
         let mut usage = Vec::with_capacity(charge.scopes.iter().map(|s| s.windows.len()).sum());
@@ -256,16 +257,17 @@ impl QuotaStore for MemoryStore {
                 .idempotency
                 .insert(key.to_string(), (charge.charge_id.to_string(), keep));
         }
-        Ok(Decision::Admitted(usage))
+        Decision::Admitted(usage)
     }
 
-    async fn settle(
+    /// [`QuotaStore::settle`], synchronously.
+    pub fn settle_now(
         &self,
         charge_id: &str,
         idempotency: Option<&str>,
         scopes: &[Scope],
         settlement: Settlement,
-    ) -> Result<bool, QuotaError> {
+    ) -> bool {
         let now = self.now();
         let mut inner = self.lock();
         for scope in scopes {
@@ -274,10 +276,10 @@ impl QuotaStore for MemoryStore {
             }
         }
         let Some((state, expiry)) = inner.charges.get(charge_id).copied() else {
-            return Ok(false);
+            return false;
         };
         if state != State::Charged || expiry <= now {
-            return Ok(false);
+            return false;
         }
         let next = match settlement {
             Settlement::Commit => State::Committed,
@@ -306,7 +308,24 @@ impl QuotaStore for MemoryStore {
         if let Some(record) = inner.charges.get_mut(charge_id) {
             record.0 = next;
         }
-        Ok(true)
+        true
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaStore for MemoryStore {
+    async fn admit(&self, charge: &Charge<'_>) -> Result<Decision, QuotaError> {
+        Ok(self.admit_now(charge))
+    }
+
+    async fn settle(
+        &self,
+        charge_id: &str,
+        idempotency: Option<&str>,
+        scopes: &[Scope],
+        settlement: Settlement,
+    ) -> Result<bool, QuotaError> {
+        Ok(self.settle_now(charge_id, idempotency, scopes, settlement))
     }
 
     async fn renew(

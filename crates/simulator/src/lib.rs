@@ -15,7 +15,7 @@ use std::time::Duration;
 use foldhash::{HashMap, HashMapExt};
 use kiln_loadtest::{Outcome, OutcomeKind, Scenario};
 use kiln_model::{ModelConfig, StepCost};
-use kiln_quota::{Charge, Decision, MemoryStore, QuotaStore, Scope, Settlement, TierTable};
+use kiln_quota::{Charge, Decision, MemoryStore, Scope, Settlement, TierTable};
 use kiln_scheduler::state::{
     Capacity, Command, FailReason, Job, JobEvent, Output, SchedulerState, SequenceReport,
 };
@@ -52,8 +52,8 @@ pub struct Simulated {
 
 /// Events in time order. Arrivals come sorted from the schedule, so only worker calls need a heap;
 /// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
-/// call's reports wait in their worker's slot. At equal times arrivals go first,
-/// then calls in the order issued.
+/// call's reports wait in their worker's slot. At equal times arrivals go first, then calls in the
+/// order issued.
 struct Agenda {
     arrival_times: Vec<u64>,
     next_arrival: usize,
@@ -144,6 +144,14 @@ impl SimulatedGpu {
     }
 }
 
+/// What a user's requests need, made on their first request: their scheduler name, quota scopes
+/// and tier (kept here so that a request reads one entry of the million-user population).
+struct Identity {
+    name: String,
+    scopes: Vec<Scope>,
+    tier: &'static str,
+}
+
 struct Running {
     sent_at: f64,
     user: usize,
@@ -193,8 +201,8 @@ pub fn simulate(
         fleet.workers,
     );
     let mut jobs: HashMap<u64, Running> = HashMap::new();
-    // Each user's scheduler name and quota scopes, made on their first request.
-    let mut identities: Vec<Option<(String, Vec<Scope>)>> = vec![None; users.len()];
+    let mut identities: Vec<Option<Identity>> = Vec::new();
+    identities.resize_with(users.len(), || None);
     let mut outcomes = Vec::with_capacity(arrivals.len());
     let mut next_job = 1u64;
     let mut processed = 0u64;
@@ -273,25 +281,29 @@ pub fn simulate(
         match event {
             Event::Arrival(i) => {
                 let arrival = &arrivals[i];
-                let user = &users[arrival.user];
                 if identities[arrival.user].is_none() {
+                    let user = &users[arrival.user];
                     // The store and the state machine are this run's own: the user's name needs
                     // no run prefix (as a shared Redis would), and a short key hashes faster.
                     let name = user.name.clone();
                     let scopes = tiers
                         .scopes(&name, user.org.as_deref(), user.tier, 1.0)
                         .map_err(|e| SimulationError::Quota(e.to_string()))?;
-                    identities[arrival.user] = Some((name, scopes));
+                    identities[arrival.user] = Some(Identity {
+                        name,
+                        scopes,
+                        tier: user.tier,
+                    });
                 }
-                let (name, scopes) = identities[arrival.user].as_ref().expect("made above");
-                let decision = futures::executor::block_on(store.admit(&Charge {
+                let identity = identities[arrival.user].as_ref().expect("made above");
+                let scopes = &identity.scopes;
+                let decision = store.admit_now(&Charge {
                     charge_id: charge_id(i, &mut charge_buffer),
                     idempotency: None,
                     scopes,
                     lease: Duration::from_secs(3600 * 24),
                     retention: tiers.longest_window(),
-                }))
-                .map_err(|e| SimulationError::Quota(e.to_string()))?;
+                });
                 let prompt_tokens = kiln_model::engine::prompt_tokens(
                     prompts[arrival.prompt % prompts.len()].len(),
                 );
@@ -299,7 +311,7 @@ pub fn simulate(
                 let running = Running {
                     sent_at: arrival.at,
                     user: arrival.user,
-                    tier: user.tier,
+                    tier: identity.tier,
                     phase: arrival.phase,
                     charge: i,
                     prompt_tokens,
@@ -314,8 +326,8 @@ pub fn simulate(
                 next_job += 1;
                 let job = Job {
                     id,
-                    user: name.clone(),
-                    tier: tier_of(user.tier),
+                    user: identity.name.clone(),
+                    tier: tier_of(identity.tier),
                     prompt_tokens,
                     image_tokens,
                 };
@@ -355,13 +367,15 @@ fn charge_id(index: usize, buffer: &mut String) -> &str {
 fn settle(
     store: &MemoryStore,
     r: &Running,
-    identities: &[Option<(String, Vec<Scope>)>],
+    identities: &[Option<Identity>],
     buffer: &mut String,
     settlement: Settlement,
 ) {
-    let scopes = identities[r.user].as_ref().map_or(&[][..], |(_, s)| s);
+    let scopes = identities[r.user]
+        .as_ref()
+        .map_or(&[][..], |i| &i.scopes[..]);
     let charge = charge_id(r.charge, buffer);
-    let _ = futures::executor::block_on(store.settle(charge, None, scopes, settlement));
+    store.settle_now(charge, None, scopes, settlement);
 }
 
 fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
