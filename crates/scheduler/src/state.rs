@@ -200,7 +200,7 @@ pub struct SequenceReport {
     pub finished: bool,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Phase {
     Waiting,
     Running { worker: WorkerId, started: Time },
@@ -889,7 +889,8 @@ impl SchedulerState {
         out: &mut Vec<Output>,
         soonest_known: Option<usize>,
     ) {
-        let Some(w) = self.workers.get(&id) else {
+        // One lookup of the worker per call: `admit` borrows the other fields beside it.
+        let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         if w.busy {
@@ -897,8 +898,22 @@ impl SchedulerState {
         }
         // Taken before `admit` changes the free blocks the key is made of.
         let idle_key = w.idle.then_some(Reverse((w.free_blocks, id)));
-        let placements = self.admit(id, now);
-        let w = self.workers.get_mut(&id).expect("checked above");
+        let placements = if self.queues.iter().all(|q| q.len == 0) {
+            Vec::new()
+        } else {
+            admit(
+                &self.config,
+                &mut self.queues,
+                &mut self.jobs,
+                &mut self.waiting_work,
+                &mut self.running_work,
+                w,
+                Phase::Running {
+                    worker: id,
+                    started: now,
+                },
+            )
+        };
         let release = std::mem::take(&mut w.pending_release);
         let command = if !placements.is_empty() {
             for p in &placements {
@@ -948,53 +963,56 @@ impl SchedulerState {
             command,
         });
     }
+}
 
-    /// Pops the waiting jobs that fit worker `id`, in tier order and fair order inside a tier. Stops at
-    /// the first job that does not fit, so a large job is not overtaken forever by small ones.
-    fn admit(&mut self, id: WorkerId, now: Time) -> Vec<Placement> {
-        let mut placements = Vec::new();
-        let w = self.workers.get_mut(&id).expect("caller checked");
-        if self.config.static_batching && !w.running.is_empty() {
-            return placements;
-        }
-        let mut prefill_tokens = 0;
-        let jobs = &mut self.jobs;
-        for tier in Tier::ALL.iter().rev() {
-            let queue = &mut self.queues[*tier as usize];
-            while let Some(job) = queue.peek(|j| {
-                jobs.get(&j)
-                    .is_some_and(|s| matches!(s.phase, Phase::Waiting))
-            }) {
-                let state = jobs.get_mut(&job).expect("peek checked");
-                let blocks = blocks_for(&state.job, w.capacity.block_size);
-                let tokens = state.job.prompt_tokens + state.done + 1;
-                let over_budget = !placements.is_empty()
-                    && prefill_tokens + tokens > self.config.max_prefill_tokens;
-                if w.running.len() >= w.capacity.max_batch || blocks > w.free_blocks || over_budget
-                {
-                    return placements;
-                }
-                queue.pop_peeked();
-                let remaining = state.remaining();
-                self.waiting_work[*tier as usize] -= remaining;
-                self.running_work += remaining;
-                prefill_tokens += tokens;
-                w.free_blocks -= blocks;
-                w.running.push(job);
-                state.kv_blocks = blocks;
-                state.phase = Phase::Running {
-                    worker: id,
-                    started: now,
-                };
-                placements.push(Placement {
-                    job,
-                    kv_blocks: blocks,
-                    resume_from: state.done,
-                });
-            }
-        }
-        placements
+/// Pops the waiting jobs that fit worker `w`, in tier order and fair order inside a tier, and puts
+/// them in `running` (the phase naming that worker). Stops at the first job that does not fit, so a
+/// large job is not overtaken forever by small ones.
+fn admit(
+    config: &SchedulerConfig,
+    queues: &mut [TierQueue; 4],
+    jobs: &mut HashMap<JobId, JobState>,
+    waiting_work: &mut [usize; 4],
+    running_work: &mut usize,
+    w: &mut WorkerState,
+    running: Phase,
+) -> Vec<Placement> {
+    let mut placements = Vec::new();
+    if config.static_batching && !w.running.is_empty() {
+        return placements;
     }
+    let mut prefill_tokens = 0;
+    for tier in Tier::ALL.iter().rev() {
+        let queue = &mut queues[*tier as usize];
+        while let Some(job) = queue.peek(|j| {
+            jobs.get(&j)
+                .is_some_and(|s| matches!(s.phase, Phase::Waiting))
+        }) {
+            let state = jobs.get_mut(&job).expect("peek checked");
+            let blocks = blocks_for(&state.job, w.capacity.block_size);
+            let tokens = state.job.prompt_tokens + state.done + 1;
+            let over_budget =
+                !placements.is_empty() && prefill_tokens + tokens > config.max_prefill_tokens;
+            if w.running.len() >= w.capacity.max_batch || blocks > w.free_blocks || over_budget {
+                return placements;
+            }
+            queue.pop_peeked();
+            let remaining = state.remaining();
+            waiting_work[*tier as usize] -= remaining;
+            *running_work += remaining;
+            prefill_tokens += tokens;
+            w.free_blocks -= blocks;
+            w.running.push(job);
+            state.kv_blocks = blocks;
+            state.phase = running;
+            placements.push(Placement {
+                job,
+                kv_blocks: blocks,
+                resume_from: state.done,
+            });
+        }
+    }
+    placements
 }
 
 /// KV blocks a job needs for its whole life on a worker with `block_size`-token blocks.
