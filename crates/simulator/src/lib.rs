@@ -15,7 +15,7 @@ use std::time::Duration;
 use foldhash::{HashMap, HashMapExt};
 use kiln_loadtest::{Outcome, OutcomeKind, Scenario};
 use kiln_model::{ModelConfig, StepCost};
-use kiln_quota::{Charge, Decision, MemoryStore, Scope, Settlement, TierTable};
+use kiln_quota::{Charge, Decision, MemoryStore, Refusal, Scope, Settlement, TierTable};
 use kiln_scheduler::state::{
     Capacity, Command, FailReason, Job, JobEvent, Output, SchedulerState, SequenceReport,
 };
@@ -150,6 +150,13 @@ struct Identity {
     name: String,
     scopes: Vec<Scope>,
     tier: &'static str,
+    /// The store refused this user until then (ms on the store's clock), and nothing has been
+    /// refunded to them since. A refusal with a retry time stands until that time: a window keeps
+    /// its charges and the rate its debt, as refused requests add to neither, and only a refund
+    /// takes a charge back. So the requests before it are refused without asking the store (whose
+    /// answer would be the same and would change nothing in it). Kept only for users whose one
+    /// scope is their own: an org pool's room also changes with the other members' refunds.
+    refused_until_ms: u64,
 }
 
 struct Running {
@@ -180,6 +187,19 @@ pub fn simulate(
     tiers: &TierTable,
     config: SchedulerConfig,
     prompts: &[String],
+) -> Result<Simulated, SimulationError> {
+    simulate_with(scenario, fleet, tiers, config, prompts, true)
+}
+
+/// [`simulate`]; `remember_refusals` off asks the store about every request (the tests check that
+/// remembering changes no outcome).
+fn simulate_with(
+    scenario: &Scenario,
+    fleet: &Fleet,
+    tiers: &TierTable,
+    config: SchedulerConfig,
+    prompts: &[String],
+    remember_refusals: bool,
 ) -> Result<Simulated, SimulationError> {
     if fleet.workers == 0 {
         return Err(SimulationError::Fleet(
@@ -260,6 +280,10 @@ pub fn simulate(
                                 &mut charge_buffer,
                                 Settlement::Refund,
                             );
+                            // The refund makes room: the store decides this user's next request.
+                            if let Some(identity) = identities[r.user].as_mut() {
+                                identity.refused_until_ms = 0;
+                            }
                             let kind = match reason {
                                 FailReason::Shed { .. } => OutcomeKind::Shed,
                                 _ => OutcomeKind::Error,
@@ -293,17 +317,32 @@ pub fn simulate(
                         name,
                         scopes,
                         tier: user.tier,
+                        refused_until_ms: 0,
                     });
                 }
-                let identity = identities[arrival.user].as_ref().expect("made above");
-                let scopes = &identity.scopes;
-                let decision = store.admit_now(&Charge {
-                    charge_id: charge_id(i, &mut charge_buffer),
-                    idempotency: None,
-                    scopes,
-                    lease: Duration::from_secs(3600 * 24),
-                    retention: tiers.longest_window(),
-                });
+                let identity = identities[arrival.user].as_mut().expect("made above");
+                let now_ms = now_ns / 1_000_000;
+                let decision = if now_ms < identity.refused_until_ms {
+                    None
+                } else {
+                    let decision = store.admit_now(&Charge {
+                        charge_id: charge_id(i, &mut charge_buffer),
+                        idempotency: None,
+                        scopes: &identity.scopes,
+                        lease: Duration::from_secs(3600 * 24),
+                        retention: tiers.longest_window(),
+                    });
+                    if let Decision::Refused(Refusal {
+                        retry_after: Some(retry),
+                        ..
+                    }) = &decision
+                    {
+                        if remember_refusals && identity.scopes.len() == 1 {
+                            identity.refused_until_ms = now_ms + retry.as_millis() as u64;
+                        }
+                    }
+                    Some(decision)
+                };
                 let prompt_tokens = kiln_model::engine::prompt_tokens(
                     prompts[arrival.prompt % prompts.len()].len(),
                 );
@@ -318,7 +357,7 @@ pub fn simulate(
                     image_tokens,
                     first_progress: None,
                 };
-                if !matches!(decision, Decision::Admitted(_)) {
+                if !matches!(decision, Some(Decision::Admitted(_))) {
                     outcomes.push(outcome(&running, OutcomeKind::QuotaRefused, arrival.at));
                     continue;
                 }
@@ -575,6 +614,30 @@ org_pool = true
             report.summary()
         );
         assert!(report.most_images_per_user["free"] <= 2);
+    }
+
+    #[test]
+    fn remembering_refusals_changes_no_outcome() {
+        // The shipped tiers (daily windows, a rate, in-flight limits, an org pool) and the tests'
+        // (a window of two a day, so that refunds of shed requests reopen it); one GPU, so that
+        // requests are shed and refunded.
+        let scenario = Scenario::from_toml(SPIKE).unwrap();
+        let prompts = kiln_loadtest::shipped_prompts();
+        let config = SchedulerConfig {
+            max_waiting: 16,
+            ..Default::default()
+        };
+        for tiers in [TierTable::shipped(), TierTable::from_toml(TIERS).unwrap()] {
+            let run = |remember| {
+                simulate_with(&scenario, &fleet(1), &tiers, config, &prompts, remember).unwrap()
+            };
+            let (remembered, asked) = (run(true), run(false));
+            let kinds =
+                |sim: &Simulated, kind| sim.outcomes.iter().filter(|o| o.kind == kind).count();
+            assert!(kinds(&asked, OutcomeKind::QuotaRefused) > 100);
+            assert!(kinds(&asked, OutcomeKind::Shed) > 0);
+            assert_eq!(remembered.outcomes, asked.outcomes);
+        }
     }
 
     #[test]
