@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// Read prompts as UTF-8 bytes instead of the captions' words (the first shipped model did).
     #[arg(long)]
     pub byte_prompts: bool,
+    /// Learn each code's embedding and output weights freely, not as a free part plus a
+    /// projection of the code's pixels (as kiln-shapes 0.2.0 was trained).
+    #[arg(long)]
+    pub untied_codes: bool,
     /// Sampling temperature written into the model's config: what requests that set none get.
     #[arg(long)]
     pub default_temperature: Option<f32>,
@@ -208,9 +212,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         learning_rate: args.learning_rate,
         warmup: args.warmup,
         seed: args.seed,
+        pixel_codes: !args.untied_codes,
         ..Default::default()
     };
-    let mut trainer = Trainer::resume_or_new(&args.work, &cfg, config, &device)?;
+    let mut trainer = Trainer::resume_or_new(&args.work, &cfg, config, &book, &device)?;
     if trainer.step_count() > 0 {
         eprintln!("resuming at step {}", trainer.step_count());
     }

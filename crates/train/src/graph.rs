@@ -4,17 +4,48 @@
 //! prefix, row and column embeddings for image patches), so what trains here is what a worker serves.
 //! Sequences of a batch share one image size; their prefixes are padded on the left, so every image
 //! position sits at the same index and the loss reads one slice.
+//!
+//! Optionally ([`TrainableModel::tie_codes_to_pixels`]) a code's input embedding and output weights
+//! are each its own free row plus a learned projection of the code's pixels, so what the model
+//! learns of a colour or an edge on some codes carries to every code that shows it (a yellow star's
+//! edge shares its colour with yellow squares and its shape with orange stars). The sum is
+//! materialised on export: a served model has plain `tok_emb` and `head` tensors.
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use kiln_model::tokenizer::{code_token, prefix_tokens, BOI, BOS};
 use kiln_model::ModelConfig;
 
-use crate::TrainError;
+use crate::{PatchCodebook, TrainError};
 
-/// The model's weights as trainable variables, in `weight_shapes` order.
+/// The projection of a code's pixel features into its input embedding, `[features, d_model]`.
+const PIXELS_IN: &str = "code_pixels_in";
+/// The projection of a code's pixel features into its output weights, `[d_model, features]`.
+const PIXELS_OUT: &str = "code_pixels_out";
+
+/// The model's weights as trainable variables, in `weight_shapes` order, then the pixel projections
+/// when codes are tied to their pixels.
 pub struct TrainableModel {
     pub cfg: ModelConfig,
     pub vars: Vec<(String, Var)>,
+    /// `[codebook, features]`, constant: each code's pixels scaled to -1..1, then their mean square.
+    code_pixels: Option<Tensor>,
+}
+
+/// The pixel features of every code of `book`: `[codes, patch² * 3 + 1]`.
+fn pixel_features(book: &PatchCodebook, device: &Device) -> Result<Tensor, TrainError> {
+    let dim = book.patch * book.patch * 3;
+    let mut features = Vec::with_capacity(book.len() * (dim + 1));
+    for code in book.patches.chunks_exact(dim) {
+        let scaled: Vec<f32> = code.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        // A score that is a dot product with the pixels favours bright codes; the mean square lets
+        // the model learn the distance's other term.
+        let mean_square = scaled.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        features.extend_from_slice(&scaled);
+        features.push(mean_square);
+    }
+    Ok(Tensor::from_vec(features, (book.len(), dim + 1), device)?)
 }
 
 /// One training example: a prompt and the codes of its image.
@@ -50,13 +81,15 @@ impl TrainableModel {
         Ok(TrainableModel {
             cfg: cfg.clone(),
             vars,
+            code_pixels: None,
         })
     }
 
     /// Variables from stored tensors (a checkpoint), checked against the configuration's shapes.
+    /// Pixel projections among them are kept for [`TrainableModel::tie_codes_to_pixels`].
     pub fn from_tensors(
         cfg: &ModelConfig,
-        tensors: &std::collections::HashMap<String, Tensor>,
+        tensors: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self, TrainError> {
         let mut vars = Vec::new();
@@ -75,10 +108,90 @@ impl TrainableModel {
                 Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?,
             ));
         }
+        for name in [PIXELS_IN, PIXELS_OUT] {
+            if let Some(t) = tensors.get(name) {
+                vars.push((name.to_string(), Var::from_tensor(&t.to_device(device)?)?));
+            }
+        }
         Ok(TrainableModel {
             cfg: cfg.clone(),
             vars,
+            code_pixels: None,
         })
+    }
+
+    /// Ties every code's embedding and output weights to its pixels in `book` (the codebook the
+    /// examples are encoded with). New projections start at zero, so the model computes what it
+    /// did before; projections loaded from a checkpoint are kept.
+    pub fn tie_codes_to_pixels(
+        &mut self,
+        book: &PatchCodebook,
+        device: &Device,
+    ) -> Result<(), TrainError> {
+        if book.len() != self.cfg.codebook_size {
+            return Err(TrainError::Data(format!(
+                "the codebook has {} codes, the model {}",
+                book.len(),
+                self.cfg.codebook_size
+            )));
+        }
+        let features = pixel_features(book, device)?;
+        let (n, d) = (features.dim(1)?, self.cfg.d_model);
+        let shapes = [(PIXELS_IN, (n, d)), (PIXELS_OUT, (d, n))];
+        for (name, shape) in shapes {
+            match self.vars.iter().find(|(v, _)| v == name) {
+                Some((_, var)) if var.as_tensor().dims() != [shape.0, shape.1].as_slice() => {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{name} has shape {:?}, the codebook implies {shape:?}",
+                        var.as_tensor().dims()
+                    )))
+                }
+                Some(_) => {}
+                None => self
+                    .vars
+                    .push((name.to_string(), Var::zeros(shape, DType::F32, device)?)),
+            }
+        }
+        self.code_pixels = Some(features);
+        Ok(())
+    }
+
+    /// Whether codes are tied to their pixels.
+    pub fn ties_codes_to_pixels(&self) -> bool {
+        self.code_pixels.is_some()
+    }
+
+    /// The token embeddings and output weights the model computes with: the variables themselves,
+    /// or with each code's pixel projection added.
+    fn embeddings_and_head(&self) -> Result<(Tensor, Tensor), TrainError> {
+        let (tok_emb, head) = (self.var("tok_emb"), self.var("head"));
+        let Some(pixels) = &self.code_pixels else {
+            return Ok((tok_emb.clone(), head.clone()));
+        };
+        let first = self.cfg.first_code_token();
+        let codes = (tok_emb.narrow(0, first, self.cfg.codebook_size)?
+            + pixels.matmul(self.var(PIXELS_IN))?)?;
+        let tok_emb = Tensor::cat(&[tok_emb.narrow(0, 0, first)?, codes], 0)?;
+        let head = (head + self.var(PIXELS_OUT).matmul(&pixels.t()?)?)?;
+        Ok((tok_emb, head))
+    }
+
+    /// The weights a worker serves, by name: pixel projections are folded into `tok_emb` and
+    /// `head`.
+    pub fn served_weights(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+        let (tok_emb, head) = self.embeddings_and_head()?;
+        self.vars
+            .iter()
+            .filter(|(name, _)| name != PIXELS_IN && name != PIXELS_OUT)
+            .map(|(name, var)| {
+                let tensor = match name.as_str() {
+                    "tok_emb" => &tok_emb,
+                    "head" => &head,
+                    _ => var.as_tensor(),
+                };
+                Ok((name.clone(), tensor.to_device(&Device::Cpu)?))
+            })
+            .collect()
     }
 
     fn var(&self, name: &str) -> &Tensor {
@@ -185,6 +298,7 @@ impl TrainableModel {
         let (b, t, d) = (batch.size, batch.prefix + batch.image, cfg.d_model);
         let (heads, hd) = (cfg.n_heads, cfg.head_dim());
         let device = self.var("tok_emb").device();
+        let (tok_emb, head) = self.embeddings_and_head()?;
         let positions = Tensor::cat(
             &[
                 self.var("text_pos").clone(),
@@ -194,7 +308,7 @@ impl TrainableModel {
             ],
             0,
         )?;
-        let mut x = (self.var("tok_emb").index_select(&batch.tokens, 0)?
+        let mut x = (tok_emb.index_select(&batch.tokens, 0)?
             + positions.index_select(&batch.pos_a, 0)?)?
         .add(&positions.index_select(&batch.pos_b, 0)?)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -222,7 +336,7 @@ impl TrainableModel {
             .narrow(1, batch.prefix, batch.image)?
             .reshape((b * batch.image, d))?;
         let image = rms_norm(&image, self.var("final_norm"), cfg.norm_eps)?;
-        Ok(image.matmul(self.var("head"))?)
+        Ok(image.matmul(&head)?)
     }
 }
 

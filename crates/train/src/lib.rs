@@ -51,6 +51,10 @@ pub struct TrainConfig {
     /// Largest global gradient norm; larger gradients are scaled down to it.
     pub clip: f64,
     pub seed: u64,
+    /// Whether codes' embeddings and output weights are tied to their pixels
+    /// ([`TrainableModel::tie_codes_to_pixels`]). Checkpoints from before the option are untied.
+    #[serde(default)]
+    pub pixel_codes: bool,
 }
 
 impl Default for TrainConfig {
@@ -63,6 +67,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             clip: 1.0,
             seed: 1,
+            pixel_codes: true,
         }
     }
 }
@@ -120,13 +125,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
 }
 
 impl Trainer {
-    /// A fresh run.
+    /// A fresh run on examples encoded with `codebook`.
     pub fn new(
         cfg: &ModelConfig,
         config: TrainConfig,
+        codebook: &PatchCodebook,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let model = TrainableModel::init(cfg, config.seed, device)?;
+        let mut model = TrainableModel::init(cfg, config.seed, device)?;
+        if config.pixel_codes {
+            model.tie_codes_to_pixels(codebook, device)?;
+        }
         let adam = AdamW::new(&model)?;
         Ok(Trainer {
             model,
@@ -143,11 +152,12 @@ impl Trainer {
         dir: &Path,
         cfg: &ModelConfig,
         config: TrainConfig,
+        codebook: &PatchCodebook,
         device: &Device,
     ) -> Result<Self, TrainError> {
         let state_path = dir.join(STATE);
         if !state_path.exists() {
-            return Self::new(cfg, config, device);
+            return Self::new(cfg, config, codebook, device);
         }
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let state: TrainState = serde_json::from_str(&text)
@@ -165,7 +175,10 @@ impl Trainer {
             )));
         }
         let tensors = candle_core::safetensors::load(dir.join(CHECKPOINT), device)?;
-        let model = TrainableModel::from_tensors(cfg, &tensors, device)?;
+        let mut model = TrainableModel::from_tensors(cfg, &tensors, device)?;
+        if state.config.pixel_codes {
+            model.tie_codes_to_pixels(codebook, device)?;
+        }
         let moments = |prefix: &str| -> Result<Vec<Tensor>, TrainError> {
             model
                 .vars
@@ -259,12 +272,7 @@ impl Trainer {
 
     /// Writes a servable model (what `kiln worker --model` loads) into `dir`.
     pub fn export(&self, codebook: &PatchCodebook, dir: &Path) -> Result<(), TrainError> {
-        let tensors = self
-            .model
-            .vars
-            .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
-            .collect::<Result<HashMap<_, _>, TrainError>>()?;
+        let tensors = self.model.served_weights()?;
         let book = Codebook::new(codebook.patch, codebook.patches.clone())?;
         Transformer::save(&self.model.cfg, tensors, &book, dir)?;
         Ok(())

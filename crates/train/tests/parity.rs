@@ -44,11 +44,26 @@ fn serving_logits(model: &Transformer, example: &Example, image_inputs: usize) -
     model.forward(&seqs, &mut cache).unwrap().remove(0)
 }
 
-#[test]
-fn the_training_graph_and_the_serving_model_agree() {
+/// Trains `trainer` a few steps on `examples` when asked (so every weight, pixel projections
+/// included, is off its initial value), exports it and compares the served logits with the graph's.
+fn assert_graph_and_served_agree(pixel_codes: bool) {
     let cfg = ModelConfig::tiny();
     let device = Device::Cpu;
-    let trainer = Trainer::new(&cfg, TrainConfig::default(), &device).unwrap();
+    // Distinct patches, so a projection of their pixels tells codes apart.
+    let dim = cfg.patch_size * cfg.patch_size * 3;
+    let codebook = PatchCodebook {
+        patch: cfg.patch_size,
+        patches: (0..cfg.codebook_size * dim)
+            .map(|i| ((i * 37 + i / dim * 11) % 256) as u8)
+            .collect(),
+    };
+    let config = TrainConfig {
+        pixel_codes,
+        warmup: 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&cfg, config, &codebook, &device).unwrap();
+    assert_eq!(trainer.model.ties_codes_to_pixels(), pixel_codes);
     let examples: Vec<Example> = ["a red circle", "a blue star above a green square"]
         .iter()
         .enumerate()
@@ -59,13 +74,27 @@ fn the_training_graph_and_the_serving_model_agree() {
             codes: (0..16).map(|i| ((i * 7 + s * 3) % 64) as u32).collect(),
         })
         .collect();
+    if pixel_codes {
+        for _ in 0..3 {
+            trainer.train_step(&examples).unwrap();
+        }
+        let moved = trainer
+            .model
+            .vars
+            .iter()
+            .filter(|(name, _)| name.starts_with("code_pixels"))
+            .map(|(_, var)| var.as_tensor().abs().unwrap().max_all().unwrap())
+            .map(|max| max.to_scalar::<f32>().unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(moved.len(), 2, "two pixel projections");
+        assert!(
+            moved.iter().all(|&m| m > 0.0),
+            "projections trained: {moved:?}"
+        );
+    }
     let batch = trainer.model.batch(&examples, &device).unwrap();
     let logits: Vec<Vec<f32>> = trainer.model.logits(&batch).unwrap().to_vec2().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let codebook = PatchCodebook {
-        patch: cfg.patch_size,
-        patches: vec![128; cfg.codebook_size * cfg.patch_size * cfg.patch_size * 3],
-    };
     trainer.export(&codebook, dir.path()).unwrap();
     let model = Transformer::load(dir.path(), &device).unwrap();
     for (s, example) in examples.iter().enumerate() {
@@ -84,4 +113,14 @@ fn the_training_graph_and_the_serving_model_agree() {
             );
         }
     }
+}
+
+#[test]
+fn the_training_graph_and_the_serving_model_agree() {
+    assert_graph_and_served_agree(false);
+}
+
+#[test]
+fn codes_tied_to_their_pixels_are_served_as_trained() {
+    assert_graph_and_served_agree(true);
 }
