@@ -50,9 +50,10 @@ fn the_shipped_model_binds_colours_to_shapes_on_held_out_prompts() {
 }
 
 /// (objects in the prompt, least share of 16 held-out prompts drawn wholly right, least share of
-/// their objects right), at the model's sampling defaults (temperature 0.8, top-k 8). Measured at
-/// this seed: images 68.8 / 81.2 / 87.5 / 75.0 %, objects 75.0 / 90.6 / 95.8 / 95.3 % (a random
-/// model: about 0). One large object is the model's weakest prompt.
+/// their objects right), at the model's sampling defaults (temperature 0.85, top-k 8). Measured at
+/// this seed: images 62.5 / 81.2 / 75.0 / 81.2 %, objects 68.8 / 87.5 / 91.7 / 95.3 % (a random
+/// model: about 0; on 200 prompts per count: 70.5 / 91.0 / 91.0 / 90.0 %). One large object is the
+/// model's weakest prompt.
 const THRESHOLDS: [(usize, f64, f64); 4] = [
     (1, 0.5, 0.6),
     (2, 0.6, 0.75),
@@ -62,7 +63,8 @@ const THRESHOLDS: [(usize, f64, f64); 4] = [
 
 /// The README's prompt through `kiln up --generate`, at a fixed seed (images are deterministic in
 /// prompt and seed), at the model's sampling defaults: the checker must find exactly what the prompt
-/// says (seeds 1 to 4 all draw it).
+/// says. Not every seed draws it (seed 1 leaves the star out); how often it is drawn is
+/// `the_readme_prompt_is_drawn_most_times`.
 #[test]
 fn the_main_job_draws_the_readme_prompt() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +76,7 @@ fn the_main_job_draws_the_readme_prompt() {
             "--listen",
             "127.0.0.1:0",
             "--seed",
-            "1",
+            "3",
             "--generate",
             prompt,
         ])
@@ -97,5 +99,34 @@ fn the_main_job_draws_the_readme_prompt() {
         result.correct,
         "the image shows {:?} for {prompt:?}",
         kiln_scenes::detect(&image)
+    );
+}
+
+/// How often the README's prompt comes out exactly, over 64 seeds (`kiln eval --prompt`): measured
+/// 72.7 % over 256 seeds (kiln-shapes 0.2.0: 86.3 %).
+#[test]
+fn the_readme_prompt_is_drawn_most_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("eval.json");
+    let out = Command::new(kiln_bin())
+        .args(["eval", "--per-count", "64", "--batch", "16", "--model"])
+        .arg(shipped())
+        .args(["--prompt", "a red triangle above a blue star", "--report"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kiln eval --prompt: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let accuracy = figures["prompt_accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy >= 0.55,
+        "drawn exactly {:.0} % of times: {stdout}",
+        accuracy * 100.0
     );
 }

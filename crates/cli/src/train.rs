@@ -300,6 +300,10 @@ pub struct EvalArgs {
     /// Images generated together.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Draw this caption `--per-count` times (one seed each) instead of the held-out prompts, and
+    /// report how often it is drawn exactly.
+    #[arg(long)]
+    pub prompt: Option<String>,
     /// Write every generated image (PNG, named by outcome and prompt) here.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -406,6 +410,44 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         temperature,
         top_k
     );
+    if let Some(prompt) = &args.prompt {
+        let spec = kiln_scenes::parse_caption(prompt)
+            .with_context(|| format!("--prompt {prompt:?} is not a caption the checker reads"))?;
+        let mut correct = 0usize;
+        let mut left = args.per_count;
+        while left > 0 {
+            let count = left.min(args.batch);
+            let pngs = generate(
+                &mut engine,
+                &info,
+                &vec![prompt.clone(); count],
+                sampling,
+                next_id,
+            )?;
+            for png in &pngs {
+                next_id += 1;
+                let result = kiln_scenes::check(&kiln_scenes::from_png(png)?, &spec);
+                correct += usize::from(result.correct);
+                if let Some(dir) = &args.save {
+                    let verdict = if result.correct { "ok" } else { "wrong" };
+                    let name = format!("{:03}-{verdict}-{}.png", next_id % 1000, slug(prompt));
+                    std::fs::write(dir.join(name), png)?;
+                }
+            }
+            left -= count;
+        }
+        let accuracy = correct as f64 / args.per_count as f64;
+        println!(
+            "{prompt:?}: drawn exactly {correct} of {} times ({:.1} %)",
+            args.per_count,
+            accuracy * 100.0
+        );
+        figures.insert("prompt_accuracy".into(), accuracy.into());
+        if let Some(path) = &args.report {
+            write_report(path, &figures)?;
+        }
+        return Ok(());
+    }
     println!("objects  prompts  correct  accuracy  objects right  tokenizer ceiling");
     for n in 1..=4 {
         let scenes = held_out(args.seed, n, args.per_count)?;
