@@ -190,7 +190,15 @@ impl Scenario {
     /// phase's peak rate), each arrival from a uniformly drawn user.
     pub fn arrivals(&self, prompts: usize) -> Vec<Arrival> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        let mut out = Vec::new();
+        // Sized for the expected count and a margin of many standard deviations: a launch day's
+        // millions of arrivals are not copied by doubling (each copy faulted in fresh pages).
+        let expected: f64 = self
+            .phases
+            .iter()
+            .map(|p| (p.rate + p.rate_end.unwrap_or(p.rate)) / 2.0 * p.seconds)
+            .sum();
+        let margin = 10.0 * expected.sqrt() + 64.0;
+        let mut out = Vec::with_capacity((expected + margin) as usize);
         let mut start = 0.0;
         for (index, phase) in self.phases.iter().enumerate() {
             let end_rate = phase.rate_end.unwrap_or(phase.rate);
