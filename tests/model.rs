@@ -13,25 +13,31 @@ fn shipped() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/model/shipped/kiln-shapes")
 }
 
-#[test]
-fn the_shipped_model_binds_colours_to_shapes_on_held_out_prompts() {
+/// `kiln eval` of the shipped model with `args`: its JSON figures and its output.
+fn eval_shipped(args: &[&str]) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("eval.json");
     let out = Command::new(kiln_bin())
-        .args(["eval", "--per-count", "16", "--batch", "16", "--model"])
+        .args(["eval", "--batch", "16", "--model"])
         .arg(shipped())
+        .args(args)
         .arg("--report")
         .arg(&report)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "kiln eval: {stdout}{}",
+        "kiln eval {args:?}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let figures: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let figures = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    (figures, stdout)
+}
+
+#[test]
+fn the_shipped_model_binds_colours_to_shapes_on_held_out_prompts() {
+    let (figures, stdout) = eval_shipped(&["--per-count", "16"]);
     for (objects, images, objects_right) in THRESHOLDS {
         let accuracy = figures[format!("accuracy_{objects}")].as_f64().unwrap();
         let right = figures[format!("objects_right_{objects}")]
@@ -106,23 +112,12 @@ fn the_main_job_draws_the_readme_prompt() {
 /// 72.7 % over 256 seeds (kiln-shapes 0.2.0: 86.3 %).
 #[test]
 fn the_readme_prompt_is_drawn_most_times() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("eval.json");
-    let out = Command::new(kiln_bin())
-        .args(["eval", "--per-count", "64", "--batch", "16", "--model"])
-        .arg(shipped())
-        .args(["--prompt", "a red triangle above a blue star", "--report"])
-        .arg(&report)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kiln eval --prompt: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let figures: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (figures, stdout) = eval_shipped(&[
+        "--per-count",
+        "64",
+        "--prompt",
+        "a red triangle above a blue star",
+    ]);
     let accuracy = figures["prompt_accuracy"].as_f64().unwrap();
     assert!(
         accuracy >= 0.55,

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_model::{
     CandleEngine, Engine, EngineInfo, ModelConfig, NewSequence, SamplingParams, Transformer,
 };
-use kiln_scenes::{held_out, Scene, SceneSampler};
+use kiln_scenes::{held_out, CheckResult, Scene, SceneSampler, SceneSpec};
 use kiln_train::{data, PatchCodebook, TrainConfig, Trainer};
 
 #[derive(Args, Debug)]
@@ -362,6 +362,54 @@ fn generate(
         .collect())
 }
 
+/// How `kiln eval` draws: sampling, batch size, the next sequence id (each image's seed follows
+/// it), and where to save images, named `{label}-{number}-{verdict}-{prompt}`.
+struct Drawing {
+    sampling: SamplingParams,
+    batch: usize,
+    next_id: u64,
+    save: Option<PathBuf>,
+    label: String,
+}
+
+/// Draws each caption in batches, checks each image against its spec and returns the verdicts in
+/// order; with `save`, writes every image and the checker's verdict beside each wrong one.
+fn draw_and_check(
+    engine: &mut CandleEngine,
+    info: &EngineInfo,
+    items: &[(String, SceneSpec)],
+    drawing: &mut Drawing,
+) -> Result<Vec<CheckResult>> {
+    let mut results = Vec::with_capacity(items.len());
+    for chunk in items.chunks(drawing.batch) {
+        let prompts: Vec<String> = chunk.iter().map(|(prompt, _)| prompt.clone()).collect();
+        let pngs = generate(engine, info, &prompts, drawing.sampling, drawing.next_id)?;
+        for ((prompt, spec), png) in chunk.iter().zip(&pngs) {
+            drawing.next_id += 1;
+            let result = kiln_scenes::check(&kiln_scenes::from_png(png)?, spec);
+            if let Some(dir) = &drawing.save {
+                // Numbered, as prompts repeat (a single object has few held-out captions).
+                let verdict = if result.correct { "ok" } else { "wrong" };
+                let name = format!(
+                    "{}-{:03}-{verdict}-{}",
+                    drawing.label,
+                    drawing.next_id % 1000,
+                    slug(prompt)
+                );
+                std::fs::write(dir.join(format!("{name}.png")), png)?;
+                if !result.correct {
+                    std::fs::write(
+                        dir.join(format!("{name}.json")),
+                        serde_json::to_vec_pretty(&result)?,
+                    )?;
+                }
+            }
+            results.push(result);
+        }
+    }
+    Ok(results)
+}
+
 fn slug(prompt: &str) -> String {
     prompt
         .chars()
@@ -401,7 +449,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let mut figures = serde_json::Map::new();
-    let mut next_id = 1u64;
+    let mut drawing = Drawing {
+        sampling,
+        batch: args.batch,
+        next_id: 1,
+        save: args.save.clone(),
+        label: "prompt".into(),
+    };
     println!(
         "{} ({:.2} M parameters), {}px, temperature {}, top-k {}",
         cfg.name,
@@ -413,29 +467,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(prompt) = &args.prompt {
         let spec = kiln_scenes::parse_caption(prompt)
             .with_context(|| format!("--prompt {prompt:?} is not a caption the checker reads"))?;
-        let mut correct = 0usize;
-        let mut left = args.per_count;
-        while left > 0 {
-            let count = left.min(args.batch);
-            let pngs = generate(
-                &mut engine,
-                &info,
-                &vec![prompt.clone(); count],
-                sampling,
-                next_id,
-            )?;
-            for png in &pngs {
-                next_id += 1;
-                let result = kiln_scenes::check(&kiln_scenes::from_png(png)?, &spec);
-                correct += usize::from(result.correct);
-                if let Some(dir) = &args.save {
-                    let verdict = if result.correct { "ok" } else { "wrong" };
-                    let name = format!("{:03}-{verdict}-{}.png", next_id % 1000, slug(prompt));
-                    std::fs::write(dir.join(name), png)?;
-                }
-            }
-            left -= count;
-        }
+        let results = draw_and_check(
+            &mut engine,
+            &info,
+            &vec![(prompt.clone(), spec); args.per_count],
+            &mut drawing,
+        )?;
+        let correct = results.iter().filter(|r| r.correct).count();
         let accuracy = correct as f64 / args.per_count as f64;
         println!(
             "{prompt:?}: drawn exactly {correct} of {} times ({:.1} %)",
@@ -451,30 +489,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     println!("objects  prompts  correct  accuracy  objects right  tokenizer ceiling");
     for n in 1..=4 {
         let scenes = held_out(args.seed, n, args.per_count)?;
-        let (mut correct, mut object_score) = (0usize, 0f64);
-        for chunk in scenes.chunks(args.batch) {
-            let prompts: Vec<String> = chunk.iter().map(Scene::caption).collect();
-            let pngs = generate(&mut engine, &info, &prompts, sampling, next_id)?;
-            for ((scene, png), prompt) in chunk.iter().zip(&pngs).zip(&prompts) {
-                next_id += 1;
-                let image = kiln_scenes::from_png(png)?;
-                let result = kiln_scenes::check(&image, &scene.spec());
-                correct += usize::from(result.correct);
-                object_score += result.score() as f64;
-                if let Some(dir) = &args.save {
-                    // Numbered, as held-out prompts repeat (a single object has few captions).
-                    let verdict = if result.correct { "ok" } else { "wrong" };
-                    let name = format!("{n}-{:03}-{verdict}-{}", next_id % 1000, slug(prompt));
-                    std::fs::write(dir.join(format!("{name}.png")), png)?;
-                    if !result.correct {
-                        std::fs::write(
-                            dir.join(format!("{name}.json")),
-                            serde_json::to_vec_pretty(&result)?,
-                        )?;
-                    }
-                }
-            }
-        }
+        let items: Vec<(String, SceneSpec)> =
+            scenes.iter().map(|s| (s.caption(), s.spec())).collect();
+        drawing.label = n.to_string();
+        let results = draw_and_check(&mut engine, &info, &items, &mut drawing)?;
+        let correct = results.iter().filter(|r| r.correct).count();
+        let object_score: f64 = results.iter().map(|r| r.score() as f64).sum();
         let accuracy = correct as f64 / scenes.len() as f64;
         // The same scenes drawn, encoded and decoded by the codebook: the best any model can do.
         let (_, ceiling) = data::reconstruction(&book, &scenes, info.default_size);
@@ -506,8 +526,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         runs.sort_by(f64::total_cmp);
         Ok(runs[1])
     };
-    let alone = time(1, &mut engine, &mut next_id)?;
-    let batch = time(args.batch, &mut engine, &mut next_id)?;
+    let alone = time(1, &mut engine, &mut drawing.next_id)?;
+    let batch = time(args.batch, &mut engine, &mut drawing.next_id)?;
     let threads = candle_core::utils::get_num_threads();
     println!(
         "generation on {threads} thread(s): one image {:.0} ms; a batch of {} {:.0} ms ({:.0} ms per image)",

@@ -2,12 +2,14 @@
 //! weights, compute the same logits (left padding, text positions and the image's row and column
 //! embeddings included). A mismatch would train a model that serves noise.
 
+mod common;
+
 use candle_core::Device;
 use kiln_model::kv_cache::PagedKvCache;
 use kiln_model::tokenizer::{code_token, prefix_tokens, BOI};
 use kiln_model::transformer::{Position, SequenceInput, TokenInput};
 use kiln_model::{ModelConfig, Transformer};
-use kiln_train::{Example, PatchCodebook, TrainConfig, Trainer};
+use kiln_train::{Example, TrainConfig, Trainer};
 
 fn serving_logits(model: &Transformer, example: &Example, image_inputs: usize) -> Vec<f32> {
     let cfg = model.config();
@@ -49,14 +51,7 @@ fn serving_logits(model: &Transformer, example: &Example, image_inputs: usize) -
 fn assert_graph_and_served_agree(pixel_codes: bool) {
     let cfg = ModelConfig::tiny();
     let device = Device::Cpu;
-    // Distinct patches, so a projection of their pixels tells codes apart.
-    let dim = cfg.patch_size * cfg.patch_size * 3;
-    let codebook = PatchCodebook {
-        patch: cfg.patch_size,
-        patches: (0..cfg.codebook_size * dim)
-            .map(|i| ((i * 37 + i / dim * 11) % 256) as u8)
-            .collect(),
-    };
+    let codebook = common::distinct_codebook(&cfg);
     let config = TrainConfig {
         pixel_codes,
         warmup: 1,

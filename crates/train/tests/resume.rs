@@ -1,9 +1,11 @@
 //! A run checkpointed and resumed ends where the uninterrupted run ends: weights, pixel projections
 //! and optimiser moments all survive the checkpoint.
 
+mod common;
+
 use candle_core::Device;
 use kiln_model::ModelConfig;
-use kiln_train::{Example, PatchCodebook, TrainConfig, Trainer};
+use kiln_train::{Example, TrainConfig, Trainer};
 
 fn examples(step: usize) -> Vec<Example> {
     (0..2)
@@ -34,13 +36,7 @@ fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
 fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let cfg = ModelConfig::tiny();
     let device = Device::Cpu;
-    let dim = cfg.patch_size * cfg.patch_size * 3;
-    let codebook = PatchCodebook {
-        patch: cfg.patch_size,
-        patches: (0..cfg.codebook_size * dim)
-            .map(|i| ((i * 31 + i / dim * 7) % 256) as u8)
-            .collect(),
-    };
+    let codebook = common::distinct_codebook(&cfg);
     let config = TrainConfig {
         steps: 4,
         warmup: 1,
