@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_loadtest::{OutcomeKind, Report, Scenario};
+use kiln_loadtest::{OutcomeKind, Report, Scenario, Tally};
 use kiln_quota::TierTable;
 use kiln_scheduler::state::Capacity;
 use kiln_simulator::{simulate, Fleet};
@@ -134,13 +134,16 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     };
     let play = |workers: usize| -> Result<Report> {
         let started = Instant::now();
+        let mut tally = Tally::new(&scenario, &kiln_loadtest::default_deadlines());
         let sim = simulate(
             &scenario,
             &fleet(workers),
             &tiers,
             args.batching.to_config(),
             &prompts,
+            |outcome| tally.add(outcome),
         )?;
+        let report = tally.finish(sim.sent);
         eprintln!(
             "simulated {:.0} s with {workers} GPUs: {} requests, {} events in {:.2} s wall",
             scenario.duration(),
@@ -148,12 +151,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
             sim.events,
             started.elapsed().as_secs_f64()
         );
-        Ok(Report::build(
-            &scenario,
-            sim.sent,
-            &sim.outcomes,
-            &kiln_loadtest::default_deadlines(),
-        ))
+        Ok(report)
     };
     let report = if args.find_workers {
         // The fleet meeting the targets is found by bisection: more GPUs never shed more.

@@ -19,6 +19,17 @@ pub enum OutcomeKind {
     Error,
 }
 
+impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 5] = [
+        OutcomeKind::Completed,
+        OutcomeKind::Shed,
+        OutcomeKind::QuotaRefused,
+        OutcomeKind::PolicyRefused,
+        OutcomeKind::Error,
+    ];
+    const COUNT: usize = OutcomeKind::ALL.len();
+}
+
 /// One request's end.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
@@ -50,13 +61,19 @@ impl Percentiles {
         if values.is_empty() {
             return None;
         }
-        values.sort_by(f64::total_cmp);
-        let at = |p: f64| values[((values.len() - 1) as f64 * p).round() as usize];
-        Some(Percentiles {
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-        })
+        // Three selections instead of a sort: each finds its rank in what the one before left
+        // above it (the same values a sort would give, in linear time).
+        let last = values.len() - 1;
+        let rank = |p: f64| (last as f64 * p).round() as usize;
+        let mut pick = |from: usize, at: usize| {
+            *values[from..]
+                .select_nth_unstable_by(at - from, f64::total_cmp)
+                .1
+        };
+        let p50 = pick(0, rank(0.5));
+        let p90 = pick(rank(0.5), rank(0.9));
+        let p99 = pick(rank(0.9), rank(0.99));
+        Some(Percentiles { p50, p90, p99 })
     }
 }
 
@@ -103,44 +120,189 @@ pub struct Report {
     pub accounted: bool,
 }
 
-fn figures(outcomes: &[&Outcome], seconds: f64, deadlines: &BTreeMap<String, f64>) -> Figures {
-    // A launch day has millions of outcomes of five kinds: counted in a list, not a map.
-    let mut kinds: Vec<(OutcomeKind, usize)> = Vec::new();
-    for o in outcomes {
-        match kinds.iter_mut().find(|(kind, _)| *kind == o.kind) {
-            Some((_, n)) => *n += 1,
-            None => kinds.push((o.kind, 1)),
+/// The figures of one phase and tier (or of the whole run) as outcomes come: counts by kind, and
+/// the latencies of completed requests for their percentiles.
+#[derive(Default)]
+struct Group {
+    sent: usize,
+    /// Indexed by `OutcomeKind as usize`.
+    kinds: [usize; OutcomeKind::COUNT],
+    /// Completed within their tier's deadline.
+    in_time: usize,
+    latencies: Vec<f64>,
+    first_progress: Vec<f64>,
+}
+
+impl Group {
+    fn add(&mut self, o: &Outcome, in_time: bool) {
+        self.sent += 1;
+        self.kinds[o.kind as usize] += 1;
+        if o.kind == OutcomeKind::Completed {
+            self.in_time += usize::from(in_time);
+            self.latencies.push(o.latency);
+            if let Some(first) = o.first_progress {
+                self.first_progress.push(first);
+            }
         }
     }
-    let counts: BTreeMap<OutcomeKind, usize> = kinds.into_iter().collect();
-    let completed: Vec<&&Outcome> = outcomes
-        .iter()
-        .filter(|o| o.kind == OutcomeKind::Completed)
-        .collect();
-    // Tiers are a handful of static names: each deadline is looked up once.
-    let mut tier_deadlines: Vec<(&str, Option<f64>)> = Vec::new();
-    let mut deadline_of = |tier: &'static str| match tier_deadlines.iter().find(|(t, _)| *t == tier)
-    {
-        Some(&(_, d)) => d,
-        None => {
-            let d = deadlines.get(tier).copied();
-            tier_deadlines.push((tier, d));
-            d
+
+    fn figures(self, seconds: f64) -> Figures {
+        let completed = self.kinds[OutcomeKind::Completed as usize];
+        Figures {
+            sent: self.sent,
+            outcomes: OutcomeKind::ALL
+                .into_iter()
+                .filter(|&kind| self.kinds[kind as usize] > 0)
+                .map(|kind| (kind, self.kinds[kind as usize]))
+                .collect(),
+            throughput: completed as f64 / seconds,
+            goodput: self.in_time as f64 / seconds,
+            latency: Percentiles::of(self.latencies),
+            first_progress: Percentiles::of(self.first_progress),
         }
-    };
-    let in_time = completed
-        .iter()
-        .filter(|o| deadline_of(o.tier).is_none_or(|d| o.latency <= d))
-        .count();
-    Figures {
-        sent: outcomes.len(),
-        outcomes: counts,
-        throughput: completed.len() as f64 / seconds,
-        goodput: in_time as f64 / seconds,
-        latency: Percentiles::of(completed.iter().map(|o| o.latency).collect()),
-        first_progress: Percentiles::of(
-            completed.iter().filter_map(|o| o.first_progress).collect(),
-        ),
+    }
+}
+
+/// A report built as outcomes come, so that a launch day's millions of them need not be kept
+/// (the simulator folds each request in as it ends). [`Report::build`] is a tally of a list.
+pub struct Tally {
+    scenario: String,
+    phase_names: Vec<String>,
+    phase_seconds: Vec<f64>,
+    duration: f64,
+    /// Tier name -> deadline, looked up once per tier (tiers are a handful of static names).
+    deadlines: BTreeMap<String, f64>,
+    tier_deadlines: Vec<(&'static str, Option<f64>)>,
+    /// `phase * TIERS.len() + tier`.
+    groups: Vec<Group>,
+    totals: Group,
+    error_codes: BTreeMap<String, usize>,
+    timeline: Vec<Second>,
+    /// Per user (population index): completed images, and the index + 1 in `user_tiers` of the
+    /// tier of their first one (0 for none). A vector, not a map: a million users would cost a
+    /// cache miss and an entry each.
+    images_per_user: Vec<(u32, u8)>,
+    user_tiers: Vec<&'static str>,
+    outcomes: usize,
+}
+
+impl Tally {
+    /// An empty tally for a run of `scenario`; `deadlines` are seconds per tier.
+    pub fn new(scenario: &Scenario, deadlines: &BTreeMap<String, f64>) -> Tally {
+        let mut groups = Vec::new();
+        groups.resize_with(scenario.phases.len() * TIERS.len(), Group::default);
+        Tally {
+            scenario: scenario.name.clone(),
+            phase_names: scenario.phases.iter().map(|p| p.name.clone()).collect(),
+            phase_seconds: scenario.phases.iter().map(|p| p.seconds).collect(),
+            duration: scenario.duration(),
+            deadlines: deadlines.clone(),
+            tier_deadlines: Vec::new(),
+            groups,
+            totals: Group::default(),
+            error_codes: BTreeMap::new(),
+            timeline: vec![Second::default(); scenario.duration().ceil() as usize + 1],
+            images_per_user: Vec::new(),
+            user_tiers: Vec::new(),
+            outcomes: 0,
+        }
+    }
+
+    fn deadline_of(&mut self, tier: &'static str) -> Option<f64> {
+        match self.tier_deadlines.iter().find(|(t, _)| *t == tier) {
+            Some(&(_, deadline)) => deadline,
+            None => {
+                let deadline = self.deadlines.get(tier).copied();
+                self.tier_deadlines.push((tier, deadline));
+                deadline
+            }
+        }
+    }
+
+    /// Folds in one request's end.
+    pub fn add(&mut self, o: &Outcome) {
+        self.outcomes += 1;
+        let in_time = o.kind == OutcomeKind::Completed
+            && self.deadline_of(o.tier).is_none_or(|d| o.latency <= d);
+        self.totals.add(o, in_time);
+        let tier = TIERS.iter().position(|&t| t == o.tier);
+        if let (Some(tier), true) = (tier, o.phase < self.phase_names.len()) {
+            self.groups[o.phase * TIERS.len() + tier].add(o, in_time);
+        }
+        if o.kind == OutcomeKind::Error {
+            let code = o.code.as_deref().unwrap_or("unknown");
+            match self.error_codes.get_mut(code) {
+                Some(n) => *n += 1,
+                None => {
+                    self.error_codes.insert(code.to_string(), 1);
+                }
+            }
+        }
+        let last = self.timeline.len() - 1;
+        let slot = |at: f64| (at.max(0.0) as usize).min(last);
+        self.timeline[slot(o.sent_at)].offered += 1;
+        let end = &mut self.timeline[slot(o.sent_at + o.latency)];
+        match o.kind {
+            OutcomeKind::Completed => end.completed += 1,
+            OutcomeKind::Shed => end.shed += 1,
+            OutcomeKind::QuotaRefused | OutcomeKind::PolicyRefused => end.refused += 1,
+            OutcomeKind::Error => end.errors += 1,
+        }
+        if o.kind == OutcomeKind::Completed {
+            if self.images_per_user.len() <= o.user {
+                self.images_per_user.resize(o.user + 1, (0, 0));
+            }
+            let tier = match self.user_tiers.iter().position(|&t| t == o.tier) {
+                Some(i) => i,
+                None => {
+                    self.user_tiers.push(o.tier);
+                    self.user_tiers.len() - 1
+                }
+            };
+            let entry = &mut self.images_per_user[o.user];
+            entry.0 += 1;
+            if entry.1 == 0 {
+                // A user's tier is that of their first image, as users keep one tier.
+                entry.1 = u8::try_from(tier + 1).unwrap_or(u8::MAX);
+            }
+        }
+    }
+
+    /// The report of `sent` requests and the outcomes folded in.
+    pub fn finish(self, sent: usize) -> Report {
+        let mut most_images_per_user: BTreeMap<String, usize> = BTreeMap::new();
+        for &(images, tier) in &self.images_per_user {
+            let Some(&tier) = self.user_tiers.get(usize::from(tier).wrapping_sub(1)) else {
+                continue;
+            };
+            let most = most_images_per_user.entry(tier.to_string()).or_insert(0);
+            *most = (*most).max(images as usize);
+        }
+        let mut groups = self.groups.into_iter();
+        let phases = self
+            .phase_names
+            .into_iter()
+            .zip(self.phase_seconds)
+            .map(|(name, seconds)| {
+                let tiers = TIERS
+                    .iter()
+                    .zip(groups.by_ref())
+                    .filter(|(_, group)| group.sent > 0)
+                    .map(|(tier, group)| (tier.to_string(), group.figures(seconds)))
+                    .collect();
+                (name, tiers)
+            })
+            .collect();
+        Report {
+            most_images_per_user,
+            scenario: self.scenario,
+            sent,
+            totals: self.totals.figures(self.duration),
+            phases,
+            error_codes: self.error_codes,
+            timeline: self.timeline,
+            accounted: self.outcomes == sent,
+        }
     }
 }
 
@@ -162,74 +324,11 @@ impl Report {
         outcomes: &[Outcome],
         deadlines: &BTreeMap<String, f64>,
     ) -> Report {
-        let all: Vec<&Outcome> = outcomes.iter().collect();
-        // One pass sorts the outcomes into their phase and tier.
-        let mut groups: Vec<Vec<&Outcome>> = vec![Vec::new(); scenario.phases.len() * TIERS.len()];
-        for &o in &all {
-            let tier = TIERS.iter().position(|&t| t == o.tier);
-            if let (Some(tier), true) = (tier, o.phase < scenario.phases.len()) {
-                groups[o.phase * TIERS.len() + tier].push(o);
-            }
+        let mut tally = Tally::new(scenario, deadlines);
+        for outcome in outcomes {
+            tally.add(outcome);
         }
-        let mut phases = Vec::new();
-        for (index, phase) in scenario.phases.iter().enumerate() {
-            let mut tiers = BTreeMap::new();
-            for (t, tier) in TIERS.iter().enumerate() {
-                let of = &groups[index * TIERS.len() + t];
-                if !of.is_empty() {
-                    tiers.insert(tier.to_string(), figures(of, phase.seconds, deadlines));
-                }
-            }
-            phases.push((phase.name.clone(), tiers));
-        }
-        let mut error_codes = BTreeMap::new();
-        for o in outcomes.iter().filter(|o| o.kind == OutcomeKind::Error) {
-            *error_codes
-                .entry(o.code.clone().unwrap_or_else(|| "unknown".into()))
-                .or_insert(0) += 1;
-        }
-        let mut timeline = vec![Second::default(); scenario.duration().ceil() as usize + 1];
-        let last = timeline.len() - 1;
-        let slot = |at: f64| (at.max(0.0) as usize).min(last);
-        for o in outcomes {
-            timeline[slot(o.sent_at)].offered += 1;
-            let end = &mut timeline[slot(o.sent_at + o.latency)];
-            match o.kind {
-                OutcomeKind::Completed => end.completed += 1,
-                OutcomeKind::Shed => end.shed += 1,
-                OutcomeKind::QuotaRefused | OutcomeKind::PolicyRefused => end.refused += 1,
-                OutcomeKind::Error => end.errors += 1,
-            }
-        }
-        // Images per user: the completed outcomes sorted by user, counted in runs (a map of a
-        // million users would cost a cache miss an image).
-        let mut completed: Vec<(usize, &'static str)> = outcomes
-            .iter()
-            .filter(|o| o.kind == OutcomeKind::Completed)
-            .map(|o| (o.user, o.tier))
-            .collect();
-        completed.sort_unstable_by_key(|&(user, _)| user);
-        let mut most_images_per_user: BTreeMap<String, usize> = BTreeMap::new();
-        for run in completed.chunk_by(|a, b| a.0 == b.0) {
-            // A user's tier is that of their first image, as users keep one tier.
-            let tier = run[0].1;
-            match most_images_per_user.get_mut(tier) {
-                Some(most) => *most = (*most).max(run.len()),
-                None => {
-                    most_images_per_user.insert(tier.to_string(), run.len());
-                }
-            }
-        }
-        Report {
-            most_images_per_user,
-            scenario: scenario.name.clone(),
-            sent,
-            totals: figures(&all, scenario.duration(), deadlines),
-            phases,
-            error_codes,
-            timeline,
-            accounted: outcomes.len() == sent,
-        }
+        tally.finish(sent)
     }
 
     /// A short text summary: totals, the accounting line, then one line per phase and tier.
@@ -353,6 +452,24 @@ rate = 1
         let offered: usize = report.timeline.iter().map(|s| s.offered).sum();
         assert_eq!(offered, 6);
         assert!(report.summary().contains("every request accounted for"));
+    }
+
+    #[test]
+    fn percentiles_are_the_ranks_a_sort_gives() {
+        // A scrambled list with repeats, of lengths around the rank boundaries.
+        for len in [1usize, 2, 3, 10, 99, 100, 101, 1000] {
+            let values: Vec<f64> = (0..len).map(|i| ((i * 7919) % 97) as f64 / 3.0).collect();
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let at = |p: f64| sorted[((len - 1) as f64 * p).round() as usize];
+            let got = Percentiles::of(values).unwrap();
+            assert_eq!(
+                (got.p50, got.p90, got.p99),
+                (at(0.5), at(0.9), at(0.99)),
+                "{len}"
+            );
+        }
+        assert_eq!(Percentiles::of(Vec::new()), None);
     }
 
     #[test]

@@ -189,44 +189,72 @@ impl Scenario {
     /// The arrival schedule: a non-homogeneous Poisson process per phase (thinning against the
     /// phase's peak rate), each arrival from a uniformly drawn user.
     pub fn arrivals(&self, prompts: usize) -> Vec<Arrival> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         // Sized for the expected count and a margin of many standard deviations: a launch day's
         // millions of arrivals are not copied by doubling (each copy faulted in fresh pages).
-        let expected: f64 = self
-            .phases
-            .iter()
-            .map(|p| (p.rate + p.rate_end.unwrap_or(p.rate)) / 2.0 * p.seconds)
-            .sum();
+        let expected = self.expected_requests();
         let margin = 10.0 * expected.sqrt() + 64.0;
         let mut out = Vec::with_capacity((expected + margin) as usize);
-        let mut start = 0.0;
-        for (index, phase) in self.phases.iter().enumerate() {
+        out.extend(self.arrival_stream(prompts));
+        out
+    }
+
+    /// [`Scenario::arrivals`] one at a time, in time order, for a run that need not hold them all.
+    pub fn arrival_stream(&self, prompts: usize) -> Arrivals<'_> {
+        Arrivals {
+            scenario: self,
+            prompts: prompts.max(1),
+            rng: ChaCha8Rng::seed_from_u64(self.seed),
+            phase: 0,
+            phase_start: 0.0,
+            t: 0.0,
+        }
+    }
+}
+
+/// The arrival schedule as an iterator (see [`Scenario::arrival_stream`]).
+pub struct Arrivals<'a> {
+    scenario: &'a Scenario,
+    prompts: usize,
+    rng: ChaCha8Rng,
+    /// The phase being drawn, its start in the run, and the last candidate's time within it.
+    phase: usize,
+    phase_start: f64,
+    t: f64,
+}
+
+impl Iterator for Arrivals<'_> {
+    type Item = Arrival;
+
+    fn next(&mut self) -> Option<Arrival> {
+        let scenario = self.scenario;
+        while let Some(phase) = scenario.phases.get(self.phase) {
             let end_rate = phase.rate_end.unwrap_or(phase.rate);
             let peak = phase.rate.max(end_rate);
             if peak > 0.0 {
-                let mut t = 0.0;
                 loop {
-                    let u: f64 = rng.random::<f64>();
-                    t += -(1.0 - u).ln() / peak;
-                    if t >= phase.seconds {
+                    let u: f64 = self.rng.random::<f64>();
+                    self.t += -(1.0 - u).ln() / peak;
+                    if self.t >= phase.seconds {
                         break;
                     }
-                    let rate = phase.rate + (end_rate - phase.rate) * t / phase.seconds;
-                    if rng.random::<f64>() * peak <= rate {
-                        out.push(Arrival {
-                            at: start + t,
-                            phase: index,
-                            user: rng.random_range(0..self.population.users),
-                            size: self.requests.sizes
-                                [rng.random_range(0..self.requests.sizes.len())],
-                            prompt: rng.random_range(0..prompts.max(1)),
+                    let rate = phase.rate + (end_rate - phase.rate) * self.t / phase.seconds;
+                    if self.rng.random::<f64>() * peak <= rate {
+                        let sizes = &scenario.requests.sizes;
+                        return Some(Arrival {
+                            at: self.phase_start + self.t,
+                            phase: self.phase,
+                            user: self.rng.random_range(0..scenario.population.users),
+                            size: sizes[self.rng.random_range(0..sizes.len())],
+                            prompt: self.rng.random_range(0..self.prompts),
                         });
                     }
                 }
             }
-            start += phase.seconds;
+            self.phase_start += phase.seconds;
+            self.phase += 1;
+            self.t = 0.0;
         }
-        out
+        None
     }
 }
 

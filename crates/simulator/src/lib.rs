@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use foldhash::{HashMap, HashMapExt};
-use kiln_loadtest::{Outcome, OutcomeKind, Scenario};
+use kiln_loadtest::scenario::Arrivals;
+use kiln_loadtest::{Arrival, Outcome, OutcomeKind, Scenario};
 use kiln_model::{ModelConfig, StepCost};
 use kiln_quota::{Charge, Decision, MemoryStore, Refusal, Scope, Settlement, TierTable};
 use kiln_scheduler::state::{
@@ -42,32 +43,32 @@ pub enum SimulationError {
     Fleet(String),
 }
 
-/// What a simulation produced (the input of `Report::build`), and how much work it was.
+/// How much a simulation did; each request's [`Outcome`] went to the caller as it ended.
 pub struct Simulated {
     pub sent: usize,
-    /// In the order the requests ended (in virtual time).
-    pub outcomes: Vec<Outcome>,
     /// Events processed (arrivals and worker calls).
     pub events: u64,
 }
 
-/// Events in time order. Arrivals come sorted from the schedule, so only worker calls need a heap;
+/// Events in time order. Arrivals come in time order from the schedule (drawn as they are due, so
+/// a launch day's millions are never held at once), so only worker calls need a heap;
 /// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
 /// call's reports wait in their worker's slot. At equal times arrivals go first, then calls in the
 /// order issued.
-struct Agenda {
-    arrival_times: Vec<u64>,
-    next_arrival: usize,
+struct Agenda<'a> {
+    arrivals: std::iter::Peekable<Arrivals<'a>>,
+    /// Arrivals taken so far: the next one's index.
+    taken: usize,
     calls: BinaryHeap<Reverse<(u64, u64, u32)>>,
     in_flight: Vec<Vec<SequenceReport>>,
     issued: u64,
 }
 
-impl Agenda {
-    fn new(arrival_times: Vec<u64>, workers: usize) -> Self {
+impl<'a> Agenda<'a> {
+    fn new(arrivals: Arrivals<'a>, workers: usize) -> Self {
         Agenda {
-            arrival_times,
-            next_arrival: 0,
+            arrivals: arrivals.peekable(),
+            taken: 0,
             calls: BinaryHeap::new(),
             in_flight: vec![Vec::new(); workers],
             issued: 0,
@@ -88,12 +89,13 @@ impl Agenda {
     }
 
     fn pop(&mut self) -> Option<(u64, Event)> {
-        let arrival = self.arrival_times.get(self.next_arrival).copied();
+        let arrival = self.arrivals.peek().map(|a| (a.at * 1e9) as u64);
         let call = self.calls.peek().map(|Reverse((at, _, _))| *at);
         match (arrival, call) {
             (Some(a), c) if c.is_none_or(|c| a <= c) => {
-                self.next_arrival += 1;
-                Some((a, Event::Arrival(self.next_arrival - 1)))
+                let arrival = self.arrivals.next()?;
+                self.taken += 1;
+                Some((a, Event::Arrival(self.taken - 1, arrival)))
             }
             (_, Some(_)) => {
                 let Reverse((at, _, worker)) = self.calls.pop()?;
@@ -105,7 +107,8 @@ impl Agenda {
 }
 
 enum Event {
-    Arrival(usize),
+    /// The arrival and its index in the schedule.
+    Arrival(usize, Arrival),
     /// A worker's call ended; its reports are in the worker's slot.
     CallDone(u32),
 }
@@ -181,15 +184,18 @@ fn tier_of(name: &str) -> Tier {
     }
 }
 
-/// Plays `scenario` against `fleet` with `tiers` and the scheduler's `config`.
+/// Plays `scenario` against `fleet` with `tiers` and the scheduler's `config`; each request's
+/// outcome goes to `on_end` as it ends (in virtual time), e.g. into a report's
+/// [`kiln_loadtest::Tally`].
 pub fn simulate(
     scenario: &Scenario,
     fleet: &Fleet,
     tiers: &TierTable,
     config: SchedulerConfig,
     prompts: &[String],
+    on_end: impl FnMut(&Outcome),
 ) -> Result<Simulated, SimulationError> {
-    simulate_with(scenario, fleet, tiers, config, prompts, true)
+    simulate_with(scenario, fleet, tiers, config, prompts, true, on_end)
 }
 
 /// [`simulate`]; `remember_refusals` off asks the store about every request (the tests check that
@@ -201,6 +207,7 @@ fn simulate_with(
     config: SchedulerConfig,
     prompts: &[String],
     remember_refusals: bool,
+    mut on_end: impl FnMut(&Outcome),
 ) -> Result<Simulated, SimulationError> {
     if fleet.workers == 0 {
         return Err(SimulationError::Fleet(
@@ -213,18 +220,12 @@ fn simulate_with(
         MemoryStore::with_clock(Box::new(move || clock.load(Ordering::Relaxed)))
     };
     let users = scenario.users();
-    let arrivals = scenario.arrivals(prompts.len());
     // Nobody streams progress in a simulation: the first token is noted when its prefill is issued.
     let mut state = SchedulerState::new(config).without_progress_events();
-    // The schedule is in time order (the load test relies on it too).
-    let mut agenda = Agenda::new(
-        arrivals.iter().map(|a| (a.at * 1e9) as u64).collect(),
-        fleet.workers,
-    );
+    let mut agenda = Agenda::new(scenario.arrival_stream(prompts.len()), fleet.workers);
     let mut jobs: HashMap<u64, Running> = HashMap::new();
     let mut identities: Vec<Option<Identity>> = Vec::new();
     identities.resize_with(users.len(), || None);
-    let mut outcomes = Vec::with_capacity(arrivals.len());
     let mut next_job = 1u64;
     let mut processed = 0u64;
     let mut pending_outputs = Vec::new();
@@ -269,7 +270,7 @@ fn simulate_with(
                                 &mut charge_buffer,
                                 Settlement::Commit,
                             );
-                            outcomes.push(outcome(&r, OutcomeKind::Completed, now_s));
+                            on_end(&outcome(&r, OutcomeKind::Completed, now_s));
                         }
                     }
                     JobEvent::Failed(reason) => {
@@ -289,7 +290,7 @@ fn simulate_with(
                                 FailReason::Shed { .. } => OutcomeKind::Shed,
                                 _ => OutcomeKind::Error,
                             };
-                            outcomes.push(outcome(&r, kind, now_s));
+                            on_end(&outcome(&r, kind, now_s));
                         }
                     }
                     _ => {}
@@ -304,8 +305,7 @@ fn simulate_with(
         let now = Duration::from_nanos(now_ns);
         processed += 1;
         match event {
-            Event::Arrival(i) => {
-                let arrival = &arrivals[i];
+            Event::Arrival(i, arrival) => {
                 if identities[arrival.user].is_none() {
                     let user = &users[arrival.user];
                     // The store and the state machine are this run's own: the user's name needs
@@ -359,7 +359,7 @@ fn simulate_with(
                     first_progress: None,
                 };
                 if !matches!(decision, Some(Decision::Admitted(_))) {
-                    outcomes.push(outcome(&running, OutcomeKind::QuotaRefused, arrival.at));
+                    on_end(&outcome(&running, OutcomeKind::QuotaRefused, arrival.at));
                     continue;
                 }
                 let id = next_job;
@@ -383,15 +383,13 @@ fn simulate_with(
     // Jobs still held when the events ran out would be a scheduler bug: count them as errors.
     let end = now_ns as f64 / 1e9;
     for r in jobs.into_values() {
-        outcomes.push(outcome(&r, OutcomeKind::Error, end));
+        on_end(&outcome(&r, OutcomeKind::Error, end));
     }
     // A launch day leaves millions of entries in the store and the state machine: the other core
-    // frees them while the outcomes are reported. (The outcomes stay in the order requests ended:
-    // a report reads them in any order, and sorting 14 M of them took seconds.)
+    // frees them while the caller reports.
     std::thread::spawn(move || drop((store, state, identities, gpus)));
     Ok(Simulated {
-        sent: arrivals.len(),
-        outcomes,
+        sent: agenda.taken,
         events: processed,
     })
 }
@@ -530,7 +528,7 @@ fn run_call(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_loadtest::{default_deadlines, Report};
+    use kiln_loadtest::{default_deadlines, Report, Tally};
 
     fn fleet(workers: usize) -> Fleet {
         Fleet {
@@ -584,8 +582,12 @@ org_pool = true
             ..Default::default()
         };
         let prompts = kiln_loadtest::shipped_prompts();
-        let sim = simulate(&scenario, &fleet(workers), &tiers, config, &prompts).unwrap();
-        Report::build(&scenario, sim.sent, &sim.outcomes, &default_deadlines())
+        let mut tally = Tally::new(&scenario, &default_deadlines());
+        let sim = simulate(&scenario, &fleet(workers), &tiers, config, &prompts, |o| {
+            tally.add(o)
+        })
+        .unwrap();
+        tally.finish(sim.sent)
     }
 
     fn count(report: &Report, tier: &str, kind: OutcomeKind) -> usize {
@@ -630,14 +632,26 @@ org_pool = true
         };
         for tiers in [TierTable::shipped(), TierTable::from_toml(TIERS).unwrap()] {
             let run = |remember| {
-                simulate_with(&scenario, &fleet(1), &tiers, config, &prompts, remember).unwrap()
+                let mut outcomes = Vec::new();
+                let sim = simulate_with(
+                    &scenario,
+                    &fleet(1),
+                    &tiers,
+                    config,
+                    &prompts,
+                    remember,
+                    |o| outcomes.push(o.clone()),
+                )
+                .unwrap();
+                assert_eq!(sim.sent, outcomes.len());
+                outcomes
             };
             let (remembered, asked) = (run(true), run(false));
             let kinds =
-                |sim: &Simulated, kind| sim.outcomes.iter().filter(|o| o.kind == kind).count();
+                |outcomes: &[Outcome], kind| outcomes.iter().filter(|o| o.kind == kind).count();
             assert!(kinds(&asked, OutcomeKind::QuotaRefused) > 100);
             assert!(kinds(&asked, OutcomeKind::Shed) > 0);
-            assert_eq!(remembered.outcomes, asked.outcomes);
+            assert_eq!(remembered, asked);
         }
     }
 
