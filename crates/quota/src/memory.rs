@@ -18,20 +18,15 @@ use crate::store::{
 use crate::tiers::Scope;
 use crate::QuotaError;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum State {
-    Charged,
-    Committed,
-    Refunded,
-}
-
 #[derive(Default)]
 struct Inner {
     /// subject -> its windows, rate and charges in flight: one lookup per scope of a request
     /// (hashbrown's `entry_ref` finds or makes one in a single probe, allocating only a new name).
     subjects: hashbrown::HashMap<String, Subject>,
-    /// charge id -> (state, expiry).
-    charges: HashMap<ChargeId, (State, u64)>,
+    /// charge id -> expiry, for charges not yet settled. A settled charge is forgotten: a second
+    /// settlement finds nothing and changes nothing, as it would find a settled record (a launch
+    /// day would otherwise keep millions of records for the retention period).
+    charges: HashMap<ChargeId, u64>,
     /// idempotency key -> (charge id, expiry).
     idempotency: HashMap<String, (String, u64)>,
     /// charge id -> (answer, expiry).
@@ -146,7 +141,7 @@ impl Inner {
             return;
         }
         self.subjects.retain(|_, subject| !subject.expire(now));
-        self.charges.retain(|_, (_, e)| *e > now);
+        self.charges.retain(|_, e| *e > now);
         self.idempotency.retain(|_, (_, e)| *e > now);
         self.results.retain(|_, (_, e)| *e > now);
         // A sweep costs as much as the store holds: the next one waits as many operations (at least
@@ -251,7 +246,7 @@ impl MemoryStore {
             }
         }
         let keep = now + ms(charge.retention);
-        inner.charges.insert(id, (State::Charged, keep));
+        inner.charges.insert(id, keep);
         if let Some(key) = charge.idempotency {
             inner
                 .idempotency
@@ -275,14 +270,14 @@ impl MemoryStore {
                 subject.in_flight.retain(|(id, _)| &**id != charge_id);
             }
         }
-        let Some((state, expiry)) = inner.charges.get(charge_id).copied() else {
+        let Some(expiry) = inner.charges.remove(charge_id) else {
             return false;
         };
-        if state != State::Charged || expiry <= now {
+        if expiry <= now {
             return false;
         }
-        let next = match settlement {
-            Settlement::Commit => State::Committed,
+        match settlement {
+            Settlement::Commit => {}
             Settlement::Refund => {
                 for scope in scopes {
                     if let Some(subject) = inner.subjects.get_mut(&scope.subject) {
@@ -302,11 +297,7 @@ impl MemoryStore {
                         inner.idempotency.remove(key);
                     }
                 }
-                State::Refunded
             }
-        };
-        if let Some(record) = inner.charges.get_mut(charge_id) {
-            record.0 = next;
         }
         true
     }
