@@ -161,29 +161,41 @@ impl Scenario {
     /// The population: user `i` is `user-i`, with tiers in contiguous blocks by share (so a tier's
     /// users are stable when the population grows), and team users grouped into orgs.
     pub fn users(&self) -> Vec<User> {
+        let bounds = self.tier_bounds();
+        (0..self.population.users)
+            .map(|i| self.user_within(i, &bounds))
+            .collect()
+    }
+
+    /// User `i` of [`Scenario::users`] alone (a simulation makes each user on their first request).
+    pub fn user(&self, i: usize) -> User {
+        self.user_within(i, &self.tier_bounds())
+    }
+
+    /// Each tier with the cumulative share of the population up to its end.
+    fn tier_bounds(&self) -> Vec<(&'static str, f64)> {
         let total: f64 = self.population.tiers.values().sum();
-        let mut bounds = Vec::new();
         let mut acc = 0.0;
-        for tier in TIERS {
-            let share = self.population.tiers.get(tier).copied().unwrap_or(0.0);
-            acc += share / total;
-            bounds.push((tier, acc));
-        }
-        let n = self.population.users;
-        (0..n)
-            .map(|i| {
-                let x = (i as f64 + 0.5) / n as f64;
-                let tier = bounds
-                    .iter()
-                    .find(|(_, b)| x < *b)
-                    .map_or(bounds[bounds.len() - 1].0, |(t, _)| *t);
-                User {
-                    name: format!("user-{i}"),
-                    tier,
-                    org: (tier == "team").then(|| format!("org-{}", i / self.population.org_size)),
-                }
+        TIERS
+            .iter()
+            .map(|&tier| {
+                acc += self.population.tiers.get(tier).copied().unwrap_or(0.0) / total;
+                (tier, acc)
             })
             .collect()
+    }
+
+    fn user_within(&self, i: usize, bounds: &[(&'static str, f64)]) -> User {
+        let x = (i as f64 + 0.5) / self.population.users as f64;
+        let tier = bounds
+            .iter()
+            .find(|(_, b)| x < *b)
+            .map_or(bounds[bounds.len() - 1].0, |(t, _)| *t);
+        User {
+            name: format!("user-{i}"),
+            tier,
+            org: (tier == "team").then(|| format!("org-{}", i / self.population.org_size)),
+        }
     }
 
     /// The arrival schedule: a non-homogeneous Poisson process per phase (thinning against the
@@ -320,6 +332,10 @@ rate = 100
             .iter()
             .filter(|u| u.tier != "team")
             .all(|u| u.org.is_none()));
+        // A user made alone is the same user.
+        for i in [0, 799, 800, 979, 980, 999] {
+            assert_eq!(scenario.user(i), users[i]);
+        }
     }
 
     #[test]

@@ -52,14 +52,19 @@ pub struct Simulated {
 
 /// Events in time order. Arrivals come in time order from the schedule (drawn as they are due, so
 /// a launch day's millions are never held at once), so only worker calls need a heap;
-/// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
-/// call's reports wait in their worker's slot. At equal times arrivals go first, then calls in the
-/// order issued.
+/// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) packed into
+/// one integer that orders the same way (cheaper to compare and move than a tuple), and each call's
+/// reports wait in their worker's slot. At equal times arrivals go first, then calls in the order
+/// issued.
+/// Bits of a call's heap key that name its worker: a fleet of up to a million GPUs, and 2^44 calls.
+const WORKER_BITS: u32 = 20;
+
 struct Agenda<'a> {
     arrivals: std::iter::Peekable<Arrivals<'a>>,
     /// Arrivals taken so far: the next one's index.
     taken: usize,
-    calls: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    /// `time << 64 | issued << WORKER_BITS | worker`.
+    calls: BinaryHeap<Reverse<u128>>,
     in_flight: Vec<Vec<SequenceReport>>,
     issued: u64,
 }
@@ -85,12 +90,14 @@ impl<'a> Agenda<'a> {
     /// `worker`'s call, whose reports were written with `reports_of`, ends at `at_ns`.
     fn push_call(&mut self, at_ns: u64, worker: u32) {
         self.issued += 1;
-        self.calls.push(Reverse((at_ns, self.issued, worker)));
+        let order = (self.issued << WORKER_BITS) | u64::from(worker);
+        self.calls
+            .push(Reverse((u128::from(at_ns) << 64) | u128::from(order)));
     }
 
     fn pop(&mut self) -> Option<(u64, Event)> {
         let arrival = self.arrivals.peek().map(|a| (a.at * 1e9) as u64);
-        let call = self.calls.peek().map(|Reverse((at, _, _))| *at);
+        let call = self.calls.peek().map(|Reverse(key)| (key >> 64) as u64);
         match (arrival, call) {
             (Some(a), c) if c.is_none_or(|c| a <= c) => {
                 let arrival = self.arrivals.next()?;
@@ -98,8 +105,9 @@ impl<'a> Agenda<'a> {
                 Some((a, Event::Arrival(self.taken - 1, arrival)))
             }
             (_, Some(_)) => {
-                let Reverse((at, _, worker)) = self.calls.pop()?;
-                Some((at, Event::CallDone(worker)))
+                let Reverse(key) = self.calls.pop()?;
+                let worker = (key as u64 & ((1 << WORKER_BITS) - 1)) as u32;
+                Some(((key >> 64) as u64, Event::CallDone(worker)))
             }
             _ => None,
         }
@@ -209,23 +217,24 @@ fn simulate_with(
     remember_refusals: bool,
     mut on_end: impl FnMut(&Outcome),
 ) -> Result<Simulated, SimulationError> {
-    if fleet.workers == 0 {
-        return Err(SimulationError::Fleet(
-            "at least one worker is needed".into(),
-        ));
+    if fleet.workers == 0 || fleet.workers > 1 << WORKER_BITS {
+        return Err(SimulationError::Fleet(format!(
+            "a fleet has 1 to {} workers, not {}",
+            1 << WORKER_BITS,
+            fleet.workers
+        )));
     }
     let clock_ms = Arc::new(AtomicU64::new(0));
     let store = {
         let clock = clock_ms.clone();
         MemoryStore::with_clock(Box::new(move || clock.load(Ordering::Relaxed)))
     };
-    let users = scenario.users();
     // Nobody streams progress in a simulation: the first token is noted when its prefill is issued.
     let mut state = SchedulerState::new(config).without_progress_events();
     let mut agenda = Agenda::new(scenario.arrival_stream(prompts.len()), fleet.workers);
     let mut jobs: HashMap<u64, Running> = HashMap::new();
     let mut identities: Vec<Option<Identity>> = Vec::new();
-    identities.resize_with(users.len(), || None);
+    identities.resize_with(scenario.population.users, || None);
     let mut next_job = 1u64;
     let mut processed = 0u64;
     let mut pending_outputs = Vec::new();
@@ -307,10 +316,10 @@ fn simulate_with(
         match event {
             Event::Arrival(i, arrival) => {
                 if identities[arrival.user].is_none() {
-                    let user = &users[arrival.user];
                     // The store and the state machine are this run's own: the user's name needs
                     // no run prefix (as a shared Redis would), and a short key hashes faster.
-                    let name = user.name.clone();
+                    let user = scenario.user(arrival.user);
+                    let name = user.name;
                     let scopes = tiers
                         .scopes(&name, user.org.as_deref(), user.tier, 1.0)
                         .map_err(|e| SimulationError::Quota(e.to_string()))?;
@@ -653,6 +662,23 @@ org_pool = true
             assert!(kinds(&asked, OutcomeKind::Shed) > 0);
             assert_eq!(remembered, asked);
         }
+    }
+
+    #[test]
+    fn calls_end_in_time_order_then_in_the_order_issued() {
+        let scenario = Scenario::from_toml(SPIKE).unwrap();
+        let mut agenda = Agenda::new(scenario.arrival_stream(1), 8);
+        for (at_ns, worker) in [(5, 3), (2, 7), (5, 1), (2, 0), (3, (1 << WORKER_BITS) - 1)] {
+            agenda.push_call(at_ns, worker);
+        }
+        let mut order = Vec::new();
+        while let Some((at, Event::CallDone(worker))) = agenda.pop() {
+            order.push((at, worker));
+        }
+        assert_eq!(
+            order,
+            [(2, 7), (2, 0), (3, (1 << WORKER_BITS) - 1), (5, 3), (5, 1)]
+        );
     }
 
     #[test]
