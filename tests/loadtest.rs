@@ -64,7 +64,11 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
         ]
         .map(String::from)
         .to_vec(),
-        scheduler_args: ["--max-waiting", "12"].map(String::from).to_vec(),
+        // Decode calls of up to 16 steps: a quarter of the calls, so the time each spends outside
+        // the GPU (round trips, the scheduler's turn on 2 busy cores) moves capacity a quarter as much.
+        scheduler_args: ["--max-waiting", "12", "--max-steps-per-call", "16"]
+            .map(String::from)
+            .to_vec(),
         metrics: true,
         ..Default::default()
     })
@@ -178,6 +182,8 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
             "512",
             "--max-waiting",
             "12",
+            "--max-steps-per-call",
+            "16",
             "--call-overhead-ms",
             &format!("{overhead_ms:.3}"),
         ])
