@@ -665,10 +665,7 @@ org_pool = true
         while let Some((at, Event::CallDone(worker))) = agenda.pop() {
             order.push((at, worker));
         }
-        assert_eq!(
-            order,
-            [(2, 7), (2, 0), (3, u32::MAX), (5, 3), (5, 1)]
-        );
+        assert_eq!(order, [(2, 7), (2, 0), (3, u32::MAX), (5, 3), (5, 1)]);
     }
 
     #[test]
