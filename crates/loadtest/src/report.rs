@@ -170,19 +170,17 @@ pub struct Tally {
     phase_names: Vec<String>,
     phase_seconds: Vec<f64>,
     duration: f64,
-    /// Tier name -> deadline, looked up once per tier (tiers are a handful of static names).
-    deadlines: BTreeMap<String, f64>,
-    tier_deadlines: Vec<(&'static str, Option<f64>)>,
+    /// The deadline of each of [`TIERS`], in seconds.
+    deadlines: [Option<f64>; TIERS.len()],
     /// `phase * TIERS.len() + tier`.
     groups: Vec<Group>,
     totals: Group,
     error_codes: BTreeMap<String, usize>,
     timeline: Vec<Second>,
-    /// Per user (population index): completed images, and the index + 1 in `user_tiers` of the
-    /// tier of their first one (0 for none). A vector, not a map: a million users would cost a
-    /// cache miss and an entry each.
+    /// Per user (population index): completed images, and the index in [`TIERS`] of the tier of
+    /// their first one. A vector, not a map: a million users would cost a cache miss and an entry
+    /// each.
     images_per_user: Vec<(u32, u8)>,
-    user_tiers: Vec<&'static str>,
     outcomes: usize,
 }
 
@@ -196,36 +194,24 @@ impl Tally {
             phase_names: scenario.phases.iter().map(|p| p.name.clone()).collect(),
             phase_seconds: scenario.phases.iter().map(|p| p.seconds).collect(),
             duration: scenario.duration(),
-            deadlines: deadlines.clone(),
-            tier_deadlines: Vec::new(),
+            deadlines: TIERS.map(|tier| deadlines.get(tier).copied()),
             groups,
             totals: Group::default(),
             error_codes: BTreeMap::new(),
             timeline: vec![Second::default(); scenario.duration().ceil() as usize + 1],
             images_per_user: Vec::new(),
-            user_tiers: Vec::new(),
             outcomes: 0,
-        }
-    }
-
-    fn deadline_of(&mut self, tier: &'static str) -> Option<f64> {
-        match self.tier_deadlines.iter().find(|(t, _)| *t == tier) {
-            Some(&(_, deadline)) => deadline,
-            None => {
-                let deadline = self.deadlines.get(tier).copied();
-                self.tier_deadlines.push((tier, deadline));
-                deadline
-            }
         }
     }
 
     /// Folds in one request's end.
     pub fn add(&mut self, o: &Outcome) {
         self.outcomes += 1;
-        let in_time = o.kind == OutcomeKind::Completed
-            && self.deadline_of(o.tier).is_none_or(|d| o.latency <= d);
-        self.totals.add(o, in_time);
+        // Scenarios draw users from these tiers only; another tier has no deadline and no group.
         let tier = TIERS.iter().position(|&t| t == o.tier);
+        let deadline = tier.and_then(|t| self.deadlines[t]);
+        let in_time = o.kind == OutcomeKind::Completed && deadline.is_none_or(|d| o.latency <= d);
+        self.totals.add(o, in_time);
         if let (Some(tier), true) = (tier, o.phase < self.phase_names.len()) {
             self.groups[o.phase * TIERS.len() + tier].add(o, in_time);
         }
@@ -248,34 +234,22 @@ impl Tally {
             OutcomeKind::QuotaRefused | OutcomeKind::PolicyRefused => end.refused += 1,
             OutcomeKind::Error => end.errors += 1,
         }
-        if o.kind == OutcomeKind::Completed {
+        if let (OutcomeKind::Completed, Some(tier)) = (o.kind, tier) {
             if self.images_per_user.len() <= o.user {
                 self.images_per_user.resize(o.user + 1, (0, 0));
             }
-            let tier = match self.user_tiers.iter().position(|&t| t == o.tier) {
-                Some(i) => i,
-                None => {
-                    self.user_tiers.push(o.tier);
-                    self.user_tiers.len() - 1
-                }
-            };
-            let entry = &mut self.images_per_user[o.user];
-            entry.0 += 1;
-            if entry.1 == 0 {
-                // A user's tier is that of their first image, as users keep one tier.
-                entry.1 = u8::try_from(tier + 1).unwrap_or(u8::MAX);
-            }
+            // Users keep one tier, so each image of a user names the same.
+            self.images_per_user[o.user] = (self.images_per_user[o.user].0 + 1, tier as u8);
         }
     }
 
     /// The report of `sent` requests and the outcomes folded in.
     pub fn finish(self, sent: usize) -> Report {
         let mut most_images_per_user: BTreeMap<String, usize> = BTreeMap::new();
-        for &(images, tier) in &self.images_per_user {
-            let Some(&tier) = self.user_tiers.get(usize::from(tier).wrapping_sub(1)) else {
-                continue;
-            };
-            let most = most_images_per_user.entry(tier.to_string()).or_insert(0);
+        for &(images, tier) in self.images_per_user.iter().filter(|(n, _)| *n > 0) {
+            let most = most_images_per_user
+                .entry(TIERS[usize::from(tier)].to_string())
+                .or_insert(0);
             *most = (*most).max(images as usize);
         }
         let mut groups = self.groups.into_iter();
