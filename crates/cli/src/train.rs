@@ -14,6 +14,8 @@ use kiln_model::{
 };
 use kiln_scenes::{held_out, CheckResult, Scene, SceneSampler, SceneSpec};
 use kiln_train::{data, PatchCodebook, TrainConfig, Trainer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -75,6 +77,14 @@ pub struct TrainArgs {
     /// projection of the code's pixels (as kiln-shapes 0.2.0 was trained).
     #[arg(long)]
     pub untied_codes: bool,
+    /// Share of training captions replaced by the empty prompt, so that the model also learns
+    /// to draw unconditionally: what classifier-free guidance contrasts the prompt with.
+    #[arg(long, default_value_t = 0.1)]
+    pub caption_dropout: f64,
+    /// Classifier-free guidance scale written into the model's config (1 draws from the prompt
+    /// alone; needs a model trained with `--caption-dropout`).
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Sampling temperature written into the model's config: what requests that set none get.
     #[arg(long)]
     pub default_temperature: Option<f32>,
@@ -118,6 +128,7 @@ impl TrainArgs {
             },
             default_temperature: self.default_temperature,
             default_top_k: self.default_top_k,
+            guidance: self.guidance,
         }
     }
 }
@@ -166,12 +177,20 @@ fn codebook(args: &TrainArgs) -> Result<PatchCodebook> {
 }
 
 /// The examples of step `step`: a sampler seeded by the run and the step, so a resumed run sees
-/// the data it would have seen.
+/// the data it would have seen; `--caption-dropout` of them (drawn from the same seed) have the
+/// empty prompt.
 fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_train::Example> {
     let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
+    let mut dropout = ChaCha8Rng::seed_from_u64(seed ^ 0xd1b5_4a32_d192_ed03);
     SceneSampler::new(seed)
         .take(args.batch)
-        .map(|scene| data::example(&scene, book, args.drawn().0, args.size))
+        .map(|scene| {
+            let mut example = data::example(&scene, book, args.drawn().0, args.size);
+            if dropout.random_bool(args.caption_dropout) {
+                example.prompt.clear();
+            }
+            example
+        })
         .collect()
 }
 
@@ -188,6 +207,9 @@ fn say(bar: &ProgressBar, line: String) {
 pub fn train(args: TrainArgs) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be positive");
+    }
+    if !(0.0..1.0).contains(&args.caption_dropout) {
+        bail!("--caption-dropout must be in [0, 1)");
     }
     if args.draw_scale == 0
         || !args.patch.is_multiple_of(args.draw_scale)
@@ -297,6 +319,9 @@ pub struct EvalArgs {
     /// request that sets neither.
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Classifier-free guidance scale (1: none). Absent: the model's own.
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Images generated together.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -421,8 +446,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if args.batch == 0 || args.per_count == 0 {
         bail!("--batch and --per-count must be positive");
     }
-    let model = Transformer::load(&args.model, &candle_core::Device::Cpu)
+    let mut model = Transformer::load(&args.model, &candle_core::Device::Cpu)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
+    if let Some(guidance) = args.guidance {
+        model.set_guidance(guidance).context("--guidance")?;
+    }
     let cfg = model.config().clone();
     // The model's own codebook, to tell what its tokenizer allows from what the model learned.
     let book = PatchCodebook {
@@ -457,12 +485,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         label: "prompt".into(),
     };
     println!(
-        "{} ({:.2} M parameters), {}px, temperature {}, top-k {}",
+        "{} ({:.2} M parameters), {}px, temperature {}, top-k {}, guidance {}",
         cfg.name,
         cfg.parameter_count() as f64 / 1e6,
         info.default_size,
         temperature,
-        top_k
+        top_k,
+        cfg.guidance.unwrap_or(1.0)
     );
     if let Some(prompt) = &args.prompt {
         let spec = kiln_scenes::parse_caption(prompt)

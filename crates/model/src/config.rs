@@ -43,6 +43,12 @@ pub struct ModelConfig {
     /// Top-k a request gets when it sets neither temperature nor top-k (0, all codes, when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_top_k: Option<u32>,
+    /// Classifier-free guidance scale (absent or 1: none). Each image is also drawn without its
+    /// prompt, in the same batch, and its logits are pushed away from that unconditional draw:
+    /// `uncond + guidance * (cond - uncond)`. Only a model trained with some empty captions
+    /// knows how to draw unconditionally. It doubles the work and the KV cache of every image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f32>,
 }
 
 fn default_eps() -> f32 {
@@ -71,6 +77,7 @@ impl ModelConfig {
             words: Vec::new(),
             default_temperature: None,
             default_top_k: None,
+            guidance: None,
         }
     }
 
@@ -92,6 +99,7 @@ impl ModelConfig {
             words: Vec::new(),
             default_temperature: None,
             default_top_k: None,
+            guidance: None,
         }
     }
 
@@ -133,6 +141,11 @@ impl ModelConfig {
         if let Some(t) = self.default_temperature {
             if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
                 return bad(format!("default_temperature must be in [0, 2], got {t}"));
+            }
+        }
+        if let Some(g) = self.guidance {
+            if !(g.is_finite() && (1.0..=20.0).contains(&g)) {
+                return bad(format!("guidance must be in [1, 20], got {g}"));
             }
         }
         // Words share the byte tokens' ids, and one id is kept for unknown words.
@@ -186,6 +199,11 @@ impl ModelConfig {
     /// Image tokens of a `width` x `height` image.
     pub fn image_tokens(&self, width: u32, height: u32) -> usize {
         (width as usize / self.patch_size) * (height as usize / self.patch_size)
+    }
+
+    /// Whether each image is drawn twice, with and without its prompt (guidance above 1).
+    pub fn guided(&self) -> bool {
+        self.guidance.is_some_and(|g| g > 1.0)
     }
 
     /// Parameters of the model, for reports.

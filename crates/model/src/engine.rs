@@ -129,6 +129,14 @@ struct Sequence {
     cached: usize,
     generated: Vec<u32>,
     total: usize,
+    /// With guidance: the same image drawn without its prompt (its own blocks and positions).
+    unconditional: Option<Unconditional>,
+}
+
+/// The prompt-less twin of a guided sequence: it reads the codes the guided one samples.
+struct Unconditional {
+    blocks: Vec<u32>,
+    cached: usize,
 }
 
 /// The transformer on a candle device with its paged KV cache.
@@ -137,18 +145,117 @@ pub struct CandleEngine {
     cache: PagedKvCache,
     max_batch: usize,
     sequences: HashMap<u64, Sequence>,
+    /// Blocks the scheduler may reserve: all of the cache, or half of it under guidance, whose
+    /// unconditional twins take the other half (a twin never needs more than its sequence).
+    kv_blocks: usize,
+    /// Blocks reserved by the sequences held (their own, not their twins').
+    reserved: usize,
 }
 
 impl CandleEngine {
+    /// An engine holding `kv_blocks` blocks of KV cache (twice that under guidance: the scheduler
+    /// reserves blocks per image, and a guided image holds two sequences).
     pub fn new(model: Transformer, kv_blocks: usize, block_size: usize, max_batch: usize) -> Self {
         let cfg = model.config();
-        let cache = PagedKvCache::new(cfg.n_layers, kv_blocks, block_size, cfg.d_model);
+        let physical = if cfg.guided() {
+            2 * kv_blocks
+        } else {
+            kv_blocks
+        };
+        let cache = PagedKvCache::new(cfg.n_layers, physical, block_size, cfg.d_model);
         CandleEngine {
             model,
             cache,
             max_batch,
             sequences: HashMap::new(),
+            kv_blocks,
+            reserved: 0,
         }
+    }
+
+    /// The unconditional twin's inputs: the prefix of the empty prompt, then `images` image inputs
+    /// from `first` on (it runs in step with its sequence).
+    fn unconditional_tokens(&self, seq: &Sequence, first: usize, images: usize) -> Vec<TokenInput> {
+        let cfg = self.model.config();
+        let prefix = if first == 0 {
+            prefix_tokens(cfg, "", seq.width, seq.height)
+        } else {
+            Vec::new()
+        };
+        let text = prefix.into_iter().enumerate().map(|(i, token)| TokenInput {
+            token,
+            position: Position::Text(i),
+        });
+        text.chain((first..first + images).map(|i| image_input(cfg, seq, i)))
+            .collect()
+    }
+
+    /// Runs `batch` (one entry per sequence in `ids`, in order) through the model, and under
+    /// guidance each sequence's twin beside it in the same batch; returns one row of logits per
+    /// sequence, guided, and advances every twin's position.
+    fn forward_guided(
+        &mut self,
+        ids: &[u64],
+        mut batch: Vec<(Vec<TokenInput>, usize)>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let guidance = self.model.config().guidance.filter(|g| *g > 1.0);
+        if guidance.is_some() {
+            let twins: Vec<(Vec<TokenInput>, usize)> = ids
+                .iter()
+                .zip(&batch)
+                .map(|(id, (tokens, _))| {
+                    let seq = &self.sequences[id];
+                    let twin = seq
+                        .unconditional
+                        .as_ref()
+                        .expect("guided sequences have twins");
+                    let images = tokens
+                        .iter()
+                        .filter(|t| matches!(t.position, Position::Image { .. }))
+                        .count();
+                    let first = seq.generated.len() + 1 - images;
+                    (self.unconditional_tokens(seq, first, images), twin.cached)
+                })
+                .collect();
+            batch.extend(twins);
+        }
+        let tables: Vec<&[u32]> = ids
+            .iter()
+            .map(|id| self.sequences[id].blocks.as_slice())
+            .chain(ids.iter().filter(|_| guidance.is_some()).map(|id| {
+                let twin = self.sequences[id].unconditional.as_ref();
+                twin.expect("guided sequences have twins").blocks.as_slice()
+            }))
+            .collect();
+        let inputs: Vec<SequenceInput> = batch
+            .iter()
+            .zip(&tables)
+            .map(|((tokens, cached), table)| SequenceInput {
+                tokens: tokens.clone(),
+                cached: *cached,
+                block_table: table,
+            })
+            .collect();
+        let mut logits = self.model.forward(&inputs, &mut self.cache)?;
+        drop(inputs);
+        drop(tables);
+        for (i, id) in ids.iter().enumerate() {
+            let seq = self.sequences.get_mut(id).expect("held");
+            seq.cached += batch[i].0.len();
+            if let Some(twin) = seq.unconditional.as_mut() {
+                twin.cached += batch[ids.len() + i].0.len();
+            }
+        }
+        let Some(scale) = guidance else {
+            return Ok(logits);
+        };
+        let unconditional = logits.split_off(ids.len());
+        for (cond, uncond) in logits.iter_mut().zip(&unconditional) {
+            for (c, u) in cond.iter_mut().zip(uncond) {
+                *c = u + scale * (*c - u);
+            }
+        }
+        Ok(logits)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -174,6 +281,15 @@ fn image_input(cfg: &ModelConfig, seq: &Sequence, index: usize) -> TokenInput {
 }
 
 impl CandleEngine {
+    /// Gives a sequence's blocks (and its twin's) back.
+    fn free(&mut self, seq: Sequence) {
+        self.reserved -= seq.blocks.len();
+        self.cache.allocator.release(seq.blocks);
+        if let Some(twin) = seq.unconditional {
+            self.cache.allocator.release(twin.blocks);
+        }
+    }
+
     /// Samples each sequence's next code from its logits; finishes the sequences that are complete.
     fn advance(
         &mut self,
@@ -201,7 +317,7 @@ impl CandleEngine {
                     seq.width,
                     seq.height,
                 )?);
-                self.cache.allocator.release(seq.blocks);
+                self.free(seq);
             }
         }
         Ok(())
@@ -302,7 +418,7 @@ impl Engine for CandleEngine {
         EngineInfo {
             model: format!("{}@{}", cfg.name, cfg.version),
             device: self.model.device_name(),
-            kv_blocks_total: self.cache.allocator.total(),
+            kv_blocks_total: self.kv_blocks,
             block_size: self.cache.block_size(),
             max_batch: self.max_batch,
             sizes: cfg.sizes.clone(),
@@ -315,7 +431,7 @@ impl Engine for CandleEngine {
     }
 
     fn free_blocks(&self) -> usize {
-        self.cache.allocator.free()
+        self.kv_blocks - self.reserved
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {
@@ -332,13 +448,25 @@ impl Engine for CandleEngine {
             &self.info(),
             |id| self.sequences.contains_key(&id),
             self.sequences.len(),
-            self.cache.allocator.free(),
+            self.free_blocks(),
             &seqs,
         )?;
         let cfg = self.model.config().clone();
         let mut inputs = Vec::with_capacity(seqs.len());
         for new in seqs {
             let blocks = self.cache.allocator.allocate(new.kv_blocks)?;
+            self.reserved += blocks.len();
+            // The empty prompt is the shortest: the twin fits in what its sequence reserved.
+            let unconditional = if cfg.guided() {
+                let tokens = prompt_tokens(0) + cfg.image_tokens(new.width, new.height);
+                let blocks = blocks_for(tokens, self.cache.block_size());
+                Some(Unconditional {
+                    blocks: self.cache.allocator.allocate(blocks)?,
+                    cached: 0,
+                })
+            } else {
+                None
+            };
             let mut tokens: Vec<TokenInput> =
                 prefix_tokens(&cfg, &new.prompt, new.width, new.height)
                     .into_iter()
@@ -356,25 +484,15 @@ impl Engine for CandleEngine {
                 cached: 0,
                 total: cfg.image_tokens(new.width, new.height),
                 generated: new.generated,
+                unconditional,
             };
             tokens.extend((0..=seq.generated.len()).map(|i| image_input(&cfg, &seq, i)));
             inputs.push((new.id, tokens));
             self.sequences.insert(new.id, seq);
         }
         let ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
-        let batch: Vec<SequenceInput> = inputs
-            .iter()
-            .map(|(id, tokens)| SequenceInput {
-                tokens: tokens.clone(),
-                cached: 0,
-                block_table: &self.sequences[id].blocks,
-            })
-            .collect();
-        let logits = self.model.forward(&batch, &mut self.cache)?;
-        drop(batch);
-        for (id, tokens) in &inputs {
-            self.sequences.get_mut(id).expect("inserted above").cached = tokens.len();
-        }
+        let batch = inputs.into_iter().map(|(_, tokens)| (tokens, 0)).collect();
+        let logits = self.forward_guided(&ids, batch)?;
         let mut outputs = HashMap::new();
         self.advance(&ids, logits, &mut outputs)?;
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
@@ -396,23 +514,16 @@ impl Engine for CandleEngine {
             if active.is_empty() {
                 break;
             }
-            let (model, sequences) = (&self.model, &self.sequences);
-            let batch: Vec<SequenceInput> = active
+            let cfg = self.model.config();
+            let batch = active
                 .iter()
                 .map(|id| {
-                    let seq = &sequences[id];
-                    SequenceInput {
-                        tokens: vec![image_input(model.config(), seq, seq.generated.len())],
-                        cached: seq.cached,
-                        block_table: &seq.blocks,
-                    }
+                    let seq = &self.sequences[id];
+                    let input = image_input(cfg, seq, seq.generated.len());
+                    (vec![input], seq.cached)
                 })
                 .collect();
-            let logits = model.forward(&batch, &mut self.cache)?;
-            drop(batch);
-            for id in &active {
-                self.sequences.get_mut(id).expect("active").cached += 1;
-            }
+            let logits = self.forward_guided(&active, batch)?;
             self.advance(&active, logits, &mut outputs)?;
         }
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
@@ -425,7 +536,7 @@ impl Engine for CandleEngine {
     fn release(&mut self, ids: &[u64]) {
         for id in ids {
             if let Some(seq) = self.sequences.remove(id) {
-                self.cache.allocator.release(seq.blocks);
+                self.free(seq);
             }
         }
     }
@@ -448,12 +559,123 @@ mod tests {
         refuses_wrong_reservations_and_full_pools_without_leaking,
         refuses_without_leaking_on
     );
+    device_test!(
+        guidance_pushes_the_prompt_away_from_the_empty_one,
+        guidance_pushes_away_from_the_empty_prompt_on
+    );
+    device_test!(
+        guided_images_keep_their_seed_batch_and_resume_invariance,
+        guided_invariance_on
+    );
 
     fn engine(blocks: usize, device: &Device) -> (tempfile::TempDir, CandleEngine) {
+        guided_engine(blocks, None, device)
+    }
+
+    fn guided_engine(
+        blocks: usize,
+        guidance: Option<f32>,
+        device: &Device,
+    ) -> (tempfile::TempDir, CandleEngine) {
         let dir = tempfile::tempdir().unwrap();
-        Transformer::init_random(&ModelConfig::tiny(), 11, dir.path()).unwrap();
+        let cfg = ModelConfig {
+            guidance,
+            ..ModelConfig::tiny()
+        };
+        Transformer::init_random(&cfg, 11, dir.path()).unwrap();
         let model = Transformer::load(dir.path(), device).unwrap();
         (dir, CandleEngine::new(model, blocks, 4, 8))
+    }
+
+    /// Logits of the last of `images` image inputs after `prompt`'s prefix, from the bare model.
+    fn last_logits(e: &CandleEngine, prompt: &str, codes: &[u32]) -> Vec<f32> {
+        let cfg = e.config();
+        let mut cache = PagedKvCache::new(cfg.n_layers, 16, 4, cfg.d_model);
+        let table = cache.allocator.allocate(16).unwrap();
+        let seq = Sequence {
+            width: 32,
+            height: 16,
+            sampling: SamplingParams::default(),
+            blocks: Vec::new(),
+            cached: 0,
+            generated: codes.to_vec(),
+            total: cfg.image_tokens(32, 16),
+            unconditional: None,
+        };
+        let mut tokens: Vec<TokenInput> = prefix_tokens(cfg, prompt, 32, 16)
+            .into_iter()
+            .enumerate()
+            .map(|(i, token)| TokenInput {
+                token,
+                position: Position::Text(i),
+            })
+            .collect();
+        tokens.extend((0..=codes.len()).map(|i| image_input(cfg, &seq, i)));
+        let input = SequenceInput {
+            tokens,
+            cached: 0,
+            block_table: &table,
+        };
+        e.model.forward(&[input], &mut cache).unwrap().remove(0)
+    }
+
+    fn guidance_pushes_away_from_the_empty_prompt_on(device: &Device) {
+        let (_d, mut guided) = guided_engine(32, Some(3.0), device);
+        assert_eq!(guided.info().kv_blocks_total, 32);
+        let codes = vec![5, 9, 1];
+        let mut seq = new_seq(&guided, 1, "a red star", 1, codes.clone());
+        seq.sampling.temperature = 0.0;
+        let reserved = seq.kv_blocks;
+        let out = guided.prefill(vec![seq]).unwrap();
+        // The twin's blocks come from the other half: the scheduler sees its own reservation.
+        assert_eq!(guided.free_blocks(), 32 - reserved);
+        let cond = last_logits(&guided, "a red star", &codes);
+        let uncond = last_logits(&guided, "", &codes);
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let mixed: Vec<f32> = cond
+            .iter()
+            .zip(&uncond)
+            .map(|(c, u)| u + 3.0 * (c - u))
+            .collect();
+        assert_eq!(
+            out[0].tokens,
+            vec![crate::sampling::sample(&mixed, &greedy, codes.len())]
+        );
+        guided.release(&[1]);
+        assert_eq!(guided.free_blocks(), 32);
+        assert_eq!(
+            guided.cache.allocator.free(),
+            64,
+            "twins give their blocks back"
+        );
+    }
+
+    fn guided_invariance_on(device: &Device) {
+        let (_d, mut e) = guided_engine(64, Some(2.0), device);
+        let first = new_seq(&e, 1, "a red star", 7, vec![]);
+        let alone = run_to_end(&mut e, vec![first], 1);
+        assert_eq!(e.free_blocks(), 64);
+        assert_eq!(e.cache.allocator.free(), 128);
+        let mut batch: Vec<NewSequence> = (2..6)
+            .map(|i| new_seq(&e, i, &"x".repeat(i as usize * 3), i, vec![]))
+            .collect();
+        batch.insert(2, new_seq(&e, 100, "a red star", 7, vec![]));
+        let together = run_to_end(&mut e, batch, 3);
+        assert_eq!(together[&100], alone[&1]);
+        let (codes, image) = &alone[&1];
+        let again = new_seq(&e, 7, "a red star", 7, codes[..5].to_vec());
+        let resumed = run_to_end(&mut e, vec![again], 2);
+        let mut joined = codes[..5].to_vec();
+        joined.extend(&resumed[&7].0);
+        assert_eq!(&joined, codes);
+        assert_eq!(&resumed[&7].1, image);
+        let (_d, mut unguided) = engine(64, device);
+        let first = new_seq(&unguided, 1, "a red star", 7, vec![]);
+        let plain = run_to_end(&mut unguided, vec![first], 1);
+        assert_ne!(plain[&1].0, alone[&1].0, "guidance changes what is drawn");
     }
 
     fn new_seq(

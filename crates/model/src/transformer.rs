@@ -242,6 +242,17 @@ impl Transformer {
         &self.cfg
     }
 
+    /// Serves with another classifier-free guidance scale than the model's config names.
+    pub fn set_guidance(&mut self, guidance: f32) -> Result<(), ModelError> {
+        let cfg = ModelConfig {
+            guidance: Some(guidance),
+            ..self.cfg.clone()
+        };
+        cfg.validate()?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
     pub fn codebook(&self) -> &Codebook {
         &self.codebook
     }

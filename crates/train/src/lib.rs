@@ -166,6 +166,7 @@ impl Trainer {
         let architecture = |c: &ModelConfig| ModelConfig {
             default_temperature: None,
             default_top_k: None,
+            guidance: None,
             ..c.clone()
         };
         if architecture(&state.model) != architecture(cfg) {
