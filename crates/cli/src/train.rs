@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// Stop (checkpoint and export) after this many minutes even if steps remain.
     #[arg(long)]
     pub minutes: Option<f64>,
+    /// Stop (checkpoint and export) at this step, with the learning-rate schedule still planned
+    /// for `--steps` (a resumed run can go on from there).
+    #[arg(long)]
+    pub until: Option<usize>,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     #[arg(long, default_value_t = 2e-3)]
@@ -254,7 +258,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let first_step = trainer.step_count();
     let mut recent = Vec::new();
-    while trainer.step_count() < args.steps {
+    let last_step = args.until.map_or(args.steps, |until| until.min(args.steps));
+    while trainer.step_count() < last_step {
         if args
             .minutes
             .is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
@@ -578,4 +583,47 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 fn write_report(path: &Path, figures: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
     std::fs::write(path, serde_json::to_vec_pretty(figures)?)
         .with_context(|| format!("writing --report {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn args(extra: &[&str]) -> TrainArgs {
+        let base = ["kiln", "--out", "/nonexistent", "--work", "/nonexistent"];
+        Cli::parse_from(base.iter().chain(extra)).train
+    }
+
+    #[test]
+    fn caption_dropout_empties_that_share_of_prompts_the_same_way_every_time() {
+        let book = data::learn_codebook(1, 4, 32, 4, 16, 2);
+        let prompts = |a: &TrainArgs, step| -> Vec<String> {
+            batch_for(a, &book, step)
+                .into_iter()
+                .map(|example| example.prompt)
+                .collect()
+        };
+        let kept = args(&["--batch", "64", "--caption-dropout", "0"]);
+        assert!(prompts(&kept, 3).iter().all(|p| !p.is_empty()));
+        let dropped = args(&["--batch", "64", "--caption-dropout", "0.5"]);
+        let batch = prompts(&dropped, 3);
+        let empty = batch.iter().filter(|p| p.is_empty()).count();
+        assert!((16..=48).contains(&empty), "{empty} of 64 dropped");
+        assert_eq!(
+            batch,
+            prompts(&dropped, 3),
+            "a resumed run sees the same batch"
+        );
+        // The scenes are those of the run without dropout: only captions are emptied.
+        for (with, without) in batch.iter().zip(prompts(&kept, 3)) {
+            assert!(with.is_empty() || *with == without);
+        }
+    }
 }

@@ -251,15 +251,32 @@ impl CandleEngine {
         };
         let unconditional = logits.split_off(ids.len());
         for (cond, uncond) in logits.iter_mut().zip(&unconditional) {
-            for (c, u) in cond.iter_mut().zip(uncond) {
-                *c = u + scale * (*c - u);
-            }
+            guide(cond, uncond, scale);
         }
         Ok(logits)
     }
 
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
+    }
+}
+
+/// Under guidance, codes the prompted model finds this much less likely than its favourite are
+/// ruled out: pushing away from the prompt-less model lifts codes both find unlikely (stray
+/// specks), and only the prompted model's plausible codes are worth re-ranking.
+const GUIDANCE_PLAUSIBILITY: f32 = 0.1;
+
+/// Turns `cond` into the guided logits `uncond + scale * (cond - uncond)` over the codes within
+/// [`GUIDANCE_PLAUSIBILITY`] of `cond`'s most likely one, and rules the others out.
+fn guide(cond: &mut [f32], uncond: &[f32], scale: f32) {
+    let best = cond.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let floor = best + GUIDANCE_PLAUSIBILITY.ln();
+    for (c, u) in cond.iter_mut().zip(uncond) {
+        *c = if *c >= floor {
+            u + scale * (*c - u)
+        } else {
+            f32::NEG_INFINITY
+        };
     }
 }
 
@@ -635,11 +652,8 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         };
-        let mixed: Vec<f32> = cond
-            .iter()
-            .zip(&uncond)
-            .map(|(c, u)| u + 3.0 * (c - u))
-            .collect();
+        let mut mixed = cond.clone();
+        guide(&mut mixed, &uncond, 3.0);
         assert_eq!(
             out[0].tokens,
             vec![crate::sampling::sample(&mixed, &greedy, codes.len())]
@@ -651,6 +665,16 @@ mod tests {
             64,
             "twins give their blocks back"
         );
+    }
+
+    #[test]
+    fn guidance_reranks_the_prompted_models_plausible_codes_only() {
+        // Code 2 is likeliest with the prompt; code 1 within a tenth of it; code 0 far below.
+        let mut cond = vec![-5.0, 0.0, 1.0];
+        let uncond = [-9.0, -1.0, 1.0];
+        guide(&mut cond, &uncond, 2.0);
+        assert_eq!(cond[0], f32::NEG_INFINITY, "the unlikely code is ruled out");
+        assert_eq!(cond[1..], [1.0, 1.0]);
     }
 
     fn guided_invariance_on(device: &Device) {
