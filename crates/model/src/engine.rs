@@ -177,17 +177,13 @@ impl CandleEngine {
     /// from `first` on (it runs in step with its sequence).
     fn unconditional_tokens(&self, seq: &Sequence, first: usize, images: usize) -> Vec<TokenInput> {
         let cfg = self.model.config();
-        let prefix = if first == 0 {
-            prefix_tokens(cfg, "", seq.width, seq.height)
+        let mut tokens = if first == 0 {
+            text_inputs(cfg, "", seq.width, seq.height)
         } else {
             Vec::new()
         };
-        let text = prefix.into_iter().enumerate().map(|(i, token)| TokenInput {
-            token,
-            position: Position::Text(i),
-        });
-        text.chain((first..first + images).map(|i| image_input(cfg, seq, i)))
-            .collect()
+        tokens.extend((first..first + images).map(|i| image_input(cfg, seq, i)));
+        tokens
     }
 
     /// Runs `batch` (one entry per sequence in `ids`, in order) through the model, and under
@@ -278,6 +274,18 @@ fn guide(cond: &mut [f32], uncond: &[f32], scale: f32) {
             f32::NEG_INFINITY
         };
     }
+}
+
+/// The text prefix of `prompt` for a `width` x `height` image, at its text positions.
+fn text_inputs(cfg: &ModelConfig, prompt: &str, width: u32, height: u32) -> Vec<TokenInput> {
+    prefix_tokens(cfg, prompt, width, height)
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| TokenInput {
+            token,
+            position: Position::Text(i),
+        })
+        .collect()
 }
 
 /// The image input at position `index`: BOI or the previous code, at the patch it predicts.
@@ -484,15 +492,7 @@ impl Engine for CandleEngine {
             } else {
                 None
             };
-            let mut tokens: Vec<TokenInput> =
-                prefix_tokens(&cfg, &new.prompt, new.width, new.height)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, token)| TokenInput {
-                        token,
-                        position: Position::Text(i),
-                    })
-                    .collect();
+            let mut tokens = text_inputs(&cfg, &new.prompt, new.width, new.height);
             let seq = Sequence {
                 width: new.width,
                 height: new.height,
@@ -619,14 +619,7 @@ mod tests {
             total: cfg.image_tokens(32, 16),
             unconditional: None,
         };
-        let mut tokens: Vec<TokenInput> = prefix_tokens(cfg, prompt, 32, 16)
-            .into_iter()
-            .enumerate()
-            .map(|(i, token)| TokenInput {
-                token,
-                position: Position::Text(i),
-            })
-            .collect();
+        let mut tokens = text_inputs(cfg, prompt, 32, 16);
         tokens.extend((0..=codes.len()).map(|i| image_input(cfg, &seq, i)));
         let input = SequenceInput {
             tokens,
