@@ -60,7 +60,8 @@ pub struct WorkerOpts {
     /// Device: `cpu`, or `cuda:N` in builds with the `cuda` feature.
     #[arg(long, env = env::WORKER_DEVICE, default_value = "cpu")]
     pub device: String,
-    /// KV-cache blocks per worker.
+    /// KV-cache blocks per worker: what the scheduler may reserve. A model served with
+    /// classifier-free guidance holds as many again for its images' prompt-less twins.
     #[arg(long, env = env::WORKER_KV_BLOCKS, default_value_t = 4096)]
     pub kv_blocks: usize,
     /// Tokens per KV-cache block.
