@@ -570,6 +570,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         batch * 1e3,
         batch * 1e3 / args.batch as f64
     );
+    figures.insert("guidance".into(), cfg.guidance.unwrap_or(1.0).into());
     figures.insert("threads".into(), threads.into());
     figures.insert("one_image_seconds".into(), alone.into());
     figures.insert("batch".into(), args.batch.into());

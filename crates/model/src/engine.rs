@@ -26,6 +26,8 @@ pub struct EngineInfo {
     /// The model's sampling defaults (`ModelConfig::default_temperature`, `default_top_k`).
     pub default_temperature: Option<f32>,
     pub default_top_k: Option<u32>,
+    /// Classifier-free guidance scale the engine draws with (`None`: none).
+    pub guidance: Option<f32>,
 }
 
 impl EngineInfo {
@@ -452,6 +454,7 @@ impl Engine for CandleEngine {
             max_prompt_bytes: cfg.max_prompt_bytes,
             default_temperature: cfg.default_temperature,
             default_top_k: cfg.default_top_k,
+            guidance: cfg.guidance.filter(|_| cfg.guided()),
         }
     }
 
@@ -632,6 +635,8 @@ mod tests {
     fn guidance_pushes_away_from_the_empty_prompt_on(device: &Device) {
         let (_d, mut guided) = guided_engine(32, Some(3.0), device);
         assert_eq!(guided.info().kv_blocks_total, 32);
+        assert_eq!(guided.info().guidance, Some(3.0));
+        assert_eq!(guided_engine(32, Some(1.0), device).1.info().guidance, None);
         let codes = vec![5, 9, 1];
         let mut seq = new_seq(&guided, 1, "a red star", 1, codes.clone());
         seq.sampling.temperature = 0.0;

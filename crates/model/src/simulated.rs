@@ -204,6 +204,8 @@ impl Engine for SimulatedEngine {
             max_prompt_bytes: self.config.max_prompt_bytes,
             default_temperature: self.config.default_temperature,
             default_top_k: self.config.default_top_k,
+            // Step times are calibrated per call, not per row: the simulated GPU draws unguided.
+            guidance: None,
         }
     }
 

@@ -341,7 +341,7 @@ pub async fn run<E: Engine>(
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let info = engine.info();
-    info!(worker = %name, ?addr, model = %info.model, device = %info.device, kv_blocks = info.kv_blocks_total, max_batch = info.max_batch, "worker serving");
+    info!(worker = %name, ?addr, model = %info.model, device = %info.device, kv_blocks = info.kv_blocks_total, max_batch = info.max_batch, guidance = info.guidance.unwrap_or(1.0), "worker serving");
     let (reporter, health, reflection) = kiln_proto::standard::services();
     reporter
         .set_serving::<WorkerServer<WorkerService<E>>>()
