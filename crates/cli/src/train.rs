@@ -28,6 +28,9 @@ pub struct TrainArgs {
     /// Model name written into its config.
     #[arg(long, default_value = "kiln-shapes")]
     pub name: String,
+    /// Model version written into its config (reported as `name@version`).
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub model_version: String,
     /// Optimiser steps in all (a resumed run continues up to this many).
     #[arg(long, default_value_t = 3000)]
     pub steps: usize,
@@ -111,7 +114,7 @@ impl TrainArgs {
     fn model_config(&self, codes: usize) -> ModelConfig {
         ModelConfig {
             name: self.name.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: self.model_version.clone(),
             d_model: self.d_model,
             n_layers: self.layers,
             n_heads: self.heads,

@@ -162,8 +162,10 @@ impl Trainer {
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let state: TrainState = serde_json::from_str(&text)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", state_path.display())))?;
-        // Sampling defaults are not the architecture: a run may be exported with new ones.
+        // Neither the version nor the sampling defaults are the architecture: a run may be
+        // exported with new ones.
         let architecture = |c: &ModelConfig| ModelConfig {
+            version: String::new(),
             default_temperature: None,
             default_top_k: None,
             guidance: None,
