@@ -201,9 +201,10 @@ impl ModelConfig {
         (width as usize / self.patch_size) * (height as usize / self.patch_size)
     }
 
-    /// Whether each image is drawn twice, with and without its prompt (guidance above 1).
-    pub fn guided(&self) -> bool {
-        self.guidance.is_some_and(|g| g > 1.0)
+    /// The guidance scale when each image is drawn twice, with and without its prompt (a scale
+    /// above 1); `None` when the prompt alone draws it.
+    pub fn guidance_scale(&self) -> Option<f32> {
+        self.guidance.filter(|&g| g > 1.0)
     }
 
     /// Parameters of the model, for reports.

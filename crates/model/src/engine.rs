@@ -1,6 +1,8 @@
 //! The [`Engine`]: what a worker drives. It holds the live sequences of one device (their block
 //! tables, tokens and sampling state) and executes batched prefill and multi-step decode, rendering
-//! each image the moment its last token is sampled. [`CandleEngine`] runs the real transformer.
+//! each image the moment its last token is sampled. [`CandleEngine`] runs the real transformer,
+//! with classifier-free guidance when the model's config asks for it (a prompt-less twin per image
+//! in the same batch, on its own half of the cache).
 
 use std::collections::HashMap;
 
@@ -159,7 +161,7 @@ impl CandleEngine {
     /// reserves blocks per image, and a guided image holds two sequences).
     pub fn new(model: Transformer, kv_blocks: usize, block_size: usize, max_batch: usize) -> Self {
         let cfg = model.config();
-        let physical = if cfg.guided() {
+        let physical = if cfg.guidance_scale().is_some() {
             2 * kv_blocks
         } else {
             kv_blocks
@@ -175,73 +177,50 @@ impl CandleEngine {
         }
     }
 
-    /// The unconditional twin's inputs: the prefix of the empty prompt, then `images` image inputs
-    /// from `first` on (it runs in step with its sequence).
-    fn unconditional_tokens(&self, seq: &Sequence, first: usize, images: usize) -> Vec<TokenInput> {
-        let cfg = self.model.config();
-        let mut tokens = if first == 0 {
-            text_inputs(cfg, "", seq.width, seq.height)
-        } else {
-            Vec::new()
-        };
-        tokens.extend((first..first + images).map(|i| image_input(cfg, seq, i)));
-        tokens
-    }
-
-    /// Runs `batch` (one entry per sequence in `ids`, in order) through the model, and under
-    /// guidance each sequence's twin beside it in the same batch; returns one row of logits per
-    /// sequence, guided, and advances every twin's position.
+    /// Runs each sequence of `ids` with its new `tokens` through the model, and under guidance
+    /// each one's twin beside it in the same batch; returns one row of logits per sequence,
+    /// guided, and advances every sequence's (and twin's) position.
     fn forward_guided(
         &mut self,
         ids: &[u64],
-        mut batch: Vec<(Vec<TokenInput>, usize)>,
+        tokens: Vec<Vec<TokenInput>>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let guidance = self.model.config().guidance.filter(|g| *g > 1.0);
-        if guidance.is_some() {
-            let twins: Vec<(Vec<TokenInput>, usize)> = ids
-                .iter()
-                .zip(&batch)
-                .map(|(id, (tokens, _))| {
-                    let seq = &self.sequences[id];
-                    let twin = seq
-                        .unconditional
-                        .as_ref()
-                        .expect("guided sequences have twins");
-                    let images = tokens
-                        .iter()
-                        .filter(|t| matches!(t.position, Position::Image { .. }))
-                        .count();
-                    let first = seq.generated.len() + 1 - images;
-                    (self.unconditional_tokens(seq, first, images), twin.cached)
-                })
-                .collect();
-            batch.extend(twins);
-        }
-        let tables: Vec<&[u32]> = ids
+        let cfg = self.model.config();
+        let guidance = cfg.guidance_scale();
+        let mut inputs: Vec<SequenceInput> = ids
             .iter()
-            .map(|id| self.sequences[id].blocks.as_slice())
-            .chain(ids.iter().filter(|_| guidance.is_some()).map(|id| {
-                let twin = self.sequences[id].unconditional.as_ref();
-                twin.expect("guided sequences have twins").blocks.as_slice()
-            }))
-            .collect();
-        let inputs: Vec<SequenceInput> = batch
-            .iter()
-            .zip(&tables)
-            .map(|((tokens, cached), table)| SequenceInput {
-                tokens: tokens.clone(),
-                cached: *cached,
-                block_table: table,
+            .zip(tokens)
+            .map(|(id, tokens)| {
+                let seq = &self.sequences[id];
+                SequenceInput {
+                    tokens,
+                    cached: seq.cached,
+                    block_table: &seq.blocks,
+                }
             })
             .collect();
+        if guidance.is_some() {
+            for id in ids {
+                let seq = &self.sequences[id];
+                let twin = seq
+                    .unconditional
+                    .as_ref()
+                    .expect("guided sequences have twins");
+                inputs.push(SequenceInput {
+                    tokens: twin_inputs(cfg, seq, twin),
+                    cached: twin.cached,
+                    block_table: &twin.blocks,
+                });
+            }
+        }
+        let added: Vec<usize> = inputs.iter().map(|input| input.tokens.len()).collect();
         let mut logits = self.model.forward(&inputs, &mut self.cache)?;
         drop(inputs);
-        drop(tables);
         for (i, id) in ids.iter().enumerate() {
             let seq = self.sequences.get_mut(id).expect("held");
-            seq.cached += batch[i].0.len();
+            seq.cached += added[i];
             if let Some(twin) = seq.unconditional.as_mut() {
-                twin.cached += batch[ids.len() + i].0.len();
+                twin.cached += added[ids.len() + i];
             }
         }
         let Some(scale) = guidance else {
@@ -288,6 +267,18 @@ fn text_inputs(cfg: &ModelConfig, prompt: &str, width: u32, height: u32) -> Vec<
             position: Position::Text(i),
         })
         .collect()
+}
+
+/// The new inputs of `seq`'s prompt-less twin: the empty prompt's prefix on its first call, then
+/// the image inputs it has not read, up to the one its sequence reads next.
+fn twin_inputs(cfg: &ModelConfig, seq: &Sequence, twin: &Unconditional) -> Vec<TokenInput> {
+    let (mut tokens, read) = if twin.cached == 0 {
+        (text_inputs(cfg, "", seq.width, seq.height), 0)
+    } else {
+        (Vec::new(), twin.cached - prompt_tokens(0))
+    };
+    tokens.extend((read..=seq.generated.len()).map(|i| image_input(cfg, seq, i)));
+    tokens
 }
 
 /// The image input at position `index`: BOI or the previous code, at the patch it predicts.
@@ -454,7 +445,7 @@ impl Engine for CandleEngine {
             max_prompt_bytes: cfg.max_prompt_bytes,
             default_temperature: cfg.default_temperature,
             default_top_k: cfg.default_top_k,
-            guidance: cfg.guidance.filter(|_| cfg.guided()),
+            guidance: cfg.guidance_scale(),
         }
     }
 
@@ -485,7 +476,7 @@ impl Engine for CandleEngine {
             let blocks = self.cache.allocator.allocate(new.kv_blocks)?;
             self.reserved += blocks.len();
             // The empty prompt is the shortest: the twin fits in what its sequence reserved.
-            let unconditional = if cfg.guided() {
+            let unconditional = if cfg.guidance_scale().is_some() {
                 let tokens = prompt_tokens(0) + cfg.image_tokens(new.width, new.height);
                 let blocks = blocks_for(tokens, self.cache.block_size());
                 Some(Unconditional {
@@ -510,9 +501,8 @@ impl Engine for CandleEngine {
             inputs.push((new.id, tokens));
             self.sequences.insert(new.id, seq);
         }
-        let ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
-        let batch = inputs.into_iter().map(|(_, tokens)| (tokens, 0)).collect();
-        let logits = self.forward_guided(&ids, batch)?;
+        let (ids, tokens): (Vec<u64>, Vec<_>) = inputs.into_iter().unzip();
+        let logits = self.forward_guided(&ids, tokens)?;
         let mut outputs = HashMap::new();
         self.advance(&ids, logits, &mut outputs)?;
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
@@ -535,15 +525,14 @@ impl Engine for CandleEngine {
                 break;
             }
             let cfg = self.model.config();
-            let batch = active
+            let tokens = active
                 .iter()
                 .map(|id| {
                     let seq = &self.sequences[id];
-                    let input = image_input(cfg, seq, seq.generated.len());
-                    (vec![input], seq.cached)
+                    vec![image_input(cfg, seq, seq.generated.len())]
                 })
                 .collect();
-            let logits = self.forward_guided(&active, batch)?;
+            let logits = self.forward_guided(&active, tokens)?;
             self.advance(&active, logits, &mut outputs)?;
         }
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
