@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_model::{
     CandleEngine, Engine, EngineInfo, ModelConfig, NewSequence, SamplingParams, Transformer,
 };
-use kiln_scenes::{held_out, CheckResult, Scene, SceneSampler, SceneSpec};
+use kiln_scenes::{held_out, CheckResult, ObjectCountMix, Scene, SceneSampler, SceneSpec};
 use kiln_train::{data, PatchCodebook, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -84,6 +84,14 @@ pub struct TrainArgs {
     /// projection of the code's pixels (as kiln-shapes 0.2.0 was trained).
     #[arg(long)]
     pub untied_codes: bool,
+    /// Scale of every code's free output weights in the exported model (a code's output weights
+    /// are a free part plus a projection of its pixels). Below 1 the served model chooses codes
+    /// more by what their pixels show, which a code shares with every code of its colour or
+    /// edge: the free parts learn to avoid codes never seen as targets, such as a held-out colour
+    /// and shape pair's edges. Training is unchanged; a finished run can be re-exported with
+    /// another scale.
+    #[arg(long, default_value_t = 1.0)]
+    pub free_head_scale: f64,
     /// Share of training captions replaced by the empty prompt, so that the model also learns
     /// to draw unconditionally: what classifier-free guidance contrasts the prompt with.
     #[arg(long, default_value_t = 0.1)]
@@ -92,6 +100,10 @@ pub struct TrainArgs {
     /// alone; needs a model trained with `--caption-dropout`).
     #[arg(long)]
     pub guidance: Option<f32>,
+    /// Relative weights of training scenes with 1, 2, 3 and 4 objects (e.g. `3,1,1,1` to draw
+    /// single objects half the time).
+    #[arg(long, value_delimiter = ',', value_name = "W1,W2,W3,W4", default_values_t = [1, 1, 1, 1])]
+    pub object_mix: Vec<u32>,
     /// Sampling temperature written into the model's config: what requests that set none get.
     #[arg(long)]
     pub default_temperature: Option<f32>,
@@ -189,7 +201,7 @@ fn codebook(args: &TrainArgs) -> Result<PatchCodebook> {
 fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_train::Example> {
     let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
     let mut dropout = ChaCha8Rng::seed_from_u64(seed ^ 0xd1b5_4a32_d192_ed03);
-    SceneSampler::new(seed)
+    SceneSampler::with_mix(seed, object_mix(args))
         .take(args.batch)
         .map(|scene| {
             let mut example = data::example(&scene, book, args.drawn().0, args.size);
@@ -199,6 +211,13 @@ fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_tr
             example
         })
         .collect()
+}
+
+fn object_mix(args: &TrainArgs) -> ObjectCountMix {
+    let weights: [u32; 4] = args.object_mix[..]
+        .try_into()
+        .expect("clap takes exactly four weights");
+    ObjectCountMix::new(weights).expect("checked when the run starts")
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw the bar on (a
@@ -218,6 +237,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&args.caption_dropout) {
         bail!("--caption-dropout must be in [0, 1)");
     }
+    if !(0.0..=1.0).contains(&args.free_head_scale) {
+        bail!("--free-head-scale must be in [0, 1]");
+    }
+    if args.free_head_scale != 1.0 && args.untied_codes {
+        bail!("--free-head-scale needs codes tied to their pixels (drop --untied-codes)");
+    }
+    ObjectCountMix::new(
+        args.object_mix[..]
+            .try_into()
+            .context("--object-mix takes four weights")?,
+    )
+    .context("--object-mix")?;
     if args.draw_scale == 0
         || !args.patch.is_multiple_of(args.draw_scale)
         || !(args.size as usize).is_multiple_of(args.patch)
@@ -298,7 +329,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     bar.finish();
     trainer.checkpoint(&args.work)?;
-    trainer.export(&book.scaled(args.draw_scale), &args.out)?;
+    trainer.export_with(
+        &book.scaled(args.draw_scale),
+        args.free_head_scale,
+        &args.out,
+    )?;
     eprintln!(
         "trained {} steps ({} this run, {:.1} min); model written to {}",
         trainer.step_count(),
@@ -628,6 +663,67 @@ mod tests {
         // The scenes are those of the run without dropout: only captions are emptied.
         for (with, without) in batch.iter().zip(prompts(&kept, 3)) {
             assert!(with.is_empty() || *with == without);
+        }
+    }
+
+    #[test]
+    fn the_object_mix_sets_how_many_objects_training_scenes_have() {
+        let book = data::learn_codebook(1, 4, 32, 4, 16, 2);
+        let objects = |a: &TrainArgs| -> Vec<usize> {
+            batch_for(a, &book, 5)
+                .into_iter()
+                .map(|example| {
+                    kiln_scenes::parse_caption(&example.prompt)
+                        .unwrap()
+                        .objects()
+                        .len()
+                })
+                .collect()
+        };
+        let even = objects(&args(&["--batch", "64", "--caption-dropout", "0"]));
+        assert!((1..=4).all(|n| even.contains(&n)), "{even:?}");
+        let singles = args(&[
+            "--batch",
+            "64",
+            "--caption-dropout",
+            "0",
+            "--object-mix",
+            "1,0,0,0",
+        ]);
+        assert!(objects(&singles).iter().all(|&n| n == 1));
+        let pairs = args(&[
+            "--batch",
+            "64",
+            "--caption-dropout",
+            "0",
+            "--object-mix",
+            "0,1,0,0",
+        ]);
+        assert!(objects(&pairs).iter().all(|&n| n == 2));
+        // The default is the even mix the shipped models were trained on.
+        assert_eq!(
+            even,
+            objects(&args(&[
+                "--batch",
+                "64",
+                "--caption-dropout",
+                "0",
+                "--object-mix",
+                "1,1,1,1"
+            ]))
+        );
+    }
+
+    #[test]
+    fn flags_out_of_range_are_refused_before_training() {
+        for flags in [
+            &["--object-mix", "0,0,0,0"][..],
+            &["--object-mix", "1,1,1"],
+            &["--free-head-scale", "1.5"],
+            &["--free-head-scale", "0.5", "--untied-codes"],
+        ] {
+            let error = train(args(flags)).unwrap_err().to_string();
+            assert!(error.contains(flags[0]), "{flags:?}: {error}");
         }
     }
 }

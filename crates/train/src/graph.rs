@@ -164,6 +164,12 @@ impl TrainableModel {
     /// The token embeddings and output weights the model computes with: the variables themselves,
     /// or with each code's pixel projection added.
     fn embeddings_and_head(&self) -> Result<(Tensor, Tensor), TrainError> {
+        self.embeddings_and_head_with(1.0)
+    }
+
+    /// [`Self::embeddings_and_head`] with each code's free output weights scaled by `head_scale`
+    /// (1 for the model as trained).
+    fn embeddings_and_head_with(&self, head_scale: f64) -> Result<(Tensor, Tensor), TrainError> {
         let (tok_emb, head) = (self.var("tok_emb"), self.var("head"));
         let Some(pixels) = &self.code_pixels else {
             return Ok((tok_emb.clone(), head.clone()));
@@ -172,14 +178,38 @@ impl TrainableModel {
         let codes = (tok_emb.narrow(0, first, self.cfg.codebook_size)?
             + pixels.matmul(self.var(PIXELS_IN))?)?;
         let tok_emb = Tensor::cat(&[tok_emb.narrow(0, 0, first)?, codes], 0)?;
-        let head = (head + self.var(PIXELS_OUT).matmul(&pixels.t()?)?)?;
+        // Scaled only when asked: training runs this every step.
+        let free = if head_scale == 1.0 {
+            head.clone()
+        } else {
+            (head * head_scale)?
+        };
+        let head = (free + self.var(PIXELS_OUT).matmul(&pixels.t()?)?)?;
         Ok((tok_emb, head))
     }
 
     /// The weights a worker serves, by name: pixel projections are folded into `tok_emb` and
     /// `head`.
     pub fn served_weights(&self) -> Result<HashMap<String, Tensor>, TrainError> {
-        let (tok_emb, head) = self.embeddings_and_head()?;
+        self.served_weights_with(1.0)
+    }
+
+    /// [`Self::served_weights`] with every code's free output weights scaled by `head_scale`:
+    /// below 1 the served model chooses codes more by what their pixels show. The free parts are
+    /// where training learns which codes it never saw as targets (a held-out colour and shape
+    /// pair's edges) and learns to avoid them; the pixel projection is shared by every code of a
+    /// colour or an edge, so shrinking the free parts lets it speak for those codes. An error for
+    /// a model whose codes are not tied to their pixels.
+    pub fn served_weights_with(
+        &self,
+        head_scale: f64,
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        if head_scale != 1.0 && self.code_pixels.is_none() {
+            return Err(TrainError::Data(
+                "only a model whose codes are tied to their pixels has free parts to scale".into(),
+            ));
+        }
+        let (tok_emb, head) = self.embeddings_and_head_with(head_scale)?;
         self.vars
             .iter()
             .filter(|(name, _)| name != PIXELS_IN && name != PIXELS_OUT)

@@ -275,7 +275,18 @@ impl Trainer {
 
     /// Writes a servable model (what `kiln worker --model` loads) into `dir`.
     pub fn export(&self, codebook: &PatchCodebook, dir: &Path) -> Result<(), TrainError> {
-        let tensors = self.model.served_weights()?;
+        self.export_with(codebook, 1.0, dir)
+    }
+
+    /// [`Self::export`] with the codes' free output weights scaled by `head_scale`
+    /// ([`TrainableModel::served_weights_with`]).
+    pub fn export_with(
+        &self,
+        codebook: &PatchCodebook,
+        head_scale: f64,
+        dir: &Path,
+    ) -> Result<(), TrainError> {
+        let tensors = self.model.served_weights_with(head_scale)?;
         let book = Codebook::new(codebook.patch, codebook.patches.clone())?;
         Transformer::save(&self.model.cfg, tensors, &book, dir)?;
         Ok(())

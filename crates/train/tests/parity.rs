@@ -119,3 +119,71 @@ fn the_training_graph_and_the_serving_model_agree() {
 fn codes_tied_to_their_pixels_are_served_as_trained() {
     assert_graph_and_served_agree(true);
 }
+
+/// `--free-head-scale`: the exported output weights are the free part scaled plus the pixel
+/// projection, so they move linearly with the scale; the embeddings and every other weight stay
+/// as trained. An untied model has no free parts to scale.
+#[test]
+fn scaling_the_free_output_weights_moves_only_the_head_linearly() {
+    let cfg = ModelConfig::tiny();
+    let device = Device::Cpu;
+    let codebook = common::distinct_codebook(&cfg);
+    let config = TrainConfig {
+        pixel_codes: true,
+        warmup: 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&cfg, config.clone(), &codebook, &device).unwrap();
+    let example = Example {
+        prompt: "a red circle".into(),
+        width: 32,
+        height: 32,
+        codes: (0..16).map(|i| (i * 5 % 64) as u32).collect(),
+    };
+    for _ in 0..3 {
+        trainer.train_step(std::slice::from_ref(&example)).unwrap();
+    }
+    let flat = |scale: f64| -> std::collections::HashMap<String, Vec<f32>> {
+        let weights = trainer.model.served_weights_with(scale).unwrap();
+        weights
+            .into_iter()
+            .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    };
+    let (one, zero, half) = (flat(1.0), flat(0.0), flat(0.5));
+    let mut moved = 0;
+    for (i, ((a, b), h)) in one["head"]
+        .iter()
+        .zip(&zero["head"])
+        .zip(&half["head"])
+        .enumerate()
+    {
+        assert!(
+            (h - (a + b) / 2.0).abs() < 1e-5,
+            "head[{i}]: {h} vs {a}, {b}"
+        );
+        moved += usize::from((a - b).abs() > 1e-6);
+    }
+    // Every output weight has a free part (initialised at random), so nearly all move.
+    assert!(
+        moved > one["head"].len() * 9 / 10,
+        "only {moved} output weights moved"
+    );
+    for (name, weights) in &one {
+        if name != "head" {
+            assert_eq!(weights, &zero[name], "{name}");
+        }
+    }
+    let untied = Trainer::new(
+        &cfg,
+        TrainConfig {
+            pixel_codes: false,
+            ..config
+        },
+        &codebook,
+        &device,
+    )
+    .unwrap();
+    assert!(untied.model.served_weights_with(0.5).is_err());
+    assert!(untied.model.served_weights_with(1.0).is_ok());
+}
