@@ -56,17 +56,14 @@ fn the_shipped_model_binds_colours_to_shapes_on_held_out_prompts() {
 }
 
 /// (objects in the prompt, least share of 16 held-out prompts drawn wholly right, least share of
-/// their objects right), at the model's sampling defaults (temperature 0.6, top-k 8, guidance 2).
-/// Measured for kiln-shapes 0.5.0 at this seed: images 100 / 93.8 / 93.8 / 81.2 %, objects 100 /
-/// 96.9 / 100 / 98.4 % (0.4.0: 87.5 / 93.8 / 87.5 / 93.8 and 93.8 / 96.9 / 97.9 / 98.4 %; 0.3.0:
+/// their objects right), at the model's sampling defaults (temperature 0.3, top-k 8, guidance
+/// 1.5). Measured for kiln-shapes 0.5.0 at this seed: images 100 / 100 / 93.8 / 100 %, objects 100
+/// / 100 / 100 / 100 % (0.4.0: 87.5 / 93.8 / 87.5 / 93.8 and 93.8 / 96.9 / 97.9 / 98.4 %; 0.3.0:
 /// 62.5 / 81.2 / 75.0 / 81.2 and 68.8 / 87.5 / 91.7 / 95.3 %; a random model: about 0; on 200
-/// prompts per count: 92.0 / 96.5 / 90.0 / 86.0 %). One large star is the model's weakest prompt.
-const THRESHOLDS: [(usize, f64, f64); 4] = [
-    (1, 0.5, 0.6),
-    (2, 0.6, 0.75),
-    (3, 0.65, 0.85),
-    (4, 0.55, 0.85),
-];
+/// prompts per count: 95.5 / 99.0 / 95.5 / 94.0 %). The floors leave room for another CPU's
+/// rounding to change a few samples.
+const THRESHOLDS: [(usize, f64, f64); 4] =
+    [(1, 0.8, 0.85), (2, 0.8, 0.9), (3, 0.75, 0.9), (4, 0.7, 0.9)];
 
 /// The README's prompt through `kiln up --generate`, at a fixed seed (images are deterministic in
 /// prompt and seed), at the model's sampling defaults: the checker must find exactly what the prompt
@@ -110,7 +107,7 @@ fn the_main_job_draws_the_readme_prompt() {
 }
 
 /// How often the README's prompt comes out exactly, over 64 seeds (`kiln eval --prompt`): measured
-/// 90.2 % over 256 seeds for kiln-shapes 0.5.0 (95.3 % over these 64; 0.4.0: 91.4 %, 0.3.0: 72.7 %,
+/// 94.1 % over 256 seeds for kiln-shapes 0.5.0 (93.8 % over these 64; 0.4.0: 91.4 %, 0.3.0: 72.7 %,
 /// 0.2.0: 86.3 %).
 #[test]
 fn the_readme_prompt_is_drawn_most_times() {
@@ -122,7 +119,7 @@ fn the_readme_prompt_is_drawn_most_times() {
     ]);
     let accuracy = figures["prompt_accuracy"].as_f64().unwrap();
     assert!(
-        accuracy >= 0.75,
+        accuracy >= 0.85,
         "drawn exactly {:.0} % of times: {stdout}",
         accuracy * 100.0
     );
