@@ -201,7 +201,7 @@ fn codebook(args: &TrainArgs) -> Result<PatchCodebook> {
 fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_train::Example> {
     let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
     let mut dropout = ChaCha8Rng::seed_from_u64(seed ^ 0xd1b5_4a32_d192_ed03);
-    SceneSampler::with_mix(seed, object_mix(args))
+    SceneSampler::with_mix(seed, object_mix(args).expect("checked when the run starts"))
         .take(args.batch)
         .map(|scene| {
             let mut example = data::example(&scene, book, args.drawn().0, args.size);
@@ -213,11 +213,12 @@ fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_tr
         .collect()
 }
 
-fn object_mix(args: &TrainArgs) -> ObjectCountMix {
+/// `--object-mix` as the sampler takes it: four weights, at least one positive.
+fn object_mix(args: &TrainArgs) -> Result<ObjectCountMix> {
     let weights: [u32; 4] = args.object_mix[..]
         .try_into()
-        .expect("clap takes exactly four weights");
-    ObjectCountMix::new(weights).expect("checked when the run starts")
+        .context("--object-mix takes four weights")?;
+    ObjectCountMix::new(weights).context("--object-mix")
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw the bar on (a
@@ -243,12 +244,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if args.free_head_scale != 1.0 && args.untied_codes {
         bail!("--free-head-scale needs codes tied to their pixels (drop --untied-codes)");
     }
-    ObjectCountMix::new(
-        args.object_mix[..]
-            .try_into()
-            .context("--object-mix takes four weights")?,
-    )
-    .context("--object-mix")?;
+    object_mix(&args)?;
     if args.draw_scale == 0
         || !args.patch.is_multiple_of(args.draw_scale)
         || !(args.size as usize).is_multiple_of(args.patch)
