@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --test
+# A one-off build gains nothing from incremental caches, which would double the target folder on disk.
+export CARGO_INCREMENTAL=0
+echo "test.sh: $(df -h --output=avail . | tail -1 | tr -d ' ') free on disk before the build" >&2
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The end-to-end tests run the kiln binary: build it first, outside any test's time limit.
@@ -15,3 +18,4 @@ else
 fi
 # nextest does not run doctests: the examples of docs/api.md compile here.
 cargo test --doc --quiet -p kiln-client
+echo "test.sh: the build and tests used $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1) in its target folder" >&2
