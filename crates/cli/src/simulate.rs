@@ -145,11 +145,16 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         )?;
         let report = tally.finish(sim.sent);
         eprintln!(
-            "simulated {:.0} s with {workers} GPUs: {} requests, {} events in {:.2} s wall",
+            "simulated {:.0} s with {workers} GPUs: {} requests, {} events in {:.2} s wall \
+             (admission waited for scheduling {} times, {:.2} s; scheduling waited for admission \
+             {:.2} s)",
             scenario.duration(),
             sim.sent,
             sim.events,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            sim.admission_waits,
+            sim.admission_waited.as_secs_f64(),
+            sim.scheduling_waited.as_secs_f64(),
         );
         Ok(report)
     };

@@ -156,7 +156,12 @@ impl MemoryStore {
     /// [`QuotaStore::admit`], synchronously: the memory store never waits, so a driver in virtual
     /// time (the simulator) calls it without an executor or a boxed future.
     pub fn admit_now(&self, charge: &Charge<'_>) -> Decision {
-        let now = self.now();
+        self.admit_at(charge, self.now())
+    }
+
+    /// [`admit_now`](Self::admit_now) at `now` (ms on the store's clock), for a driver with a
+    /// clock of its own per caller (the simulator's threads, each at its own virtual time).
+    pub fn admit_at(&self, charge: &Charge<'_>, now: u64) -> Decision {
         let mut inner = self.lock();
         inner.sweep(now);
         if let Some(key) = charge.idempotency {
@@ -263,7 +268,18 @@ impl MemoryStore {
         scopes: &[Scope],
         settlement: Settlement,
     ) -> bool {
-        let now = self.now();
+        self.settle_at(charge_id, idempotency, scopes, settlement, self.now())
+    }
+
+    /// [`settle_now`](Self::settle_now) at `now` (ms on the store's clock).
+    pub fn settle_at(
+        &self,
+        charge_id: &str,
+        idempotency: Option<&str>,
+        scopes: &[Scope],
+        settlement: Settlement,
+        now: u64,
+    ) -> bool {
         let mut inner = self.lock();
         for scope in scopes {
             if let Some(subject) = inner.subjects.get_mut(&scope.subject) {

@@ -2,18 +2,19 @@
 //! rules (the tier table and the in-memory quota store, on a virtual clock) and scheduled by Kiln's
 //! own scheduler state machine against N simulated GPUs whose calls take the time a calibrated
 //! [`StepCost`] predicts. Nothing sleeps: an hour of launch day runs as fast as the events can be
-//! processed, and the outcome is the same [`Report`] a real load test prints.
+//! processed, on two threads (admission and scheduling, see [`simulate`]), and the outcome is the
+//! same report a real load test prints, the same as if one thread had played every event in order.
 
 #![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
-use kiln_loadtest::scenario::Arrivals;
 use kiln_loadtest::{Arrival, Outcome, OutcomeKind, Scenario};
 use kiln_model::{ModelConfig, StepCost};
 use kiln_quota::{Charge, Decision, MemoryStore, Refusal, Scope, Settlement, TierTable};
@@ -41,6 +42,8 @@ pub enum SimulationError {
     Quota(String),
     #[error("fleet: {0}")]
     Fleet(String),
+    #[error("the scheduling thread stopped before admission ended")]
+    Stopped,
 }
 
 /// How much a simulation did; each request's [`Outcome`] went to the caller as it ended.
@@ -48,30 +51,153 @@ pub struct Simulated {
     pub sent: usize,
     /// Events processed (arrivals and worker calls).
     pub events: u64,
+    /// How often admission waited for scheduling (an arrival whose answer a settlement could
+    /// change), and how long in all (wall time).
+    pub admission_waits: u64,
+    pub admission_waited: Duration,
+    /// How long scheduling waited for arrivals to be handed over (wall time).
+    pub scheduling_waited: Duration,
 }
 
-/// Events in time order. Arrivals come in time order from the schedule (drawn as they are due, so
-/// a launch day's millions are never held at once), so only worker calls need a heap;
-/// a GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
+/// Arrivals handed from admission to scheduling at once (fewer when scheduling waits for them).
+const BATCH: usize = 512;
+/// Batches admission may run ahead of scheduling.
+const BATCHES_AHEAD: usize = 64;
+/// Set in a user's [`InFlight`] entry by a refund (which forgets a remembered refusal); the bits
+/// below it count the charges in flight.
+const REFUNDED: u32 = 1 << 31;
+
+/// Per subject, shared by the two threads: the charges admitted and not yet settled, and (for a
+/// user) [`REFUNDED`]. Users are at their population index; organisations follow, in the order
+/// admission meets them.
+type InFlight = [AtomicU32];
+
+/// What admission hands to scheduling, in arrival order.
+enum Message {
+    Admitted {
+        at_ns: u64,
+        job: Job,
+        running: Running,
+    },
+    Refused {
+        at_ns: u64,
+        outcome: Outcome,
+    },
+}
+
+impl Message {
+    fn at_ns(&self) -> u64 {
+        match self {
+            Message::Admitted { at_ns, .. } | Message::Refused { at_ns, .. } => *at_ns,
+        }
+    }
+}
+
+/// How the two threads take turns.
+///
+/// Scheduling plays events in time order (arrivals before calls at equal times, as one thread
+/// would), and plays a call only when every arrival before it has been handed over: the
+/// `frontier`. Admission asks the quota store about an arrival at time t without waiting, unless a
+/// settlement before t could change the store's answer: the user has a charge in flight (its
+/// settlement removes a lease, a refund also a window's charge), or draws on an organisation's
+/// pool that has one (any member's). Then admission hands over what it has, moves the frontier to
+/// t and waits until scheduling says it has played every event before t. Both threads count the
+/// charges in flight per subject ([`InFlight`]): admission when it admits, scheduling once it has
+/// settled.
+#[derive(Default)]
+struct Handoff {
+    /// Every arrival before this time (ns) has been handed over; `u64::MAX` once admission ended.
+    frontier: Padded<AtomicU64>,
+    /// Published by scheduling while it waits: the messages it has played, outputs included, and
+    /// the time before which it has played every call.
+    played_messages: Padded<AtomicU64>,
+    played_before: Padded<AtomicU64>,
+    /// Scheduling waits for arrivals: admission hands over what it has at once.
+    hungry: Padded<AtomicBool>,
+    /// Scheduling stopped (it panicked): admission must not wait for it.
+    scheduling_stopped: AtomicBool,
+}
+
+/// A value on cache lines of its own, so that one thread writing it does not slow the other
+/// thread's reads of its neighbours.
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Spins a little, then lets the other thread have the core.
+fn back_off(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Sets the handoff's flag on drop, however the holder's thread ends.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// The arrivals scheduling has been handed and not yet played.
+struct Inbox {
+    batches: Receiver<VecDeque<Message>>,
+    /// Emptied batches go back for reuse.
+    spare: SyncSender<VecDeque<Message>>,
+    messages: VecDeque<Message>,
+    /// Messages taken so far.
+    taken: u64,
+}
+
+impl Inbox {
+    /// Takes the next batch handed over, if there is one (`messages` is empty).
+    fn refill(&mut self) -> bool {
+        match self.batches.try_recv() {
+            Ok(mut batch) => {
+                std::mem::swap(&mut self.messages, &mut batch);
+                let _ = self.spare.try_send(batch);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Scheduling's events in time order: the arrivals handed over, and the worker calls in flight.
+/// A GPU has at most one call in flight, so the heap holds (time, order issued, worker) and each
 /// call's reports wait in their worker's slot. At equal times arrivals go first, then calls in the
 /// order issued.
 struct Agenda<'a> {
-    arrivals: std::iter::Peekable<Arrivals<'a>>,
-    /// Arrivals taken so far: the next one's index.
-    taken: usize,
+    inbox: Inbox,
+    handoff: &'a Handoff,
     calls: BinaryHeap<Reverse<(u64, u64, u32)>>,
     in_flight: Vec<Vec<SequenceReport>>,
     issued: u64,
+    /// Wall time spent waiting for admission.
+    waited: Duration,
 }
 
 impl<'a> Agenda<'a> {
-    fn new(arrivals: Arrivals<'a>, workers: usize) -> Self {
+    fn new(inbox: Inbox, handoff: &'a Handoff, workers: usize) -> Self {
         Agenda {
-            arrivals: arrivals.peekable(),
-            taken: 0,
+            inbox,
+            handoff,
             calls: BinaryHeap::new(),
             in_flight: vec![Vec::new(); workers],
             issued: 0,
+            waited: Duration::ZERO,
         }
     }
 
@@ -88,27 +214,65 @@ impl<'a> Agenda<'a> {
         self.calls.push(Reverse((at_ns, self.issued, worker)));
     }
 
+    fn pop_call(&mut self) -> Option<(u64, Event)> {
+        let Reverse((at, _, worker)) = self.calls.pop()?;
+        Some((at, Event::CallDone(worker)))
+    }
+
+    /// The next event, waiting for admission when the next call is not before its frontier. Called
+    /// when the previous event and its outputs have been played.
     fn pop(&mut self) -> Option<(u64, Event)> {
-        let arrival = self.arrivals.peek().map(|a| (a.at * 1e9) as u64);
-        let call = self.calls.peek().map(|Reverse((at, _, _))| *at);
-        match (arrival, call) {
-            (Some(a), c) if c.is_none_or(|c| a <= c) => {
-                let arrival = self.arrivals.next()?;
-                self.taken += 1;
-                Some((a, Event::Arrival(self.taken - 1, arrival)))
+        let mut waiting_since: Option<Instant> = None;
+        let event = self.pop_waiting(&mut waiting_since);
+        if let Some(since) = waiting_since {
+            self.waited += since.elapsed();
+        }
+        event
+    }
+
+    fn pop_waiting(&mut self, waiting_since: &mut Option<Instant>) -> Option<(u64, Event)> {
+        let mut published = None;
+        let mut spins = 0;
+        loop {
+            let call = self.calls.peek().map(|Reverse((at, _, _))| *at);
+            if let Some(at) = self.inbox.messages.front().map(Message::at_ns) {
+                if call.is_some_and(|c| c < at) {
+                    return self.pop_call();
+                }
+                let message = self.inbox.messages.pop_front()?;
+                self.inbox.taken += 1;
+                return Some((at, Event::Arrival(message)));
             }
-            (_, Some(_)) => {
-                let Reverse((at, _, worker)) = self.calls.pop()?;
-                Some((at, Event::CallDone(worker)))
+            // The frontier is read before looking for a batch: one handed over before the frontier
+            // moved is then found.
+            let frontier = self.handoff.frontier.load(Ordering::Acquire);
+            if self.inbox.refill() {
+                continue;
             }
-            _ => None,
+            match call {
+                Some(c) if c < frontier => return self.pop_call(),
+                None if frontier == u64::MAX => return None,
+                _ => {}
+            }
+            // Every event before the frontier is played: say so, and wait for arrivals.
+            if published != Some(frontier) {
+                let handoff = self.handoff;
+                handoff
+                    .played_messages
+                    .store(self.inbox.taken, Ordering::Release);
+                handoff.played_before.store(frontier, Ordering::Release);
+                handoff.hungry.store(true, Ordering::Release);
+                published = Some(frontier);
+                waiting_since.get_or_insert_with(Instant::now);
+            }
+            back_off(&mut spins);
         }
     }
 }
 
 enum Event {
-    /// The arrival and its index in the schedule.
-    Arrival(usize, Arrival),
+    /// An arrival, admitted or refused.
+    Arrival(Message),
     /// A worker's call ended; its reports are in the worker's slot.
     CallDone(u32),
 }
@@ -152,7 +316,9 @@ impl SimulatedGpu {
 /// and tier (kept here so that a request reads one entry of the million-user population).
 struct Identity {
     name: String,
-    scopes: Vec<Scope>,
+    scopes: Arc<[Scope]>,
+    /// The entry in [`InFlight`] of the organisation whose pool the user draws on.
+    org: Option<u32>,
     tier: &'static str,
     /// The store refused this user until then (ms on the store's clock), and nothing has been
     /// refunded to them since. A refusal with a retry time stands until that time: a window keeps
@@ -170,6 +336,9 @@ struct Running {
     phase: usize,
     /// The arrival's index, which names its quota charge (see [`charge_id`]).
     charge: usize,
+    /// The scopes charged, to settle, and the pool's entry in [`InFlight`].
+    scopes: Arc<[Scope]>,
+    org: Option<u32>,
     prompt_tokens: usize,
     image_tokens: usize,
     first_progress: Option<f64>,
@@ -184,9 +353,25 @@ fn tier_of(name: &str) -> Tier {
     }
 }
 
+/// How a run may differ from the plainest one; every choice gives the same outcomes.
+#[derive(Clone, Copy)]
+struct Options {
+    /// Refuse without asking the store until a remembered refusal's retry time (see [`Identity`]).
+    remember_refusals: bool,
+    /// Admission waits for scheduling before every arrival, as one thread playing every event in
+    /// order would.
+    lockstep: bool,
+}
+
 /// Plays `scenario` against `fleet` with `tiers` and the scheduler's `config`; each request's
-/// outcome goes to `on_end` as it ends (in virtual time), e.g. into a report's
-/// [`kiln_loadtest::Tally`].
+/// outcome goes to `on_end` as it ends (in virtual time, in the order of events), e.g. into a
+/// report's [`kiln_loadtest::Tally`].
+///
+/// Two threads play it: admission draws the arrivals, makes each user's identity on their first
+/// request and asks the quota store; scheduling runs the state machine, the GPUs' calls and the
+/// settlements, and reports. They take turns only where an answer of the store depends on a
+/// settlement (see [`Handoff`]), so the outcomes are those of one thread playing every event in
+/// time order (a test compares them).
 pub fn simulate(
     scenario: &Scenario,
     fleet: &Fleet,
@@ -195,38 +380,328 @@ pub fn simulate(
     prompts: &[String],
     on_end: impl FnMut(&Outcome),
 ) -> Result<Simulated, SimulationError> {
-    simulate_with(scenario, fleet, tiers, config, prompts, true, on_end)
+    let options = Options {
+        remember_refusals: true,
+        lockstep: false,
+    };
+    simulate_with(scenario, fleet, tiers, config, prompts, options, on_end)
 }
 
-/// [`simulate`]; `remember_refusals` off asks the store about every request (the tests check that
-/// remembering changes no outcome).
 fn simulate_with(
     scenario: &Scenario,
     fleet: &Fleet,
     tiers: &TierTable,
     config: SchedulerConfig,
     prompts: &[String],
-    remember_refusals: bool,
-    mut on_end: impl FnMut(&Outcome),
+    options: Options,
+    on_end: impl FnMut(&Outcome),
 ) -> Result<Simulated, SimulationError> {
     if fleet.workers == 0 {
         return Err(SimulationError::Fleet(
             "at least one worker is needed".into(),
         ));
     }
-    let clock_ms = Arc::new(AtomicU64::new(0));
-    let store = {
-        let clock = clock_ms.clone();
-        MemoryStore::with_clock(Box::new(move || clock.load(Ordering::Relaxed)))
+    // The store is asked and settled at explicit virtual times, by both threads.
+    let store = MemoryStore::new();
+    // Room for every user and as many organisations (each has at least one member).
+    let in_flight: Vec<AtomicU32> = (0..2 * scenario.population.users)
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    let handoff = Handoff::default();
+    let (batches, inbox) = sync_channel(BATCHES_AHEAD);
+    let (spare, spares) = sync_channel(BATCHES_AHEAD + 2);
+    let inbox = Inbox {
+        batches: inbox,
+        spare,
+        messages: VecDeque::new(),
+        taken: 0,
     };
+    let admission = Admission {
+        scenario,
+        fleet,
+        tiers,
+        prompts,
+        store: &store,
+        in_flight: &in_flight,
+        handoff: &handoff,
+        batches,
+        spares,
+        options,
+    };
+    let (played, admitted) = std::thread::scope(|threads| {
+        let admitted = std::thread::Builder::new()
+            .name("sim-admission".into())
+            .spawn_scoped(threads, || admission.run())
+            .map_err(|e| SimulationError::Fleet(format!("starting the admission thread: {e}")))?;
+        let played = {
+            let _stopped = OnDrop(|| {
+                handoff.scheduling_stopped.store(true, Ordering::Release);
+            });
+            schedule(fleet, config, &store, &in_flight, &handoff, inbox, on_end)
+        };
+        let admitted = admitted
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok((played, admitted))
+    })?;
+    let admitted = admitted?;
+    // A launch day leaves millions of entries in the store and the state machine: the other core
+    // frees them while the caller reports.
+    let (identities, leftovers) = (admitted.identities, played.leftovers);
+    std::thread::spawn(move || drop((store, leftovers, identities, in_flight)));
+    Ok(Simulated {
+        sent: admitted.taken,
+        events: played.events,
+        admission_waits: admitted.waits,
+        admission_waited: admitted.waited,
+        scheduling_waited: played.waited,
+    })
+}
+
+/// The admission thread's share of a run.
+struct Admission<'a> {
+    scenario: &'a Scenario,
+    fleet: &'a Fleet,
+    tiers: &'a TierTable,
+    prompts: &'a [String],
+    store: &'a MemoryStore,
+    in_flight: &'a InFlight,
+    handoff: &'a Handoff,
+    batches: SyncSender<VecDeque<Message>>,
+    spares: Receiver<VecDeque<Message>>,
+    options: Options,
+}
+
+/// What admission did: the arrivals drawn, the identities made (to free elsewhere), and its waits
+/// for scheduling.
+struct Admitted {
+    taken: usize,
+    identities: Vec<Option<Identity>>,
+    waits: u64,
+    waited: Duration,
+}
+
+impl Admission<'_> {
+    /// Draws every arrival, asks the store, and hands each to scheduling in order.
+    fn run(self) -> Result<Admitted, SimulationError> {
+        let handoff = self.handoff;
+        // However admission ends, scheduling stops waiting for it.
+        let _ended = OnDrop(|| handoff.frontier.store(u64::MAX, Ordering::Release));
+        let (scenario, tiers, options) = (self.scenario, self.tiers, self.options);
+        let mut arrivals = scenario.arrival_stream(self.prompts.len()).peekable();
+        let mut identities: Vec<Option<Identity>> = Vec::new();
+        identities.resize_with(scenario.population.users, || None);
+        let mut batch = VecDeque::with_capacity(BATCH);
+        let mut handed = 0u64;
+        let mut taken = 0usize;
+        let mut next_job = 1u64;
+        let mut charge_buffer = String::new();
+        let (mut waits, mut waited) = (0, Duration::ZERO);
+        // Organisation name -> its entry in `in_flight`.
+        let mut orgs: HashMap<String, u32> = HashMap::new();
+        while let Some(arrival) = arrivals.next() {
+            let index = taken;
+            taken += 1;
+            let at_ns = nanos(arrival.at);
+            if identities[arrival.user].is_none() {
+                // The store and the state machine are this run's own: the user's name needs
+                // no run prefix (as a shared Redis would), and a short key hashes faster.
+                let user = scenario.user(arrival.user);
+                let name = user.name;
+                let scopes = tiers
+                    .scopes(&name, user.org.as_deref(), user.tier, 1.0)
+                    .map_err(|e| SimulationError::Quota(e.to_string()))?;
+                // Only a pool's members share its room (a member of an org whose tier has no
+                // pool has one scope).
+                let org = user.org.filter(|_| scopes.len() > 1).map(|org| {
+                    let next = (scenario.population.users + orgs.len()) as u32;
+                    *orgs.entry(org).or_insert(next)
+                });
+                identities[arrival.user] = Some(Identity {
+                    name,
+                    scopes: scopes.into(),
+                    org,
+                    tier: user.tier,
+                    refused_until_ms: 0,
+                });
+            }
+            let identity = identities[arrival.user].as_mut().expect("made above");
+            let flags = &self.in_flight[arrival.user];
+            let mut seen = flags.load(Ordering::Acquire);
+            let pool_in_flight = identity
+                .org
+                .is_some_and(|org| self.in_flight[org as usize].load(Ordering::Acquire) != 0);
+            if options.lockstep || pool_in_flight || seen & !REFUNDED != 0 {
+                // A settlement before this arrival may change the store's answer.
+                handed += self.hand_over(&mut batch)?;
+                handoff.frontier.store(at_ns, Ordering::Release);
+                let since = Instant::now();
+                self.wait_until_played(handed, at_ns)?;
+                waits += 1;
+                waited += since.elapsed();
+                seen = flags.load(Ordering::Acquire);
+            }
+            if seen & REFUNDED != 0 {
+                // The refund made room: the store decides this user's next request.
+                flags.fetch_and(!REFUNDED, Ordering::AcqRel);
+                identity.refused_until_ms = 0;
+            }
+            let now_ms = at_ns / 1_000_000;
+            let admitted = if now_ms < identity.refused_until_ms {
+                false
+            } else {
+                let decision = self.store.admit_at(
+                    &Charge {
+                        charge_id: charge_id(index, &mut charge_buffer),
+                        idempotency: None,
+                        scopes: &identity.scopes,
+                        lease: Duration::from_secs(3600 * 24),
+                        retention: tiers.longest_window(),
+                    },
+                    now_ms,
+                );
+                if let Decision::Refused(Refusal {
+                    retry_after: Some(retry),
+                    ..
+                }) = &decision
+                {
+                    if options.remember_refusals && identity.scopes.len() == 1 {
+                        identity.refused_until_ms = now_ms + retry.as_millis() as u64;
+                    }
+                }
+                matches!(decision, Decision::Admitted(_))
+            };
+            batch.push_back(self.message(&arrival, at_ns, index, identity, admitted, &mut next_job));
+            if admitted {
+                flags.fetch_add(1, Ordering::AcqRel);
+                if let Some(org) = identity.org {
+                    self.in_flight[org as usize].fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            if batch.len() >= BATCH || handoff.hungry.load(Ordering::Acquire) {
+                handed += self.hand_over(&mut batch)?;
+                let next = arrivals.peek().map_or(u64::MAX, |a| nanos(a.at));
+                handoff.frontier.store(next, Ordering::Release);
+            }
+        }
+        self.hand_over(&mut batch)?;
+        Ok(Admitted {
+            taken,
+            identities,
+            waits,
+            waited,
+        })
+    }
+
+    /// What scheduling is handed of `arrival`: the job to submit, or the refusal to report.
+    fn message(
+        &self,
+        arrival: &Arrival,
+        at_ns: u64,
+        index: usize,
+        identity: &Identity,
+        admitted: bool,
+        next_job: &mut u64,
+    ) -> Message {
+        let prompt_tokens = kiln_model::engine::prompt_tokens(
+            self.prompts[arrival.prompt % self.prompts.len()].len(),
+        );
+        let image_tokens = self.fleet.model.image_tokens(arrival.size, arrival.size);
+        let running = Running {
+            sent_at: arrival.at,
+            user: arrival.user,
+            tier: identity.tier,
+            phase: arrival.phase,
+            charge: index,
+            scopes: identity.scopes.clone(),
+            org: identity.org,
+            prompt_tokens,
+            image_tokens,
+            first_progress: None,
+        };
+        if !admitted {
+            return Message::Refused {
+                at_ns,
+                outcome: outcome(&running, OutcomeKind::QuotaRefused, arrival.at),
+            };
+        }
+        let id = *next_job;
+        *next_job += 1;
+        let job = Job {
+            id,
+            user: identity.name.clone(),
+            tier: tier_of(identity.tier),
+            prompt_tokens,
+            image_tokens,
+        };
+        Message::Admitted {
+            at_ns,
+            job,
+            running,
+        }
+    }
+
+    /// Hands the batch at hand to scheduling; how many messages it held.
+    fn hand_over(&self, batch: &mut VecDeque<Message>) -> Result<u64, SimulationError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let handed = batch.len() as u64;
+        let next = self
+            .spares
+            .try_recv()
+            .unwrap_or_else(|_| VecDeque::with_capacity(BATCH));
+        self.handoff.hungry.store(false, Ordering::Release);
+        self.batches
+            .send(std::mem::replace(batch, next))
+            .map_err(|_| SimulationError::Stopped)?;
+        Ok(handed)
+    }
+
+    /// Waits until scheduling has played the `handed` messages and every event before `at_ns`.
+    fn wait_until_played(&self, handed: u64, at_ns: u64) -> Result<(), SimulationError> {
+        let handoff = self.handoff;
+        let mut spins = 0;
+        while handoff.played_messages.load(Ordering::Acquire) != handed
+            || handoff.played_before.load(Ordering::Acquire) < at_ns
+        {
+            if handoff.scheduling_stopped.load(Ordering::Acquire) {
+                return Err(SimulationError::Stopped);
+            }
+            back_off(&mut spins);
+        }
+        Ok(())
+    }
+}
+
+fn nanos(seconds: f64) -> u64 {
+    (seconds * 1e9) as u64
+}
+
+/// What scheduling did: the events played, its wall time waiting for arrivals, and what is left
+/// to free.
+struct Scheduled {
+    events: u64,
+    waited: Duration,
+    leftovers: (SchedulerState, Vec<SimulatedGpu>),
+}
+
+/// The scheduling thread's share of a run: plays every event until admission has ended and no
+/// call is in flight.
+fn schedule(
+    fleet: &Fleet,
+    config: SchedulerConfig,
+    store: &MemoryStore,
+    in_flight: &InFlight,
+    handoff: &Handoff,
+    inbox: Inbox,
+    mut on_end: impl FnMut(&Outcome),
+) -> Scheduled {
     // Nobody streams progress in a simulation: the first token is noted when its prefill is issued.
     let mut state = SchedulerState::new(config).without_progress_events();
-    let mut agenda = Agenda::new(scenario.arrival_stream(prompts.len()), fleet.workers);
+    let mut agenda = Agenda::new(inbox, handoff, fleet.workers);
     let mut jobs: HashMap<u64, Running> = HashMap::new();
-    let mut identities: Vec<Option<Identity>> = Vec::new();
-    identities.resize_with(scenario.population.users, || None);
-    let mut next_job = 1u64;
-    let mut processed = 0u64;
+    let mut played = 0u64;
     let mut pending_outputs = Vec::new();
     for w in 0..fleet.workers as u32 {
         pending_outputs.extend(state.add_worker(w, fleet.capacity, Duration::ZERO));
@@ -257,120 +732,45 @@ fn simulate_with(
                     }
                     agenda.push_call(ends, worker);
                 }
-                Output::Event { job, event } => match event {
-                    // Recorded when the prefill was issued (above): no lookup per decoded token.
-                    JobEvent::Progress { .. } => {}
-                    JobEvent::Finished { .. } => {
-                        if let Some(r) = jobs.remove(&job) {
-                            settle(
-                                &store,
-                                &r,
-                                &identities,
-                                &mut charge_buffer,
-                                Settlement::Commit,
-                            );
-                            on_end(&outcome(&r, OutcomeKind::Completed, now_s));
+                Output::Event { job, event } => {
+                    let (kind, settlement) = match event {
+                        // Recorded when the prefill was issued (above): no lookup per token.
+                        JobEvent::Finished { .. } => (OutcomeKind::Completed, Settlement::Commit),
+                        JobEvent::Failed(FailReason::Shed { .. }) => {
+                            (OutcomeKind::Shed, Settlement::Refund)
                         }
+                        JobEvent::Failed(_) => (OutcomeKind::Error, Settlement::Refund),
+                        _ => continue,
+                    };
+                    let Some(r) = jobs.remove(&job) else {
+                        continue;
+                    };
+                    let charge = charge_id(r.charge, &mut charge_buffer);
+                    store.settle_at(charge, None, &r.scopes, settlement, now_ns / 1_000_000);
+                    // Settled first, then counted: admission reads the count to know whether a
+                    // settlement of this user may still come.
+                    let flags = &in_flight[r.user];
+                    if settlement == Settlement::Refund {
+                        flags.fetch_or(REFUNDED, Ordering::AcqRel);
                     }
-                    JobEvent::Failed(reason) => {
-                        if let Some(r) = jobs.remove(&job) {
-                            settle(
-                                &store,
-                                &r,
-                                &identities,
-                                &mut charge_buffer,
-                                Settlement::Refund,
-                            );
-                            // The refund makes room: the store decides this user's next request.
-                            if let Some(identity) = identities[r.user].as_mut() {
-                                identity.refused_until_ms = 0;
-                            }
-                            let kind = match reason {
-                                FailReason::Shed { .. } => OutcomeKind::Shed,
-                                _ => OutcomeKind::Error,
-                            };
-                            on_end(&outcome(&r, kind, now_s));
-                        }
+                    flags.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(org) = r.org {
+                        in_flight[org as usize].fetch_sub(1, Ordering::AcqRel);
                     }
-                    _ => {}
-                },
+                    on_end(&outcome(&r, kind, now_s));
+                }
             }
         }
         let Some((at, event)) = agenda.pop() else {
             break;
         };
         now_ns = at;
-        clock_ms.store(now_ns / 1_000_000, Ordering::Relaxed);
         let now = Duration::from_nanos(now_ns);
-        processed += 1;
+        played += 1;
         match event {
-            Event::Arrival(i, arrival) => {
-                if identities[arrival.user].is_none() {
-                    // The store and the state machine are this run's own: the user's name needs
-                    // no run prefix (as a shared Redis would), and a short key hashes faster.
-                    let user = scenario.user(arrival.user);
-                    let name = user.name;
-                    let scopes = tiers
-                        .scopes(&name, user.org.as_deref(), user.tier, 1.0)
-                        .map_err(|e| SimulationError::Quota(e.to_string()))?;
-                    identities[arrival.user] = Some(Identity {
-                        name,
-                        scopes,
-                        tier: user.tier,
-                        refused_until_ms: 0,
-                    });
-                }
-                let identity = identities[arrival.user].as_mut().expect("made above");
-                let now_ms = now_ns / 1_000_000;
-                let decision = if now_ms < identity.refused_until_ms {
-                    None
-                } else {
-                    let decision = store.admit_now(&Charge {
-                        charge_id: charge_id(i, &mut charge_buffer),
-                        idempotency: None,
-                        scopes: &identity.scopes,
-                        lease: Duration::from_secs(3600 * 24),
-                        retention: tiers.longest_window(),
-                    });
-                    if let Decision::Refused(Refusal {
-                        retry_after: Some(retry),
-                        ..
-                    }) = &decision
-                    {
-                        if remember_refusals && identity.scopes.len() == 1 {
-                            identity.refused_until_ms = now_ms + retry.as_millis() as u64;
-                        }
-                    }
-                    Some(decision)
-                };
-                let prompt_tokens = kiln_model::engine::prompt_tokens(
-                    prompts[arrival.prompt % prompts.len()].len(),
-                );
-                let image_tokens = fleet.model.image_tokens(arrival.size, arrival.size);
-                let running = Running {
-                    sent_at: arrival.at,
-                    user: arrival.user,
-                    tier: identity.tier,
-                    phase: arrival.phase,
-                    charge: i,
-                    prompt_tokens,
-                    image_tokens,
-                    first_progress: None,
-                };
-                if !matches!(decision, Some(Decision::Admitted(_))) {
-                    on_end(&outcome(&running, OutcomeKind::QuotaRefused, arrival.at));
-                    continue;
-                }
-                let id = next_job;
-                next_job += 1;
-                let job = Job {
-                    id,
-                    user: identity.name.clone(),
-                    tier: tier_of(identity.tier),
-                    prompt_tokens,
-                    image_tokens,
-                };
-                jobs.insert(id, running);
+            Event::Arrival(Message::Refused { outcome, .. }) => on_end(&outcome),
+            Event::Arrival(Message::Admitted { job, running, .. }) => {
+                jobs.insert(job.id, running);
                 state.submit_into(job, now, &mut pending_outputs);
             }
             Event::CallDone(worker) => {
@@ -384,13 +784,11 @@ fn simulate_with(
     for r in jobs.into_values() {
         on_end(&outcome(&r, OutcomeKind::Error, end));
     }
-    // A launch day leaves millions of entries in the store and the state machine: the other core
-    // frees them while the caller reports.
-    std::thread::spawn(move || drop((store, state, identities, gpus)));
-    Ok(Simulated {
-        sent: agenda.taken,
-        events: processed,
-    })
+    Scheduled {
+        events: played,
+        waited: agenda.waited,
+        leftovers: (state, gpus),
+    }
 }
 
 /// The quota charge id of arrival `index`, written into `buffer` (no allocation per request).
@@ -399,20 +797,6 @@ fn charge_id(index: usize, buffer: &mut String) -> &str {
     buffer.clear();
     write!(buffer, "sim-{index}").expect("writing to a String cannot fail");
     buffer
-}
-
-fn settle(
-    store: &MemoryStore,
-    r: &Running,
-    identities: &[Option<Identity>],
-    buffer: &mut String,
-    settlement: Settlement,
-) {
-    let scopes = identities[r.user]
-        .as_ref()
-        .map_or(&[][..], |i| &i.scopes[..]);
-    let charge = charge_id(r.charge, buffer);
-    store.settle_now(charge, None, scopes, settlement);
 }
 
 fn outcome(r: &Running, kind: OutcomeKind, end: f64) -> Outcome {
@@ -561,6 +945,27 @@ seconds = 20
 rate = 80
 "#;
 
+    /// Every tier, organisations of five, and users who come back often: admission meets users
+    /// with charges in flight and pools whose members' refunds change its answers.
+    const CROWD: &str = r#"
+name = "crowd"
+seed = 5
+[population]
+users = 400
+tiers = { free = 0.6, plus = 0.15, pro = 0.15, team = 0.1 }
+org_size = 5
+[requests]
+sizes = [64, 128]
+[[phases]]
+name = "baseline"
+seconds = 30
+rate = 20
+[[phases]]
+name = "spike"
+seconds = 30
+rate = 300
+"#;
+
     const TIERS: &str = r#"
 [tiers.free]
 windows = [{ seconds = 86400, images = 2 }]
@@ -571,6 +976,9 @@ windows = [{ seconds = 86400, images = 1000 }]
 [tiers.team]
 windows = [{ seconds = 86400, images = 1000 }]
 org_pool = true
+[org]
+windows = [{ seconds = 86400, images = 40 }]
+max_in_flight = 3
 "#;
 
     fn run(workers: usize) -> Report {
@@ -619,53 +1027,131 @@ org_pool = true
     }
 
     #[test]
-    fn remembering_refusals_changes_no_outcome() {
-        // The shipped tiers (daily windows, a rate, in-flight limits, an org pool) and the tests'
-        // (a window of two a day, so that refunds of shed requests reopen it); one GPU, so that
-        // requests are shed and refunded.
-        let scenario = Scenario::from_toml(SPIKE).unwrap();
+    fn outcomes_are_those_of_one_thread_playing_every_event_in_order() {
+        // The plainest run asks the store about every arrival, and its admission waits for
+        // scheduling before each one: one thread's order. Remembering refusals and admitting ahead
+        // of scheduling must change no outcome, nor their order. Played with the shipped tiers
+        // (daily windows, rates, in-flight limits, an org pool) and the tests' (a window of two a
+        // day, so that refunds of shed requests reopen it); few GPUs, so that requests are shed
+        // and refunded.
         let prompts = kiln_loadtest::shipped_prompts();
         let config = SchedulerConfig {
             max_waiting: 16,
             ..Default::default()
         };
-        for tiers in [TierTable::shipped(), TierTable::from_toml(TIERS).unwrap()] {
-            let run = |remember| {
-                let mut outcomes = Vec::new();
-                let sim = simulate_with(
-                    &scenario,
-                    &fleet(1),
-                    &tiers,
-                    config,
-                    &prompts,
-                    remember,
-                    |o| outcomes.push(o.clone()),
-                )
-                .unwrap();
-                assert_eq!(sim.sent, outcomes.len());
-                outcomes
-            };
-            let (remembered, asked) = (run(true), run(false));
-            let kinds =
-                |outcomes: &[Outcome], kind| outcomes.iter().filter(|o| o.kind == kind).count();
-            assert!(kinds(&asked, OutcomeKind::QuotaRefused) > 100);
-            assert!(kinds(&asked, OutcomeKind::Shed) > 0);
-            assert_eq!(remembered, asked);
+        for (scenario, workers) in [(SPIKE, 1), (CROWD, 3)] {
+            let scenario = Scenario::from_toml(scenario).unwrap();
+            for tiers in [TierTable::shipped(), TierTable::from_toml(TIERS).unwrap()] {
+                let run = |remember_refusals, lockstep| {
+                    let mut outcomes = Vec::new();
+                    let options = Options {
+                        remember_refusals,
+                        lockstep,
+                    };
+                    let sim = simulate_with(
+                        &scenario,
+                        &fleet(workers),
+                        &tiers,
+                        config,
+                        &prompts,
+                        options,
+                        |o| outcomes.push(o.clone()),
+                    )
+                    .unwrap();
+                    assert_eq!(sim.sent, outcomes.len());
+                    outcomes
+                };
+                let plainest = run(false, true);
+                let kinds = |kind| plainest.iter().filter(|o| o.kind == kind).count();
+                assert!(kinds(OutcomeKind::QuotaRefused) > 100);
+                assert!(kinds(OutcomeKind::Shed) > 0);
+                assert!(kinds(OutcomeKind::Completed) > 0);
+                assert!(run(true, true) == plainest, "remembering refusals");
+                assert!(run(false, false) == plainest, "admitting ahead");
+                assert!(run(true, false) == plainest, "both");
+            }
         }
     }
 
+    /// An agenda whose admission has ended, holding `arrivals` (their times in ns).
+    fn agenda<'a>(handoff: &'a Handoff, arrivals: &[u64]) -> Agenda<'a> {
+        handoff.frontier.store(u64::MAX, Ordering::Release);
+        let (_, batches) = sync_channel(1);
+        let (spare, _) = sync_channel(1);
+        let messages = arrivals
+            .iter()
+            .map(|&at_ns| {
+                let outcome = Outcome {
+                    sent_at: at_ns as f64 / 1e9,
+                    phase: 0,
+                    user: 0,
+                    tier: "free",
+                    kind: OutcomeKind::QuotaRefused,
+                    code: None,
+                    first_progress: None,
+                    latency: 0.0,
+                };
+                Message::Refused { at_ns, outcome }
+            })
+            .collect();
+        let inbox = Inbox {
+            batches,
+            spare,
+            messages,
+            taken: 0,
+        };
+        Agenda::new(inbox, handoff, 8)
+    }
+
     #[test]
-    fn calls_end_in_time_order_then_in_the_order_issued() {
-        let scenario = Scenario::from_toml(SPIKE).unwrap();
-        let mut agenda = Agenda::new(scenario.arrival_stream(1), 8);
+    fn calls_end_in_time_order_then_in_the_order_issued_and_arrivals_go_first() {
+        let handoff = Handoff::default();
+        let mut agenda = agenda(&handoff, &[2, 4]);
         for (at_ns, worker) in [(5, 3), (2, 7), (5, 1), (2, 0), (3, u32::MAX)] {
             agenda.push_call(at_ns, worker);
         }
         let mut order = Vec::new();
-        while let Some((at, Event::CallDone(worker))) = agenda.pop() {
-            order.push((at, worker));
+        while let Some((at, event)) = agenda.pop() {
+            order.push(match event {
+                Event::CallDone(worker) => (at, Some(worker)),
+                Event::Arrival(_) => (at, None),
+            });
         }
-        assert_eq!(order, [(2, 7), (2, 0), (3, u32::MAX), (5, 3), (5, 1)]);
+        assert_eq!(
+            order,
+            [
+                (2, None),
+                (2, Some(7)),
+                (2, Some(0)),
+                (3, Some(u32::MAX)),
+                (4, None),
+                (5, Some(3)),
+                (5, Some(1))
+            ]
+        );
+    }
+
+    #[test]
+    fn no_call_is_played_before_the_arrivals_before_it_are_handed_over() {
+        let handoff = Handoff::default();
+        let mut agenda = agenda(&handoff, &[]);
+        handoff.frontier.store(10, Ordering::Release);
+        agenda.push_call(4, 1);
+        agenda.push_call(10, 2);
+        assert!(matches!(agenda.pop(), Some((4, Event::CallDone(1)))));
+        // The call at 10 waits: an arrival at 10 may still come, and would go first.
+        let waiting = std::thread::scope(|threads| {
+            let played = threads.spawn(|| agenda.pop().map(|(at, _)| at));
+            while handoff.played_before.load(Ordering::Acquire) < 10 {
+                std::thread::yield_now();
+            }
+            let waiting = !played.is_finished();
+            handoff.frontier.store(u64::MAX, Ordering::Release);
+            assert_eq!(played.join().unwrap(), Some(10));
+            waiting
+        });
+        assert!(waiting);
+        assert_eq!(handoff.played_messages.load(Ordering::Acquire), 0);
     }
 
     #[test]
