@@ -9,9 +9,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
@@ -63,14 +62,15 @@ pub struct Simulated {
 const BATCH: usize = 512;
 /// Batches admission may run ahead of scheduling.
 const BATCHES_AHEAD: usize = 64;
-/// Set in a user's [`InFlight`] entry by a refund (which forgets a remembered refusal); the bits
-/// below it count the charges in flight.
-const REFUNDED: u32 = 1 << 31;
-
-/// Per subject, shared by the two threads: the charges admitted and not yet settled, and (for a
-/// user) [`REFUNDED`]. Users are at their population index; organisations follow, in the order
-/// admission meets them.
-type InFlight = [AtomicU32];
+/// A job's end, as scheduling reports it to admission, which settles its charge: the quota store
+/// is admission's alone, so its lock is never contended and scheduling does less.
+struct Settled {
+    /// The arrival's index, which names the charge (see [`charge_id`]).
+    charge: usize,
+    user: usize,
+    refund: bool,
+    at_ms: u64,
+}
 
 /// What admission hands to scheduling, in arrival order.
 enum Message {
@@ -101,9 +101,8 @@ impl Message {
 /// settlement before t could change the store's answer: the user has a charge in flight (its
 /// settlement removes a lease, a refund also a window's charge), or draws on an organisation's
 /// pool that has one (any member's). Then admission hands over what it has, moves the frontier to
-/// t and waits until scheduling says it has played every event before t. Both threads count the
-/// charges in flight per subject ([`InFlight`]): admission when it admits, scheduling once it has
-/// settled.
+/// t and waits until scheduling says it has played every event before t and sent their
+/// settlements ([`Settled`]), and settles them in the store before it asks.
 #[derive(Default)]
 struct Handoff {
     /// Every arrival before this time (ns) has been handed over; `u64::MAX` once admission ended.
@@ -187,10 +186,18 @@ struct Agenda<'a> {
     issued: u64,
     /// Wall time spent waiting for admission.
     waited: Duration,
+    /// Jobs ended and not yet reported to admission; sent before scheduling says what it played.
+    settled: Vec<Settled>,
+    reports: Sender<Vec<Settled>>,
 }
 
 impl<'a> Agenda<'a> {
-    fn new(inbox: Inbox, handoff: &'a Handoff, workers: usize) -> Self {
+    fn new(
+        inbox: Inbox,
+        handoff: &'a Handoff,
+        reports: Sender<Vec<Settled>>,
+        workers: usize,
+    ) -> Self {
         Agenda {
             inbox,
             handoff,
@@ -198,6 +205,8 @@ impl<'a> Agenda<'a> {
             in_flight: vec![Vec::new(); workers],
             issued: 0,
             waited: Duration::ZERO,
+            settled: Vec::with_capacity(BATCH),
+            reports,
         }
     }
 
@@ -212,6 +221,22 @@ impl<'a> Agenda<'a> {
     fn push_call(&mut self, at_ns: u64, worker: u32) {
         self.issued += 1;
         self.calls.push(Reverse((at_ns, self.issued, worker)));
+    }
+
+    /// A job ended: admission settles its charge.
+    fn settle(&mut self, settled: Settled) {
+        self.settled.push(settled);
+        if self.settled.len() >= BATCH {
+            self.report_settled();
+        }
+    }
+
+    fn report_settled(&mut self) {
+        if !self.settled.is_empty() {
+            let settled = std::mem::replace(&mut self.settled, Vec::with_capacity(BATCH));
+            // Admission ended: nothing is asked of the store any more.
+            let _ = self.reports.send(settled);
+        }
     }
 
     fn pop_call(&mut self) -> Option<(u64, Event)> {
@@ -256,6 +281,7 @@ impl<'a> Agenda<'a> {
             }
             // Every event before the frontier is played: say so, and wait for arrivals.
             if published != Some(frontier) {
+                self.report_settled();
                 let handoff = self.handoff;
                 handoff
                     .played_messages
@@ -316,8 +342,9 @@ impl SimulatedGpu {
 /// and tier (kept here so that a request reads one entry of the million-user population).
 struct Identity {
     name: String,
-    scopes: Arc<[Scope]>,
-    /// The entry in [`InFlight`] of the organisation whose pool the user draws on.
+    scopes: Vec<Scope>,
+    /// The organisation whose pool the user draws on: its index in admission's count of charges
+    /// in flight (after the users').
     org: Option<u32>,
     tier: &'static str,
     /// The store refused this user until then (ms on the store's clock), and nothing has been
@@ -336,9 +363,6 @@ struct Running {
     phase: usize,
     /// The arrival's index, which names its quota charge (see [`charge_id`]).
     charge: usize,
-    /// The scopes charged, to settle, and the pool's entry in [`InFlight`].
-    scopes: Arc<[Scope]>,
-    org: Option<u32>,
     prompt_tokens: usize,
     image_tokens: usize,
     first_progress: Option<f64>,
@@ -403,10 +427,7 @@ fn simulate_with(
     }
     // The store is asked and settled at explicit virtual times, by both threads.
     let store = MemoryStore::new();
-    // Room for every user and as many organisations (each has at least one member).
-    let in_flight: Vec<AtomicU32> = (0..2 * scenario.population.users)
-        .map(|_| AtomicU32::new(0))
-        .collect();
+    let (reports, settled) = channel();
     let handoff = Handoff::default();
     let (batches, inbox) = sync_channel(BATCHES_AHEAD);
     let (spare, spares) = sync_channel(BATCHES_AHEAD + 2);
@@ -422,7 +443,7 @@ fn simulate_with(
         tiers,
         prompts,
         store: &store,
-        in_flight: &in_flight,
+        settled,
         handoff: &handoff,
         batches,
         spares,
@@ -437,7 +458,7 @@ fn simulate_with(
             let _stopped = OnDrop(|| {
                 handoff.scheduling_stopped.store(true, Ordering::Release);
             });
-            schedule(fleet, config, &store, &in_flight, &handoff, inbox, on_end)
+            schedule(fleet, config, &handoff, inbox, reports, on_end)
         };
         let admitted = admitted
             .join()
@@ -448,7 +469,7 @@ fn simulate_with(
     // A launch day leaves millions of entries in the store and the state machine: the other core
     // frees them while the caller reports.
     let (identities, leftovers) = (admitted.identities, played.leftovers);
-    std::thread::spawn(move || drop((store, leftovers, identities, in_flight)));
+    std::thread::spawn(move || drop((store, leftovers, identities)));
     Ok(Simulated {
         sent: admitted.taken,
         events: played.events,
@@ -465,8 +486,9 @@ struct Admission<'a> {
     tiers: &'a TierTable,
     prompts: &'a [String],
     store: &'a MemoryStore,
-    in_flight: &'a InFlight,
     handoff: &'a Handoff,
+    /// Jobs ended, from scheduling, in the order they ended.
+    settled: Receiver<Vec<Settled>>,
     batches: SyncSender<VecDeque<Message>>,
     spares: Receiver<VecDeque<Message>>,
     options: Options,
@@ -497,7 +519,9 @@ impl Admission<'_> {
         let mut next_job = 1u64;
         let mut charge_buffer = String::new();
         let (mut waits, mut waited) = (0, Duration::ZERO);
-        // Organisation name -> its entry in `in_flight`.
+        // Charges admitted and not yet settled in the store, per user (at their population index)
+        // and per organisation (after the users, in the order met), and the organisations' places.
+        let mut unsettled = vec![0u32; scenario.population.users];
         let mut orgs: HashMap<String, u32> = HashMap::new();
         while let Some(arrival) = arrivals.next() {
             let index = taken;
@@ -514,38 +538,40 @@ impl Admission<'_> {
                 // Only a pool's members share its room (a member of an org whose tier has no
                 // pool has one scope).
                 let org = user.org.filter(|_| scopes.len() > 1).map(|org| {
-                    let next = (scenario.population.users + orgs.len()) as u32;
-                    *orgs.entry(org).or_insert(next)
+                    *orgs.entry(org).or_insert_with(|| {
+                        unsettled.push(0);
+                        (unsettled.len() - 1) as u32
+                    })
                 });
                 identities[arrival.user] = Some(Identity {
                     name,
-                    scopes: scopes.into(),
+                    scopes,
                     org,
                     tier: user.tier,
                     refused_until_ms: 0,
                 });
             }
-            let identity = identities[arrival.user].as_mut().expect("made above");
-            let flags = &self.in_flight[arrival.user];
-            let mut seen = flags.load(Ordering::Acquire);
-            let pool_in_flight = identity
-                .org
-                .is_some_and(|org| self.in_flight[org as usize].load(Ordering::Acquire) != 0);
-            if options.lockstep || pool_in_flight || seen & !REFUNDED != 0 {
-                // A settlement before this arrival may change the store's answer.
+            let org = identities[arrival.user].as_ref().and_then(|i| i.org);
+            let waits_for_settlement = |unsettled: &[u32]| {
+                options.lockstep
+                    || unsettled[arrival.user] != 0
+                    || org.is_some_and(|org| unsettled[org as usize] != 0)
+            };
+            if waits_for_settlement(&unsettled) {
+                // A settlement before this arrival may change the store's answer: those already
+                // reported may be all there is.
+                self.settle_reported(&mut identities, &mut unsettled, &mut charge_buffer);
+            }
+            if waits_for_settlement(&unsettled) {
                 handed += self.hand_over(&mut batch)?;
                 handoff.frontier.store(at_ns, Ordering::Release);
                 let since = Instant::now();
                 self.wait_until_played(handed, at_ns)?;
                 waits += 1;
                 waited += since.elapsed();
-                seen = flags.load(Ordering::Acquire);
+                self.settle_reported(&mut identities, &mut unsettled, &mut charge_buffer);
             }
-            if seen & REFUNDED != 0 {
-                // The refund made room: the store decides this user's next request.
-                flags.fetch_and(!REFUNDED, Ordering::AcqRel);
-                identity.refused_until_ms = 0;
-            }
+            let identity = identities[arrival.user].as_mut().expect("made above");
             let now_ms = at_ns / 1_000_000;
             let admitted = if now_ms < identity.refused_until_ms {
                 false
@@ -571,15 +597,23 @@ impl Admission<'_> {
                 }
                 matches!(decision, Decision::Admitted(_))
             };
-            batch.push_back(self.message(&arrival, at_ns, index, identity, admitted, &mut next_job));
+            batch.push_back(self.message(
+                &arrival,
+                at_ns,
+                index,
+                identity,
+                admitted,
+                &mut next_job,
+            ));
             if admitted {
-                flags.fetch_add(1, Ordering::AcqRel);
+                unsettled[arrival.user] += 1;
                 if let Some(org) = identity.org {
-                    self.in_flight[org as usize].fetch_add(1, Ordering::AcqRel);
+                    unsettled[org as usize] += 1;
                 }
             }
             if batch.len() >= BATCH || handoff.hungry.load(Ordering::Acquire) {
                 handed += self.hand_over(&mut batch)?;
+                self.settle_reported(&mut identities, &mut unsettled, &mut charge_buffer);
                 let next = arrivals.peek().map_or(u64::MAX, |a| nanos(a.at));
                 handoff.frontier.store(next, Ordering::Release);
             }
@@ -613,8 +647,6 @@ impl Admission<'_> {
             tier: identity.tier,
             phase: arrival.phase,
             charge: index,
-            scopes: identity.scopes.clone(),
-            org: identity.org,
             prompt_tokens,
             image_tokens,
             first_progress: None,
@@ -638,6 +670,36 @@ impl Admission<'_> {
             at_ns,
             job,
             running,
+        }
+    }
+
+    /// Settles in the store the jobs scheduling has reported ended.
+    fn settle_reported(
+        &self,
+        identities: &mut [Option<Identity>],
+        unsettled: &mut [u32],
+        buffer: &mut String,
+    ) {
+        while let Ok(reported) = self.settled.try_recv() {
+            for ended in reported {
+                let Some(identity) = identities[ended.user].as_mut() else {
+                    continue;
+                };
+                let settlement = if ended.refund {
+                    // The refund makes room: the store decides this user's next request.
+                    identity.refused_until_ms = 0;
+                    Settlement::Refund
+                } else {
+                    Settlement::Commit
+                };
+                let charge = charge_id(ended.charge, buffer);
+                self.store
+                    .settle_at(charge, None, &identity.scopes, settlement, ended.at_ms);
+                unsettled[ended.user] -= 1;
+                if let Some(org) = identity.org {
+                    unsettled[org as usize] -= 1;
+                }
+            }
         }
     }
 
@@ -691,15 +753,14 @@ struct Scheduled {
 fn schedule(
     fleet: &Fleet,
     config: SchedulerConfig,
-    store: &MemoryStore,
-    in_flight: &InFlight,
     handoff: &Handoff,
     inbox: Inbox,
+    reports: Sender<Vec<Settled>>,
     mut on_end: impl FnMut(&Outcome),
 ) -> Scheduled {
     // Nobody streams progress in a simulation: the first token is noted when its prefill is issued.
     let mut state = SchedulerState::new(config).without_progress_events();
-    let mut agenda = Agenda::new(inbox, handoff, fleet.workers);
+    let mut agenda = Agenda::new(inbox, handoff, reports, fleet.workers);
     let mut jobs: HashMap<u64, Running> = HashMap::new();
     let mut played = 0u64;
     let mut pending_outputs = Vec::new();
@@ -708,7 +769,6 @@ fn schedule(
     }
     let mut gpus = vec![SimulatedGpu::default(); fleet.workers];
     let mut scratch = Vec::new();
-    let mut charge_buffer = String::new();
     let overhead_ns = fleet.call_overhead.as_nanos() as u64;
     let mut now_ns = 0u64;
     loop {
@@ -733,30 +793,22 @@ fn schedule(
                     agenda.push_call(ends, worker);
                 }
                 Output::Event { job, event } => {
-                    let (kind, settlement) = match event {
-                        // Recorded when the prefill was issued (above): no lookup per token.
-                        JobEvent::Finished { .. } => (OutcomeKind::Completed, Settlement::Commit),
-                        JobEvent::Failed(FailReason::Shed { .. }) => {
-                            (OutcomeKind::Shed, Settlement::Refund)
-                        }
-                        JobEvent::Failed(_) => (OutcomeKind::Error, Settlement::Refund),
+                    // Progress is recorded when the prefill is issued (above): no lookup per token.
+                    let kind = match event {
+                        JobEvent::Finished { .. } => OutcomeKind::Completed,
+                        JobEvent::Failed(FailReason::Shed { .. }) => OutcomeKind::Shed,
+                        JobEvent::Failed(_) => OutcomeKind::Error,
                         _ => continue,
                     };
                     let Some(r) = jobs.remove(&job) else {
                         continue;
                     };
-                    let charge = charge_id(r.charge, &mut charge_buffer);
-                    store.settle_at(charge, None, &r.scopes, settlement, now_ns / 1_000_000);
-                    // Settled first, then counted: admission reads the count to know whether a
-                    // settlement of this user may still come.
-                    let flags = &in_flight[r.user];
-                    if settlement == Settlement::Refund {
-                        flags.fetch_or(REFUNDED, Ordering::AcqRel);
-                    }
-                    flags.fetch_sub(1, Ordering::AcqRel);
-                    if let Some(org) = r.org {
-                        in_flight[org as usize].fetch_sub(1, Ordering::AcqRel);
-                    }
+                    agenda.settle(Settled {
+                        charge: r.charge,
+                        user: r.user,
+                        refund: kind != OutcomeKind::Completed,
+                        at_ms: now_ns / 1_000_000,
+                    });
                     on_end(&outcome(&r, kind, now_s));
                 }
             }
@@ -1100,7 +1152,7 @@ max_in_flight = 3
             messages,
             taken: 0,
         };
-        Agenda::new(inbox, handoff, 8)
+        Agenda::new(inbox, handoff, channel().0, 8)
     }
 
     #[test]
