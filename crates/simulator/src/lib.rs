@@ -528,28 +528,8 @@ impl Admission<'_> {
             taken += 1;
             let at_ns = nanos(arrival.at);
             if identities[arrival.user].is_none() {
-                // The store and the state machine are this run's own: the user's name needs
-                // no run prefix (as a shared Redis would), and a short key hashes faster.
-                let user = scenario.user(arrival.user);
-                let name = user.name;
-                let scopes = tiers
-                    .scopes(&name, user.org.as_deref(), user.tier, 1.0)
-                    .map_err(|e| SimulationError::Quota(e.to_string()))?;
-                // Only a pool's members share its room (a member of an org whose tier has no
-                // pool has one scope).
-                let org = user.org.filter(|_| scopes.len() > 1).map(|org| {
-                    *orgs.entry(org).or_insert_with(|| {
-                        unsettled.push(0);
-                        (unsettled.len() - 1) as u32
-                    })
-                });
-                identities[arrival.user] = Some(Identity {
-                    name,
-                    scopes,
-                    org,
-                    tier: user.tier,
-                    refused_until_ms: 0,
-                });
+                let identity = self.identity(arrival.user, &mut orgs, &mut unsettled)?;
+                identities[arrival.user] = Some(identity);
             }
             let org = identities[arrival.user].as_ref().and_then(|i| i.org);
             let waits_for_settlement = |unsettled: &[u32]| {
@@ -624,6 +604,38 @@ impl Admission<'_> {
             identities,
             waits,
             waited,
+        })
+    }
+
+    /// A user's identity, made on their first request; an organisation met for the first time
+    /// gets its place in `unsettled`.
+    fn identity(
+        &self,
+        user: usize,
+        orgs: &mut HashMap<String, u32>,
+        unsettled: &mut Vec<u32>,
+    ) -> Result<Identity, SimulationError> {
+        // The store and the state machine are this run's own: the user's name needs no run
+        // prefix (as a shared Redis would), and a short key hashes faster.
+        let user = self.scenario.user(user);
+        let scopes = self
+            .tiers
+            .scopes(&user.name, user.org.as_deref(), user.tier, 1.0)
+            .map_err(|e| SimulationError::Quota(e.to_string()))?;
+        // Only a pool's members share its room (a member of an org whose tier has no pool has one
+        // scope).
+        let org = user.org.filter(|_| scopes.len() > 1).map(|org| {
+            *orgs.entry(org).or_insert_with(|| {
+                unsettled.push(0);
+                (unsettled.len() - 1) as u32
+            })
+        });
+        Ok(Identity {
+            name: user.name,
+            scopes,
+            org,
+            tier: user.tier,
+            refused_until_ms: 0,
         })
     }
 
