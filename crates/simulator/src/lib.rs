@@ -1,5 +1,5 @@
 //! Capacity planning in virtual time: a [`Scenario`]'s arrivals are admitted by Kiln's own quota
-//! rules (the tier table and the in-memory quota store, on a virtual clock) and scheduled by Kiln's
+//! rules (the tier table and the in-memory quota store, asked at virtual times) and scheduled by Kiln's
 //! own scheduler state machine against N simulated GPUs whose calls take the time a calibrated
 //! [`StepCost`] predicts. Nothing sleeps: an hour of launch day runs as fast as the events can be
 //! processed, on two threads (admission and scheduling, see [`simulate`]), and the outcome is the
@@ -68,7 +68,7 @@ struct Settled {
     /// The arrival's index, which names the charge (see [`charge_id`]).
     charge: usize,
     user: usize,
-    refund: bool,
+    settlement: Settlement,
     at_ms: u64,
 }
 
@@ -697,16 +697,18 @@ impl Admission<'_> {
                 let Some(identity) = identities[ended.user].as_mut() else {
                     continue;
                 };
-                let settlement = if ended.refund {
+                if ended.settlement == Settlement::Refund {
                     // The refund makes room: the store decides this user's next request.
                     identity.refused_until_ms = 0;
-                    Settlement::Refund
-                } else {
-                    Settlement::Commit
-                };
+                }
                 let charge = charge_id(ended.charge, buffer);
-                self.store
-                    .settle_at(charge, None, &identity.scopes, settlement, ended.at_ms);
+                self.store.settle_at(
+                    charge,
+                    None,
+                    &identity.scopes,
+                    ended.settlement,
+                    ended.at_ms,
+                );
                 unsettled[ended.user] -= 1;
                 if let Some(org) = identity.org {
                     unsettled[org as usize] -= 1;
@@ -818,7 +820,11 @@ fn schedule(
                     agenda.settle(Settled {
                         charge: r.charge,
                         user: r.user,
-                        refund: kind != OutcomeKind::Completed,
+                        settlement: if kind == OutcomeKind::Completed {
+                            Settlement::Commit
+                        } else {
+                            Settlement::Refund
+                        },
                         at_ms: now_ns / 1_000_000,
                     });
                     on_end(&outcome(&r, kind, now_s));
