@@ -1,14 +1,27 @@
 //! Benchmark scenarios shared by `kiln bench` and the criterion benches in this folder: a batch of
 //! sequences mid-image for decode-step timing, and a scheduler holding thousands of waiting and
 //! running jobs for decision timing. Scenarios only build state and run one unit of work; the callers
-//! time them.
+//! time them. [`torch`] times Kiln's decode step beside the PyTorch reference of the same model.
 
 use std::time::Duration;
 
-use kiln_model::{CandleEngine, Engine, NewSequence, SamplingParams};
+use kiln_model::engine::prompt_tokens;
+use kiln_model::{CandleEngine, Engine, EngineInfo, NewSequence, SamplingParams};
 use kiln_scheduler::state::{
     Capacity, Command, Job, JobId, Output, SchedulerConfig, SchedulerState, SequenceReport, Tier,
 };
+
+pub mod torch;
+
+/// The prompt of every decode fixture sequence (the reference's bench lays out the same prefix).
+pub const FIXTURE_PROMPT: &str = "a red triangle above a blue star on a grey background";
+
+/// Tokens a fixture sequence holds in its KV cache once [`decode_fixture`] returns: its prefix, and
+/// the image inputs read so far.
+pub fn fixture_context(info: &EngineInfo, size: u32, context_fill: f64) -> usize {
+    let warm = (info.image_tokens(size, size) as f64 * context_fill) as usize;
+    prompt_tokens(FIXTURE_PROMPT.len()) + warm.max(1)
+}
 
 /// Prefills `batch` sequences of a `size`x`size` image and decodes them to `context_fill` of their
 /// image tokens, so that following decode steps attend over a realistic context. Returns their ids.
@@ -19,7 +32,7 @@ pub fn decode_fixture(
     context_fill: f64,
 ) -> Vec<u64> {
     let info = engine.info();
-    let prompt = "a red triangle above a blue star on a grey background";
+    let prompt = FIXTURE_PROMPT;
     let seqs: Vec<NewSequence> = (0..batch as u64)
         .map(|id| NewSequence {
             id,

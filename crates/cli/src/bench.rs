@@ -68,6 +68,17 @@ pub struct BenchArgs {
     /// Alternating repetitions of each batching mode and tracing configuration (medians reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Decode figures beside the PyTorch reference of the same weights (`reference/torch`), the two
+    /// alternating `--repeats` times in this run.
+    #[arg(long)]
+    pub against_torch: bool,
+    /// Also time the reference under `torch.compile` (with `--against-torch`).
+    #[arg(long)]
+    pub torch_compile: bool,
+    /// Python interpreter with torch (default: `KILN_TORCH_PYTHON`, else the environment that
+    /// `scripts/torch-venv.sh` makes).
+    #[arg(long)]
+    pub torch_python: Option<std::path::PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -137,6 +148,9 @@ pub async fn run(args: BenchArgs, data_dir: &Path) -> Result<()> {
 }
 
 fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
+    if args.against_torch {
+        return decode_against_torch(args, model_dir);
+    }
     println!("\n== decode step, 128x128 image, context ~100-200 tokens ==");
     println!("{:>6} {:>14} {:>16}", "batch", "median step ms", "tokens/s");
     let mut engine = cluster::build_engine(
@@ -154,6 +168,65 @@ fn decode(args: &BenchArgs, model_dir: &Path) -> Result<()> {
         engine.release(&ids);
         let m = median(times);
         println!("{batch:>6} {:>14.2} {:>16.0}", m * 1e3, batch as f64 / m);
+    }
+    Ok(())
+}
+
+/// The decode step of Kiln and of the PyTorch reference on the same weights, alternating.
+fn decode_against_torch(args: &BenchArgs, model_dir: &Path) -> Result<()> {
+    use kiln_benches::torch::{compare_decode, default_torch_python, TorchDecode, TorchMode};
+    let python = args
+        .torch_python
+        .clone()
+        .unwrap_or_else(default_torch_python);
+    // The engine's thread pool takes every core; the reference gets as many.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut modes = vec![TorchMode::Eager];
+    if args.torch_compile {
+        modes.push(TorchMode::Compile);
+    }
+    let mut references = modes
+        .iter()
+        .map(|&mode| TorchDecode::start(&python, model_dir, threads, mode))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| {
+            format!(
+                "starting the PyTorch reference with {} (scripts/torch-venv.sh makes one)",
+                python.display()
+            )
+        })?;
+    let mut engine = cluster::build_engine(
+        &worker_opts(&Some(model_dir.to_path_buf()), 64, &args.device),
+        model_dir,
+    )?;
+    println!(
+        "\n== decode step beside PyTorch ({}), 128x128 image, context ~160 tokens, {} rounds of {} steps ==",
+        references[0].announced, args.repeats, args.steps
+    );
+    let rows = compare_decode(
+        &mut engine,
+        &mut references,
+        &[1, 4, 16, 64],
+        args.steps,
+        args.repeats.max(1),
+    )?;
+    print!("{:>6} {:>9}", "batch", "kiln ms");
+    for mode in &modes {
+        print!(
+            " {:>11} {:>13}",
+            format!("torch {} ms", mode.name()),
+            "torch / kiln"
+        );
+    }
+    println!();
+    for row in rows {
+        let kiln = row.kiln.as_secs_f64() * 1e3;
+        print!("{:>6} {kiln:>9.2}", row.batch);
+        for (_, torch) in &row.torch {
+            let torch = torch.as_secs_f64() * 1e3;
+            print!(" {torch:>11.2} {:>12.2}x", torch / kiln);
+        }
+        println!();
     }
     Ok(())
 }
