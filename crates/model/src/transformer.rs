@@ -1,9 +1,10 @@
 //! The decoder-only transformer. A sequence is the prompt prefix (BOS, bytes, width and height tokens,
 //! with learned text positions) followed by image inputs: input `i` is BOI for `i = 0`, else code
 //! `i - 1`, plus the row and column embeddings of the patch it predicts, so one model draws every
-//! image size. Matrix products go through candle (weights stored pre-transposed, `[in, out]`, so no
-//! call re-packs them); attention is hand-written over the paged KV cache, one (row, head) at a time,
-//! which makes every row's result independent of the batch it runs in.
+//! image size. On the CPU, matrix products run the crate's own kernel over weights packed once at
+//! load ([`crate::cpu::gemm`]); on CUDA they go through candle. Attention is hand-written over the
+//! paged KV cache, one (row, head) at a time, which makes every row's result independent of the
+//! batch it runs in.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,6 +15,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::cpu::gemm::PackedMatrix;
+use crate::cpu::vector::{axpy, dot};
 use crate::kv_cache::PagedKvCache;
 use crate::{Codebook, ModelConfig, ModelError};
 
@@ -42,11 +45,31 @@ pub struct SequenceInput<'a> {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wqkv: Tensor,
-    wo: Tensor,
+    wqkv: Linear,
+    wo: Linear,
     mlp_norm: Vec<f32>,
-    w_up: Tensor,
-    w_down: Tensor,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// A weight matrix where its products run: packed for the CPU kernel, or a tensor on a candle
+/// device (CUDA).
+enum Linear {
+    Packed(PackedMatrix),
+    Device(Tensor),
+}
+
+impl Linear {
+    /// Places a `[k, n]` matrix for products on `device`.
+    fn new(w: Tensor, device: &Device) -> Result<Self, ModelError> {
+        let w = w.to_dtype(DType::F32)?;
+        if device.is_cpu() {
+            let (k, n) = w.dims2()?;
+            let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            return Ok(Linear::Packed(PackedMatrix::pack(&values, k, n)));
+        }
+        Ok(Linear::Device(w.to_device(device)?.contiguous()?))
+    }
 }
 
 /// Weights and configuration of a loaded model.
@@ -59,8 +82,20 @@ pub struct Transformer {
     col_emb: Vec<f32>,
     layers: Vec<Layer>,
     final_norm: Vec<f32>,
-    head: Tensor,
+    head: Linear,
     codebook: Codebook,
+    /// Activation buffers of a forward pass, reused by the next one (see [`Transformer::forward`]).
+    scratch: std::sync::Mutex<Scratch>,
+}
+
+/// Activations of one forward pass: normed input, Q|K|V, attention output, MLP hidden, projection.
+#[derive(Default)]
+struct Scratch {
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    up: Vec<f32>,
+    proj: Vec<f32>,
 }
 
 /// Weight names and shapes, as stored in `model.safetensors` (matrices `[in, out]`).
@@ -195,9 +230,7 @@ impl Transformer {
         let host = |t: Tensor| -> Result<Vec<f32>, ModelError> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
         };
-        let dev = |t: Tensor| -> Result<Tensor, ModelError> {
-            Ok(t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?)
-        };
+        let dev = |t: Tensor| Linear::new(t, device);
         let shapes: HashMap<String, Vec<usize>> = weight_shapes(&cfg).into_iter().collect();
         let mut get = |name: &str| take(name, &shapes[name]);
         let tok_emb = host(get("tok_emb")?)?;
@@ -235,6 +268,7 @@ impl Transformer {
             final_norm,
             head,
             codebook,
+            scratch: Default::default(),
         })
     }
 
@@ -277,10 +311,6 @@ impl Transformer {
         None
     }
 
-    fn matmul(&self, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, ModelError> {
-        matmul(&self.device, x, rows, w)
-    }
-
     fn embed(&self, input: &TokenInput, out: &mut [f32]) {
         let d = self.cfg.d_model;
         let t = input.token as usize;
@@ -297,6 +327,13 @@ impl Transformer {
                 add(&self.col_emb, col);
             }
         }
+    }
+
+    /// The kept buffers (a pass that panicked left nothing in them that matters).
+    fn scratch_slot(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs the new tokens of every sequence through the model, appending their keys and values to
@@ -323,20 +360,31 @@ impl Transformer {
             self.embed(input, row);
         }
         let scale = 1.0 / (hd as f32).sqrt();
+        // Buffers of the pass, kept between passes: products of a large batch would otherwise
+        // map, zero and unmap fresh pages every time.
+        let mut scratch = std::mem::take(&mut *self.scratch_slot());
+        let Scratch {
+            h,
+            qkv,
+            att,
+            up,
+            proj,
+        } = &mut scratch;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, self.cfg.norm_eps);
-            let qkv = self.matmul(&h, n, &layer.wqkv)?;
+            rms_norm(&x, &layer.attn_norm, self.cfg.norm_eps, h);
+            matmul(h, n, &layer.wqkv, qkv)?;
             for (r, &(s, pos)) in rows.iter().enumerate() {
                 let row = &qkv[r * 3 * d..(r + 1) * 3 * d];
                 cache.write(l, seqs[s].block_table, pos, &row[d..2 * d], &row[2 * d..]);
             }
-            let mut att = vec![0f32; n * d];
+            att.resize(n * d, 0.0);
             let (keys, values) = cache.layer(l);
             let cache_ref = &*cache;
+            let qkv_ref = &*qkv;
             att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
                 let (r, head) = (i / self.cfg.n_heads, i % self.cfg.n_heads);
                 let (s, pos) = rows[r];
-                let q = &qkv[r * 3 * d + head * hd..r * 3 * d + (head + 1) * hd];
+                let q = &qkv_ref[r * 3 * d + head * hd..r * 3 * d + (head + 1) * hd];
                 attend(
                     q,
                     keys,
@@ -349,11 +397,13 @@ impl Transformer {
                     out,
                 );
             });
-            add_in_place(&mut x, &self.matmul(&att, n, &layer.wo)?);
-            let h = rms_norm(&x, &layer.mlp_norm, self.cfg.norm_eps);
-            let mut up = self.matmul(&h, n, &layer.w_up)?;
+            matmul(att, n, &layer.wo, proj)?;
+            add_in_place(&mut x, proj);
+            rms_norm(&x, &layer.mlp_norm, self.cfg.norm_eps, h);
+            matmul(h, n, &layer.w_up, up)?;
             up.iter_mut().for_each(|v| *v = v.max(0.0));
-            add_in_place(&mut x, &self.matmul(&up, n, &layer.w_down)?);
+            matmul(up, n, &layer.w_down, proj)?;
+            add_in_place(&mut x, proj);
         }
         // Only each sequence's last row predicts a token.
         let mut last = Vec::with_capacity(seqs.len() * d);
@@ -362,8 +412,10 @@ impl Transformer {
             end += seq.tokens.len();
             last.extend_from_slice(&x[(end - 1) * d..end * d]);
         }
-        let last = rms_norm(&last, &self.final_norm, self.cfg.norm_eps);
-        let logits = self.matmul(&last, seqs.len(), &self.head)?;
+        rms_norm(&last, &self.final_norm, self.cfg.norm_eps, h);
+        let mut logits = Vec::new();
+        matmul(h, seqs.len(), &self.head, &mut logits)?;
+        *self.scratch_slot() = scratch;
         Ok(logits
             .chunks(self.cfg.codebook_size)
             .map(<[f32]>::to_vec)
@@ -374,34 +426,30 @@ impl Transformer {
 /// Rows per matrix product on CUDA: every product has exactly this many rows (see [`matmul`]).
 const CUDA_MATMUL_ROWS: usize = 64;
 
-/// `x[rows, k] @ w[k, n]`, computed on `device`, with every row's result independent of the other
-/// rows, because a sequence must get the same bits whether it runs alone or in a batch (see the test
-/// below):
-/// - on CPU a single row is padded to two: the backend takes a matrix-vector path for one row whose
-///   sums run in another order than its matrix-matrix path;
+/// `x[rows, k] @ w[k, n]`, with every row's result independent of the other rows, because a
+/// sequence must get the same bits whether it runs alone or in a batch (see the test below):
+/// - on CPU the packed kernel runs one fixed chain per output element (see [`crate::cpu::gemm`]);
 /// - on CUDA, cuBLAS picks its kernel (and so its summation order) by shape, so rows go in chunks of
 ///   exactly [`CUDA_MATMUL_ROWS`], the last one padded.
-fn matmul(device: &Device, x: &[f32], rows: usize, w: &Tensor) -> Result<Vec<f32>, ModelError> {
-    let (k, n) = w.dims2()?;
-    if device.is_cuda() {
-        let mut out = Vec::with_capacity(rows * n);
-        for chunk in x.chunks(CUDA_MATMUL_ROWS * k) {
-            let mut padded = chunk.to_vec();
-            padded.resize(CUDA_MATMUL_ROWS * k, 0.0);
-            let t = Tensor::from_vec(padded, (CUDA_MATMUL_ROWS, k), device)?;
-            let product: Vec<f32> = t.matmul(w)?.flatten_all()?.to_vec1()?;
-            out.extend_from_slice(&product[..chunk.len() / k * n]);
+fn matmul(x: &[f32], rows: usize, w: &Linear, out: &mut Vec<f32>) -> Result<(), ModelError> {
+    let w = match w {
+        Linear::Packed(packed) => {
+            out.resize(rows * packed.n(), 0.0);
+            packed.matmul(x, rows, out);
+            return Ok(());
         }
-        return Ok(out);
+        Linear::Device(w) => w,
+    };
+    let (k, n) = w.dims2()?;
+    out.clear();
+    for chunk in x.chunks(CUDA_MATMUL_ROWS * k) {
+        let mut padded = chunk.to_vec();
+        padded.resize(CUDA_MATMUL_ROWS * k, 0.0);
+        let t = Tensor::from_vec(padded, (CUDA_MATMUL_ROWS, k), w.device())?;
+        let product: Vec<f32> = t.matmul(w)?.flatten_all()?.to_vec1()?;
+        out.extend_from_slice(&product[..chunk.len() / k * n]);
     }
-    if rows == 1 {
-        let padded = [x, x].concat();
-        let mut out = matmul(device, &padded, 2, w)?;
-        out.truncate(n);
-        return Ok(out);
-    }
-    let x = Tensor::from_slice(x, (rows, k), device)?;
-    Ok(x.matmul(w)?.flatten_all()?.to_vec1()?)
+    Ok(())
 }
 
 /// Causal attention of one query head over positions `0..=pos` of a sequence. Walks the block table
@@ -450,35 +498,14 @@ fn attend(
             let at = base + slot * d;
             let w = scores[j] * inv_total;
             j += 1;
-            for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
-                *o += w * v;
-            }
+            axpy(w, &values[at..at + hd], out);
         }
     }
 }
 
-/// Dot product with eight lanes in a fixed order: vectorises, and is deterministic.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
     let d = weight.len();
-    let mut out = vec![0f32; x.len()];
+    out.resize(x.len(), 0.0);
     for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
         let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / (mean_sq + eps).sqrt();
@@ -486,7 +513,6 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
             *o = v * inv * w;
         }
     }
-    out
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {
@@ -508,11 +534,14 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for (k, n) in [(64, 128), (512, 1536), (2048, 512)] {
             let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-0.1..0.1)).collect();
-            let w = Tensor::from_vec(w, (k, n), device).unwrap();
+            let w =
+                Linear::new(Tensor::from_vec(w, (k, n), &Device::Cpu).unwrap(), device).unwrap();
             let x: Vec<f32> = (0..1100 * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let alone = matmul(device, &x[..k], 1, &w).unwrap();
+            let mut alone = Vec::new();
+            matmul(&x[..k], 1, &w, &mut alone).unwrap();
             for rows in [2, 3, 7, 16, 33, 64, 80, 300, 1100] {
-                let batch = matmul(device, &x[..rows * k], rows, &w).unwrap();
+                let mut batch = Vec::new();
+                matmul(&x[..rows * k], rows, &w, &mut batch).unwrap();
                 assert_eq!(
                     &batch[..n],
                     &alone[..],
