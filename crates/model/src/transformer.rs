@@ -15,8 +15,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::cpu::attention::{attend_heads, Spans};
 use crate::cpu::gemm::PackedMatrix;
-use crate::cpu::vector::{axpy, dot};
 use crate::kv_cache::PagedKvCache;
 use crate::{Codebook, ModelConfig, ModelError};
 
@@ -381,22 +381,27 @@ impl Transformer {
             let (keys, values) = cache.layer(l);
             let cache_ref = &*cache;
             let qkv_ref = &*qkv;
-            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-                let (r, head) = (i / self.cfg.n_heads, i % self.cfg.n_heads);
-                let (s, pos) = rows[r];
-                let q = &qkv_ref[r * 3 * d + head * hd..r * 3 * d + (head + 1) * hd];
-                attend(
-                    q,
-                    keys,
-                    values,
-                    cache_ref,
-                    seqs[s].block_table,
-                    pos,
-                    head * hd,
-                    scale,
-                    out,
-                );
-            });
+            let group = heads_per_task(n, self.cfg.n_heads);
+            let groups_per_row = self.cfg.n_heads / group;
+            att.par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (r, first) = (i / groups_per_row, i % groups_per_row * group);
+                    let (s, pos) = rows[r];
+                    let q = &qkv_ref[r * 3 * d + first * hd..r * 3 * d + (first + group) * hd];
+                    attend(
+                        q,
+                        keys,
+                        values,
+                        cache_ref,
+                        seqs[s].block_table,
+                        pos,
+                        first..first + group,
+                        hd,
+                        scale,
+                        out,
+                    );
+                });
             matmul(att, n, &layer.wo, proj)?;
             add_in_place(&mut x, proj);
             rms_norm(&x, &layer.mlp_norm, self.cfg.norm_eps, h);
@@ -452,8 +457,8 @@ fn matmul(x: &[f32], rows: usize, w: &Linear, out: &mut Vec<f32>) -> Result<(), 
     Ok(())
 }
 
-/// Causal attention of one query head over positions `0..=pos` of a sequence. Walks the block table
-/// block by block, so the inner loops run over contiguous slots without a division per position.
+/// Causal attention of one query row's heads `heads` over positions `0..=pos` of a sequence,
+/// block by block of the block table (see [`crate::cpu::attention`]).
 #[allow(clippy::too_many_arguments)]
 fn attend(
     q: &[f32],
@@ -462,45 +467,36 @@ fn attend(
     cache: &PagedKvCache,
     table: &[u32],
     pos: usize,
-    head_offset: usize,
+    heads: std::ops::Range<usize>,
+    head_dim: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    let hd = q.len();
     let (bs, d) = (cache.block_size(), cache.d_model());
-    // Offsets of each used block's first slot for this head, and the slots used in it.
-    let blocks = (0..=pos).step_by(bs).zip(table).map(|(start, &block)| {
-        (
-            block as usize * bs * d + head_offset,
-            (pos + 1 - start).min(bs),
-        )
-    });
-    let mut scores = Vec::with_capacity(pos + 1);
-    let mut max = f32::NEG_INFINITY;
-    for (base, used) in blocks.clone() {
-        for slot in 0..used {
-            let at = base + slot * d;
-            let s = dot(q, &keys[at..at + hd]) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-    }
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    let inv_total = 1.0 / total;
-    out.fill(0.0);
-    let mut j = 0;
-    for (base, used) in blocks {
-        for slot in 0..used {
-            let at = base + slot * d;
-            let w = scores[j] * inv_total;
-            j += 1;
-            axpy(w, &values[at..at + hd], out);
-        }
-    }
+    let spans: Vec<(usize, usize)> = (0..=pos)
+        .step_by(bs)
+        .zip(table)
+        .map(|(start, &block)| (block as usize * bs * d, (pos + 1 - start).min(bs)))
+        .collect();
+    let at = Spans {
+        spans: &spans,
+        stride: d,
+        head_dim,
+    };
+    let mut scores = Vec::with_capacity((pos + 1) * heads.len());
+    attend_heads(q, keys, values, &at, heads, scale, &mut scores, out);
+}
+
+/// Heads per attention task for `rows` rows: all of them (one pass over each position's memory)
+/// unless that leaves threads idle, then the largest divisor of `n_heads` that gives every thread
+/// a few tasks. Only the speed depends on it: a head's result is the same in any group.
+fn heads_per_task(rows: usize, n_heads: usize) -> usize {
+    let wanted_tasks = 4 * rayon::current_num_threads();
+    let groups_per_row = wanted_tasks.div_ceil(rows).clamp(1, n_heads);
+    (1..=n_heads)
+        .rev()
+        .find(|g| n_heads % g == 0 && n_heads / g >= groups_per_row)
+        .unwrap_or(1)
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
