@@ -38,6 +38,17 @@ if [ "${1:-}" = "--test" ] && ! /usr/bin/python3 -c 'import c2pa' >/dev/null 2>&
   /usr/bin/python3 -m pip install -q "${user[@]}" --break-system-packages "c2pa-python==0.38.1" >&2
 fi
 
+# The stock reflection client of grpcio (v1alpha), matched to Debian's python3-grpcio 1.51.1 and
+# installed without dependencies so that pip leaves Debian's grpcio and protobuf alone
+# (examples/python/discover.py, run by tests/stock_tools.rs).
+if [ "${1:-}" = "--test" ] && ! /usr/bin/python3 -c 'import grpc_reflection' >/dev/null 2>&1; then
+  echo "bootstrap: installing grpcio-reflection from PyPI" >&2
+  user=()
+  [ "$(id -u)" = "0" ] || user=(--user)
+  /usr/bin/python3 -m pip install -q "${user[@]}" --break-system-packages --no-deps \
+    "grpcio-reflection==1.51.1" >&2
+fi
+
 # The deployment test (tests/deploy.rs) lints and renders the Helm chart with Helm's own library
 # (helm-python-sdk bundles it: no helm binary), validates the manifests against the Kubernetes schemas
 # offline (kubernetes-validate) and lints the YAML (yamllint).

@@ -500,3 +500,58 @@ pub fn png_size(png: &[u8]) -> (u32, u32) {
     let h = u32::from_be_bytes(png[20..24].try_into().expect("4 bytes"));
     (w, h)
 }
+
+/// `kiln_*` metric names in a text, without histogram series suffixes.
+pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("kiln_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The `kiln_*` metrics the Grafana dashboard and the Prometheus alert rules query.
+pub fn dashboard_and_alert_metrics() -> std::collections::BTreeSet<String> {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let read = |p: &str| std::fs::read_to_string(deploy.join(p)).expect("deploy file");
+    metric_names(&read("grafana/kiln-dashboard.json"))
+        .into_iter()
+        .chain(metric_names(&read("prometheus/alerts.yml")))
+        .collect()
+}
+
+/// `promtool check metrics` on one exposition (it also lints names, units and suffixes).
+pub fn promtool_check_metrics(process: &str, page: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (scripts/bootstrap.sh --test installs Debian's prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics, {process}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

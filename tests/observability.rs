@@ -6,10 +6,10 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{Cluster, Options};
+use kiln_e2e::{metric_names, promtool_check_metrics, Cluster, Options};
 use kiln_proto::v1::GenerateRequest;
 use tonic::Code;
 
@@ -36,26 +36,6 @@ fn alert_rules_are_valid_and_fire_as_their_tests_expect() {
     promtool(&["check", "rules", "alerts.yml"]);
     promtool(&["test", "rules", "alerts.test.yml"]);
     promtool(&["check", "config", "prometheus.yml"]);
-}
-
-/// `kiln_*` metric names in a text, without histogram series suffixes.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("kiln_") {
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(name);
-        names.insert(base.to_string());
-        rest = &tail[end..];
-    }
-    names
 }
 
 #[test]
@@ -90,31 +70,6 @@ fn dashboard_and_alerts_query_only_exported_metrics() {
             "dashboard lacks {needed}"
         );
     }
-}
-
-/// `promtool check metrics` on one exposition (it also lints names, units and suffixes).
-fn promtool_check_metrics(process: &str, page: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics, {process}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Sum of a metric's samples whose label sets contain every `label="value"` in `labels`.

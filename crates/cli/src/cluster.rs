@@ -193,6 +193,10 @@ pub async fn build_gateway(
         }
         None => TierTable::shipped(),
     };
+    kiln_telemetry::export_gateway_series(
+        &kiln_quota::tiers::TIER_NAMES,
+        &[kiln_policy::LIVING_ARTIST_STYLE],
+    );
     let admission = Arc::new(QuotaAdmission::new(
         store.clone(),
         tiers,
@@ -315,15 +319,79 @@ pub fn announce(role: &str, listener: &TcpListener) -> Result<()> {
     Ok(())
 }
 
-/// Starts the `/metrics` endpoint when an address is configured.
-pub async fn serve_metrics(addr: Option<SocketAddr>, shutdown: &Shutdown) -> Result<()> {
-    if let Some(addr) = addr {
-        let listener = bind(addr, "--metrics-listen").await?;
-        tokio::spawn(kiln_telemetry::serve_metrics(
-            listener,
-            shutdown.clone().wait(),
-        ));
+/// Where a process serves Prometheus `/metrics`: `--metrics-listen ADDR`, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(MetricsListen::Off);
+        }
+        s.parse().map(MetricsListen::At).map_err(|e| {
+            format!("{s:?} is neither `off` nor an address such as 127.0.0.1:9464 ({e})")
+        })
     }
+}
+
+/// Default `/metrics` addresses, one port per role so that a gateway, a scheduler and a worker on
+/// one host do not collide (docs/operations.md).
+pub mod metrics_defaults {
+    pub const GATEWAY: &str = "127.0.0.1:9461";
+    pub const SCHEDULER: &str = "127.0.0.1:9462";
+    pub const WORKER: &str = "127.0.0.1:9463";
+    pub const UP: &str = "127.0.0.1:9464";
+}
+
+/// Starts the `/metrics` endpoint and returns its address: at `setting`, or when none is given at
+/// `default`, and when something else already holds the default port (a second process of the
+/// same role on the host), at a free port, logged. `off` serves nothing.
+pub async fn serve_metrics(
+    setting: Option<MetricsListen>,
+    default: &str,
+    shutdown: &Shutdown,
+) -> Result<Option<SocketAddr>> {
+    let listener = match setting {
+        Some(MetricsListen::Off) => return Ok(None),
+        Some(MetricsListen::At(addr)) => bind(addr, "--metrics-listen").await?,
+        None => {
+            let addr: SocketAddr = default.parse().context("default metrics address")?;
+            match TcpListener::bind(addr).await {
+                Ok(listener) => listener,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let listener = bind(SocketAddr::new(addr.ip(), 0), "--metrics-listen").await?;
+                    warn!(default = %addr, actual = ?listener.local_addr().ok(), "the default metrics port is taken: serving /metrics on a free port (set --metrics-listen to choose)");
+                    listener
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("--metrics-listen: cannot listen on {addr}"))
+                }
+            }
+        }
+    };
+    let addr = listener.local_addr()?;
+    tokio::spawn(kiln_telemetry::serve_metrics(
+        listener,
+        shutdown.clone().wait(),
+    ));
+    Ok(Some(addr))
+}
+
+/// Prints `kiln <role> metrics on http://<addr>/metrics` on stderr (stdout's one line is the
+/// `listening on` announcement that launchers read).
+pub fn announce_metrics(role: &str, addr: Option<SocketAddr>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stderr().lock();
+    match addr {
+        Some(addr) => writeln!(out, "kiln {role} metrics on http://{addr}/metrics")?,
+        None => writeln!(out, "kiln {role} metrics off")?,
+    }
+    out.flush()?;
     Ok(())
 }
 

@@ -52,9 +52,10 @@ enum Command {
         /// Public gateway address.
         #[arg(long, env = env::UP_LISTEN, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// Prometheus `/metrics` address (off when absent).
+        /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9464, or a free port
+        /// when that one is taken]
         #[arg(long, env = env::UP_METRICS_LISTEN)]
-        metrics_listen: Option<SocketAddr>,
+        metrics_listen: Option<cluster::MetricsListen>,
         /// Workers to start (each its own gRPC server on loopback).
         #[arg(long, env = env::UP_WORKERS, default_value_t = 1)]
         workers: usize,
@@ -81,9 +82,10 @@ enum Command {
     Gateway {
         #[arg(long, env = env::GATEWAY_LISTEN, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// Prometheus `/metrics` address (off when absent).
+        /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9461, or a free port
+        /// when that one is taken]
         #[arg(long, env = env::GATEWAY_METRICS_LISTEN)]
-        metrics_listen: Option<SocketAddr>,
+        metrics_listen: Option<cluster::MetricsListen>,
         /// Scheduler address (ignored with --etcd: the gateway follows the elected leader).
         #[arg(long, env = env::GATEWAY_SCHEDULER, default_value = "http://127.0.0.1:50061")]
         scheduler: String,
@@ -96,9 +98,10 @@ enum Command {
     Scheduler {
         #[arg(long, env = env::SCHEDULER_LISTEN, default_value = "127.0.0.1:50061")]
         listen: SocketAddr,
-        /// Prometheus `/metrics` address (off when absent).
+        /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9462, or a free port
+        /// when that one is taken]
         #[arg(long, env = env::SCHEDULER_METRICS_LISTEN)]
-        metrics_listen: Option<SocketAddr>,
+        metrics_listen: Option<cluster::MetricsListen>,
         /// Worker addresses (repeat the flag, or comma-separate); with --etcd, workers registered
         /// there join and leave by themselves.
         #[arg(long = "worker", env = env::SCHEDULER_WORKERS, value_delimiter = ',')]
@@ -115,9 +118,10 @@ enum Command {
     Worker {
         #[arg(long, env = env::WORKER_LISTEN, default_value = "127.0.0.1:50071")]
         listen: SocketAddr,
-        /// Prometheus `/metrics` address (off when absent).
+        /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9463, or a free port
+        /// when that one is taken]
         #[arg(long, env = env::WORKER_METRICS_LISTEN)]
-        metrics_listen: Option<SocketAddr>,
+        metrics_listen: Option<cluster::MetricsListen>,
         /// Worker name (default: worker-<port>).
         #[arg(long, env = env::WORKER_NAME)]
         name: Option<String>,
@@ -230,8 +234,13 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(k) => k.clone(),
                 None => cluster::ensure_dev_key(&cli.data_dir, &gateway.pepper)?,
             };
+            kiln_scheduler::export_known_series();
+            // The one scheduler of `kiln up` leads: there is no election.
+            kiln_telemetry::SCHEDULER_LEADER.set(1);
             let (stop, shutdown) = Shutdown::on_signal();
-            cluster::serve_metrics(metrics_listen, &shutdown).await?;
+            let metrics =
+                cluster::serve_metrics(metrics_listen, cluster::metrics_defaults::UP, &shutdown)
+                    .await?;
             let mut addresses = Vec::new();
             for i in 0..workers {
                 let engine = cluster::build_worker_engine(&worker, &cli.data_dir)?;
@@ -274,7 +283,8 @@ async fn run(cli: Cli) -> Result<()> {
                 let _ = server.await;
                 return result;
             }
-            eprintln!("kiln is up: gateway on {addr}. Try: kiln generate \"a red triangle above a blue star\" -o out.png");
+            let metrics = metrics.map_or("off".to_string(), |m| format!("on http://{m}/metrics"));
+            eprintln!("kiln is up: gateway on {addr}. Metrics {metrics}. Try: kiln generate \"a red triangle above a blue star\" -o out.png");
             server.await??;
             Ok(())
         }
@@ -302,9 +312,15 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             let (_stop, shutdown) = Shutdown::on_signal();
-            cluster::serve_metrics(metrics_listen, &shutdown).await?;
+            let metrics = cluster::serve_metrics(
+                metrics_listen,
+                cluster::metrics_defaults::GATEWAY,
+                &shutdown,
+            )
+            .await?;
             let listener = cluster::bind(listen, "--listen").await?;
             cluster::announce("gateway", &listener)?;
+            cluster::announce_metrics("gateway", metrics)?;
             kiln_gateway::run(gw, listener, shutdown.wait()).await?;
             Ok(())
         }
@@ -331,10 +347,17 @@ async fn run(cli: Cli) -> Result<()> {
                 call_timeout: Duration::from_secs(call_timeout.max(1)),
                 ..Default::default()
             };
+            kiln_scheduler::export_known_series();
             let (_stop, shutdown) = Shutdown::on_signal();
-            cluster::serve_metrics(metrics_listen, &shutdown).await?;
+            let metrics = cluster::serve_metrics(
+                metrics_listen,
+                cluster::metrics_defaults::SCHEDULER,
+                &shutdown,
+            )
+            .await?;
             let listener = cluster::bind(listen, "--listen").await?;
             cluster::announce("scheduler", &listener)?;
+            cluster::announce_metrics("scheduler", metrics)?;
             match etcd.config() {
                 None => {
                     kiln_telemetry::SCHEDULER_LEADER.set(1);
@@ -368,8 +391,14 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             });
             let (_stop, shutdown) = Shutdown::on_signal();
-            cluster::serve_metrics(metrics_listen, &shutdown).await?;
+            let metrics = cluster::serve_metrics(
+                metrics_listen,
+                cluster::metrics_defaults::WORKER,
+                &shutdown,
+            )
+            .await?;
             cluster::announce("worker", &listener)?;
+            cluster::announce_metrics("worker", metrics)?;
             let registration = etcd.config().map(|config| {
                 use kiln_model::Engine;
                 let info = engine.info();

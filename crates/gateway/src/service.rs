@@ -473,11 +473,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     info!(addr = ?listener.local_addr().ok(), "gateway serving");
-    let (reporter, health, reflection) = kiln_proto::standard::services();
+    let (reporter, health, reflection, reflection_v1alpha) = kiln_proto::standard::services();
     reporter.set_serving::<ImageServiceServer<ImageApi>>().await;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             ImageServiceServer::new(ImageApi(Arc::new(gateway)))
                 .max_encoding_message_size(64 << 20),

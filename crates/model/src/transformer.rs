@@ -495,7 +495,7 @@ fn heads_per_task(rows: usize, n_heads: usize) -> usize {
     let groups_per_row = wanted_tasks.div_ceil(rows).clamp(1, n_heads);
     (1..=n_heads)
         .rev()
-        .find(|g| n_heads % g == 0 && n_heads / g >= groups_per_row)
+        .find(|g| n_heads.is_multiple_of(*g) && n_heads / g >= groups_per_row)
         .unwrap_or(1)
 }
 

@@ -11,7 +11,9 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln_descriptor");
 
 /// The standard services every Kiln server carries besides its own: `grpc.health.v1` health checking
-/// and server reflection over Kiln's descriptors, so stock gRPC tools can talk to any port.
+/// and server reflection over Kiln's descriptors, as `grpc.reflection.v1` and as the older
+/// `grpc.reflection.v1alpha` that many stock tools still speak (grpcio-reflection's client among
+/// them), so stock gRPC tools can talk to any port.
 pub mod standard {
     use tonic_health::server::HealthReporter;
 
@@ -21,20 +23,26 @@ pub mod standard {
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
     }
 
-    /// Health service, its reporter, and the reflection service.
+    /// Health service, its reporter, and the reflection services (v1, v1alpha).
     pub fn services() -> (
         HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
         >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
     ) {
         let (reporter, health) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .expect("the descriptor sets are generated at build time and valid");
-        (reporter, health, reflection)
+        let builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        const VALID: &str = "the descriptor sets are generated at build time and valid";
+        let v1 = builder().build_v1().expect(VALID);
+        let v1alpha = builder().build_v1alpha().expect(VALID);
+        (reporter, health, v1, v1alpha)
     }
 }

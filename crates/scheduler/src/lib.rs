@@ -18,3 +18,10 @@ pub use runtime::{
     SchedulerHandle,
 };
 pub use state::{SchedulerConfig, Tier};
+
+/// Exports the scheduler's metric series at 0 for every tier and shed reason, before any job.
+pub fn export_known_series() {
+    let tiers = state::Tier::ALL.map(state::Tier::as_str);
+    let reasons = state::ShedReason::ALL.map(state::ShedReason::as_str);
+    kiln_telemetry::export_scheduler_series(&tiers, &reasons);
+}

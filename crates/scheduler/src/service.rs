@@ -185,13 +185,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     info!(addr = ?listener.local_addr().ok(), "scheduler serving");
-    let (reporter, health, reflection) = kiln_proto::standard::services();
+    let (reporter, health, reflection, reflection_v1alpha) = kiln_proto::standard::services();
     reporter
         .set_serving::<SchedulerServer<SchedulerService>>()
         .await;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(SchedulerServer::new(service).max_encoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(kiln_proto::standard::incoming(listener), shutdown)
         .await

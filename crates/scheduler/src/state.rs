@@ -140,6 +140,8 @@ pub enum ShedReason {
 }
 
 impl ShedReason {
+    pub const ALL: [ShedReason; 2] = [ShedReason::Deadline, ShedReason::QueueFull];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ShedReason::Deadline => "deadline",

@@ -447,6 +447,108 @@ pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("metric registered once")
 });
 
+/// Label values known before the first event. Each process exports its series at 0 from start-up
+/// (Prometheus' guidance for labelled metrics), so that dashboards and `rate()` alerts see series
+/// on a healthy, idle cluster instead of nothing.
+pub mod known {
+    /// Final gRPC codes a `Generate` ends with (as `tonic::Code`'s `Debug` spells them).
+    pub const CODES: &[&str] = &[
+        "Ok",
+        "InvalidArgument",
+        "Unauthenticated",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "Unavailable",
+        "DeadlineExceeded",
+        "Cancelled",
+        "Internal",
+    ];
+    pub const LIMITS: &[&str] = &["window", "rate", "in_flight"];
+    pub const SCOPES: &[&str] = &["user", "org"];
+    pub const ADMISSION_DECISIONS: &[&str] = &["admitted", "refused", "duplicate"];
+    /// Operations of `kiln_gateway_store_errors_total`.
+    pub const STORE_OPERATIONS: &[&str] = &["admit", "auth", "renew", "settle", "tiers", "usage"];
+    /// Operations of `kiln_membership_etcd_errors_total`.
+    pub const ETCD_OPERATIONS: &[&str] = &["campaign", "observe", "register", "watch"];
+    pub const PHASES: &[&str] = &["prefill", "decode"];
+    pub const BATCH_BUCKETS: &[&str] = &["1", "2-4", "5-16", "17-64", "65+"];
+}
+
+/// The gateway's series at 0: per tier, code, limit and scope, store operation and policy rule.
+pub fn export_gateway_series(tiers: &[&str], policy_rules: &[&str]) {
+    for &tier in tiers {
+        for &code in known::CODES {
+            GATEWAY_REQUESTS.with_label_values(&[tier, code]);
+        }
+        GATEWAY_REQUEST_DURATION.with_label_values(&[tier]);
+        GATEWAY_FIRST_PROGRESS.with_label_values(&[tier]);
+        GATEWAY_QUOTA_REFUNDS.with_label_values(&[tier]);
+        GATEWAY_QUOTA_FAIL_OPEN.with_label_values(&[tier]);
+        for &limit in known::LIMITS {
+            for &scope in known::SCOPES {
+                GATEWAY_QUOTA_REFUSALS.with_label_values(&[tier, limit, scope]);
+            }
+        }
+    }
+    for &operation in known::STORE_OPERATIONS {
+        GATEWAY_STORE_ERRORS.with_label_values(&[operation]);
+    }
+    for &decision in known::ADMISSION_DECISIONS {
+        GATEWAY_ADMISSION_DURATION.with_label_values(&[decision]);
+    }
+    for &rule in policy_rules {
+        GATEWAY_POLICY_REFUSALS.with_label_values(&[rule]);
+    }
+    if GATEWAY_TIGHTENING.get() == 0.0 {
+        // No tightening until demand says otherwise.
+        GATEWAY_TIGHTENING.set(1.0);
+    }
+    LazyLock::force(&GATEWAY_IDEMPOTENT_REPLAYS);
+    LazyLock::force(&GATEWAY_SIGNING_DURATION);
+    LazyLock::force(&GATEWAY_MANIFEST_BYTES);
+    export_membership_series();
+}
+
+/// The scheduler's series at 0: per tier and shed reason, and its unlabelled gauges.
+pub fn export_scheduler_series(tiers: &[&str], shed_reasons: &[&str]) {
+    for &tier in tiers {
+        SCHEDULER_QUEUE_DEPTH.with_label_values(&[tier]);
+        SCHEDULER_OLDEST_WAIT.with_label_values(&[tier]);
+        SCHEDULER_QUEUE_WAIT.with_label_values(&[tier]);
+        SCHEDULER_REQUEUED.with_label_values(&[tier]);
+        for &reason in shed_reasons {
+            SCHEDULER_SHED.with_label_values(&[tier, reason]);
+        }
+    }
+    LazyLock::force(&SCHEDULER_RUNNING);
+    LazyLock::force(&SCHEDULER_WORKERS);
+    LazyLock::force(&SCHEDULER_LEADER);
+    LazyLock::force(&SCHEDULER_SATURATION);
+    LazyLock::force(&SCHEDULER_BACKLOG);
+    LazyLock::force(&SCHEDULER_DECISION_DURATION);
+    LazyLock::force(&SCHEDULER_WORKER_CALL_DURATION);
+    export_membership_series();
+}
+
+/// A worker's series at 0 (its capacities are set by the worker itself).
+pub fn export_worker_series(worker: &str) {
+    WORKER_KV_BLOCKS_USED.with_label_values(&[worker]);
+    WORKER_BATCH_SLOTS_USED.with_label_values(&[worker]);
+    WORKER_TOKENS.with_label_values(&[worker]);
+    for &phase in known::PHASES {
+        for &batch in known::BATCH_BUCKETS {
+            WORKER_STEP_DURATION.with_label_values(&[worker, phase, batch]);
+        }
+    }
+    export_membership_series();
+}
+
+fn export_membership_series() {
+    for &operation in known::ETCD_OPERATIONS {
+        MEMBERSHIP_ETCD_ERRORS.with_label_values(&[operation]);
+    }
+}
+
 /// (resident bytes of this process, total bytes of the machine), from `/proc` on Linux.
 pub fn process_memory() -> Option<(u64, u64)> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -570,6 +672,22 @@ mod tests {
             buckets,
             ["1", "2-4", "2-4", "5-16", "5-16", "17-64", "17-64", "65+", "65+"]
         );
+    }
+
+    #[test]
+    fn known_series_are_exported_before_any_event() {
+        export_scheduler_series(&["free"], &["deadline"]);
+        export_worker_series("w0");
+        let text = encode_metrics();
+        for series in [
+            "kiln_scheduler_shed_total{reason=\"deadline\",tier=\"free\"} 0",
+            "kiln_scheduler_saturation_ratio 0",
+            "kiln_worker_kv_blocks_used{worker=\"w0\"} 0",
+            "kiln_membership_etcd_errors_total{operation=\"watch\"} 0",
+            "kiln_worker_step_duration_seconds_count{batch=\"17-64\",phase=\"decode\",worker=\"w0\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 
     #[test]

@@ -59,6 +59,15 @@ impl<E: Engine> WorkerService<E> {
         telemetry::WORKER_BATCH_SLOTS_CAPACITY
             .with_label_values(&[&name])
             .set(info.max_batch as f64);
+        telemetry::export_worker_series(&name);
+        if let Some((used, total)) = engine.device_memory().or_else(telemetry::process_memory) {
+            telemetry::WORKER_MEMORY_USED
+                .with_label_values(&[&name, &info.device])
+                .set(used as f64);
+            telemetry::WORKER_MEMORY_TOTAL
+                .with_label_values(&[&name, &info.device])
+                .set(total as f64);
+        }
         WorkerService {
             name,
             device: info.device,
@@ -342,13 +351,14 @@ pub async fn run<E: Engine>(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let info = engine.info();
     info!(worker = %name, ?addr, model = %info.model, device = %info.device, kv_blocks = info.kv_blocks_total, max_batch = info.max_batch, guidance = info.guidance.unwrap_or(1.0), "worker serving");
-    let (reporter, health, reflection) = kiln_proto::standard::services();
+    let (reporter, health, reflection, reflection_v1alpha) = kiln_proto::standard::services();
     reporter
         .set_serving::<WorkerServer<WorkerService<E>>>()
         .await;
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             WorkerServer::new(WorkerService::new(name.clone(), engine))
                 .max_decoding_message_size(64 << 20),

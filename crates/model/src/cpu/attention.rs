@@ -18,6 +18,7 @@ pub struct Spans<'a> {
 
 /// `out[h] = softmax(q[h] · K[h] * scale) · V[h]` for the heads `heads` over the positions `at`
 /// names; `q` and `out` hold those heads side by side; `scores` is scratch space.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_heads(
     q: &[f32],
     keys: &[f32],
