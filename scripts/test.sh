@@ -7,6 +7,9 @@ scripts/bootstrap.sh --test
 # The PyTorch reference model (reference/torch) that tests/torch_reference.rs checks logits against.
 KILN_TORCH_PYTHON="$(scripts/torch-venv.sh)"
 export KILN_TORCH_PYTHON
+# OpenAI's official Python client, which tests/openai.rs drives against the HTTP API.
+KILN_OPENAI_PYTHON="$(scripts/openai-venv.sh)"
+export KILN_OPENAI_PYTHON
 # A one-off build gains nothing from incremental caches, which would double the target folder on disk.
 export CARGO_INCREMENTAL=0
 echo "test.sh: $(df -h --output=avail . | tail -1 | tr -d ' ') free on disk before the build" >&2

@@ -319,20 +319,20 @@ pub fn announce(role: &str, listener: &TcpListener) -> Result<()> {
     Ok(())
 }
 
-/// Where a process serves Prometheus `/metrics`: `--metrics-listen ADDR`, or `off`.
+/// Where a process serves an optional endpoint (`/metrics`, the HTTP API): an address, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricsListen {
+pub enum OptionalListen {
     Off,
     At(SocketAddr),
 }
 
-impl std::str::FromStr for MetricsListen {
+impl std::str::FromStr for OptionalListen {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         if s.eq_ignore_ascii_case("off") {
-            return Ok(MetricsListen::Off);
+            return Ok(OptionalListen::Off);
         }
-        s.parse().map(MetricsListen::At).map_err(|e| {
+        s.parse().map(OptionalListen::At).map_err(|e| {
             format!("{s:?} is neither `off` nor an address such as 127.0.0.1:9464 ({e})")
         })
     }
@@ -347,32 +347,67 @@ pub mod metrics_defaults {
     pub const UP: &str = "127.0.0.1:9464";
 }
 
-/// Starts the `/metrics` endpoint and returns its address: at `setting`, or when none is given at
-/// `default`, and when something else already holds the default port (a second process of the
-/// same role on the host), at a free port, logged. `off` serves nothing.
+/// Binds an optional endpoint: at `setting`, or when none is given at `default` (none: off), and
+/// when something else already holds the default port (a second process of the same role on the
+/// host), at a free port, logged. `off` binds nothing.
+async fn bind_optional(
+    setting: Option<OptionalListen>,
+    default: Option<&str>,
+    flag: &str,
+) -> Result<Option<TcpListener>> {
+    let default = match setting {
+        Some(OptionalListen::Off) => return Ok(None),
+        Some(OptionalListen::At(addr)) => return bind(addr, flag).await.map(Some),
+        None => match default {
+            None => return Ok(None),
+            Some(d) => d,
+        },
+    };
+    let addr: SocketAddr = default
+        .parse()
+        .with_context(|| format!("default of {flag}"))?;
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let listener = bind(SocketAddr::new(addr.ip(), 0), flag).await?;
+            warn!(default = %addr, actual = ?listener.local_addr().ok(), "the default port of {flag} is taken: serving on a free port (set {flag} to choose)");
+            Ok(Some(listener))
+        }
+        Err(e) => Err(e).with_context(|| format!("{flag}: cannot listen on {addr}")),
+    }
+}
+
+/// Where `kiln up` serves the OpenAI-compatible HTTP API unless told otherwise.
+pub const HTTP_DEFAULT: &str = "127.0.0.1:8080";
+
+/// Starts the OpenAI-compatible HTTP API of `gateway` (see [`bind_optional`]) and returns its
+/// address.
+pub async fn serve_http(
+    setting: Option<OptionalListen>,
+    default: Option<&str>,
+    gateway: Arc<kiln_gateway::Gateway>,
+    shutdown: &Shutdown,
+) -> Result<Option<SocketAddr>> {
+    let Some(listener) = bind_optional(setting, default, "--http-listen").await? else {
+        return Ok(None);
+    };
+    let addr = listener.local_addr()?;
+    tokio::spawn(kiln_gateway::openai::run(
+        gateway,
+        listener,
+        shutdown.clone().wait(),
+    ));
+    Ok(Some(addr))
+}
+
+/// Starts the `/metrics` endpoint (see [`bind_optional`]) and returns its address.
 pub async fn serve_metrics(
-    setting: Option<MetricsListen>,
+    setting: Option<OptionalListen>,
     default: &str,
     shutdown: &Shutdown,
 ) -> Result<Option<SocketAddr>> {
-    let listener = match setting {
-        Some(MetricsListen::Off) => return Ok(None),
-        Some(MetricsListen::At(addr)) => bind(addr, "--metrics-listen").await?,
-        None => {
-            let addr: SocketAddr = default.parse().context("default metrics address")?;
-            match TcpListener::bind(addr).await {
-                Ok(listener) => listener,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    let listener = bind(SocketAddr::new(addr.ip(), 0), "--metrics-listen").await?;
-                    warn!(default = %addr, actual = ?listener.local_addr().ok(), "the default metrics port is taken: serving /metrics on a free port (set --metrics-listen to choose)");
-                    listener
-                }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("--metrics-listen: cannot listen on {addr}"))
-                }
-            }
-        }
+    let Some(listener) = bind_optional(setting, Some(default), "--metrics-listen").await? else {
+        return Ok(None);
     };
     let addr = listener.local_addr()?;
     tokio::spawn(kiln_telemetry::serve_metrics(

@@ -55,7 +55,11 @@ enum Command {
         /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9464, or a free port
         /// when that one is taken]
         #[arg(long, env = env::UP_METRICS_LISTEN)]
-        metrics_listen: Option<cluster::MetricsListen>,
+        metrics_listen: Option<cluster::OptionalListen>,
+        /// OpenAI-compatible HTTP API address (`/v1/images/generations`), or `off` [default:
+        /// 127.0.0.1:8080, or a free port when that one is taken]
+        #[arg(long, env = env::UP_HTTP_LISTEN)]
+        http_listen: Option<cluster::OptionalListen>,
         /// Workers to start (each its own gRPC server on loopback).
         #[arg(long, env = env::UP_WORKERS, default_value_t = 1)]
         workers: usize,
@@ -85,7 +89,10 @@ enum Command {
         /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9461, or a free port
         /// when that one is taken]
         #[arg(long, env = env::GATEWAY_METRICS_LISTEN)]
-        metrics_listen: Option<cluster::MetricsListen>,
+        metrics_listen: Option<cluster::OptionalListen>,
+        /// OpenAI-compatible HTTP API address (`/v1/images/generations`), or `off` [default: off]
+        #[arg(long, env = env::GATEWAY_HTTP_LISTEN)]
+        http_listen: Option<cluster::OptionalListen>,
         /// Scheduler address (ignored with --etcd: the gateway follows the elected leader).
         #[arg(long, env = env::GATEWAY_SCHEDULER, default_value = "http://127.0.0.1:50061")]
         scheduler: String,
@@ -101,7 +108,7 @@ enum Command {
         /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9462, or a free port
         /// when that one is taken]
         #[arg(long, env = env::SCHEDULER_METRICS_LISTEN)]
-        metrics_listen: Option<cluster::MetricsListen>,
+        metrics_listen: Option<cluster::OptionalListen>,
         /// Worker addresses (repeat the flag, or comma-separate); with --etcd, workers registered
         /// there join and leave by themselves.
         #[arg(long = "worker", env = env::SCHEDULER_WORKERS, value_delimiter = ',')]
@@ -121,7 +128,7 @@ enum Command {
         /// Prometheus `/metrics` address, or `off` [default: 127.0.0.1:9463, or a free port
         /// when that one is taken]
         #[arg(long, env = env::WORKER_METRICS_LISTEN)]
-        metrics_listen: Option<cluster::MetricsListen>,
+        metrics_listen: Option<cluster::OptionalListen>,
         /// Worker name (default: worker-<port>).
         #[arg(long, env = env::WORKER_NAME)]
         name: Option<String>,
@@ -215,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Up {
             listen,
             metrics_listen,
+            http_listen,
             workers,
             worker,
             batching,
@@ -265,6 +273,14 @@ async fn run(cli: Cli) -> Result<()> {
                 &cli.data_dir,
             )
             .await?;
+            let gw = Arc::new(gw);
+            let http = cluster::serve_http(
+                http_listen,
+                Some(cluster::HTTP_DEFAULT),
+                gw.clone(),
+                &shutdown,
+            )
+            .await?;
             let listener = cluster::bind(listen, "--listen").await?;
             let addr = listener.local_addr()?;
             let server = tokio::spawn(kiln_gateway::run(gw, listener, shutdown.clone().wait()));
@@ -284,13 +300,15 @@ async fn run(cli: Cli) -> Result<()> {
                 return result;
             }
             let metrics = metrics.map_or("off".to_string(), |m| format!("on http://{m}/metrics"));
-            eprintln!("kiln is up: gateway on {addr}. Metrics {metrics}. Try: kiln generate \"a red triangle above a blue star\" -o out.png");
+            let http = http.map_or("off".to_string(), |h| format!("on http://{h}/v1"));
+            eprintln!("kiln is up: gateway on {addr}. OpenAI API {http}. Metrics {metrics}. Try: kiln generate \"a red triangle above a blue star\" -o out.png");
             server.await??;
             Ok(())
         }
         Command::Gateway {
             listen,
             metrics_listen,
+            http_listen,
             scheduler,
             gateway,
             etcd,
@@ -318,9 +336,14 @@ async fn run(cli: Cli) -> Result<()> {
                 &shutdown,
             )
             .await?;
+            let gw = Arc::new(gw);
+            let http = cluster::serve_http(http_listen, None, gw.clone(), &shutdown).await?;
             let listener = cluster::bind(listen, "--listen").await?;
             cluster::announce("gateway", &listener)?;
             cluster::announce_metrics("gateway", metrics)?;
+            if let Some(http) = http {
+                eprintln!("kiln gateway OpenAI API on http://{http}/v1");
+            }
             kiln_gateway::run(gw, listener, shutdown.wait()).await?;
             Ok(())
         }

@@ -61,15 +61,33 @@ pub struct Gateway {
     pub backend: Arc<dyn Backend>,
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
 
-fn record(identity: Option<&Identity>, code: tonic::Code, start: Instant) {
+/// The front door a request came through: the `protocol` label of the request metrics. The HTTP
+/// front door marks its requests with it (a request extension); gRPC requests carry none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Grpc,
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+fn record(identity: Option<&Identity>, code: tonic::Code, start: Instant, protocol: Protocol) {
     let tier = identity.map_or("unknown", |i| i.tier.as_str());
     telemetry::GATEWAY_REQUESTS
-        .with_label_values(&[tier, &format!("{code:?}")])
+        .with_label_values(&[tier, &format!("{code:?}"), protocol.as_str()])
         .inc();
     telemetry::GATEWAY_REQUEST_DURATION
-        .with_label_values(&[tier])
+        .with_label_values(&[tier, protocol.as_str()])
         .observe(start.elapsed().as_secs_f64());
 }
 
@@ -173,19 +191,25 @@ impl Gateway {
         status
     }
 
-    async fn generate(
+    /// The whole pipeline for one image, whichever front door `request` came through.
+    pub(crate) async fn generate(
         self: &Arc<Self>,
         request: Request<GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let start = Instant::now();
+        let protocol = request
+            .extensions()
+            .get::<Protocol>()
+            .copied()
+            .unwrap_or_default();
         let identity = match self.auth.authenticate(request.metadata()).await {
             Ok(i) => i,
             Err(e) => {
-                record(None, e.code(), start);
+                record(None, e.code(), start, protocol);
                 return Err(e.into());
             }
         };
-        match self.generate_for(&identity, request, start).await {
+        match self.generate_for(&identity, request, start, protocol).await {
             Ok(response) => Ok(response),
             Err(status) => Err(self.with_quota_metadata(&identity, status).await),
         }
@@ -196,17 +220,18 @@ impl Gateway {
         identity: &Identity,
         request: Request<GenerateRequest>,
         start: Instant,
+        protocol: Protocol,
     ) -> Result<Response<EventStream>, Status> {
         let identity = identity.clone();
         let fail = |e: GatewayError| {
-            record(Some(&identity), e.code(), start);
+            record(Some(&identity), e.code(), start, protocol);
             e.to_status()
         };
         let model = self.backend.model().await.map_err(|e| fail(e.into()))?;
         let caller_trace = TraceContext::from_metadata(request.metadata());
         let valid = validate(request.into_inner(), &model).map_err(fail)?;
         let traced = kiln_telemetry::trace::sample(&caller_trace);
-        let span = kiln_telemetry::request_span!(traced, "generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str(), trace_id = tracing::field::Empty);
+        let span = kiln_telemetry::request_span!(traced, "generate", request_id = %valid.request_id, user = %identity.user, tier = identity.tier.as_str(), protocol = protocol.as_str(), trace_id = tracing::field::Empty);
         if traced {
             caller_trace.adopt(&span);
         }
@@ -221,7 +246,7 @@ impl Gateway {
             Admitted::Charged(ticket) => ticket,
             Admitted::Replay(answer) => {
                 span.in_scope(|| info!("idempotent retry: sending the earlier answer again"));
-                record(Some(&identity), tonic::Code::Ok, start);
+                record(Some(&identity), tonic::Code::Ok, start, protocol);
                 let event = GenerateEvent::decode(answer.as_slice()).map_err(|e| {
                     fail(GatewayError::Internal(format!(
                         "stored answer unreadable: {e}"
@@ -270,7 +295,7 @@ impl Gateway {
                     Err(None) => tonic::Code::Cancelled,
                     Err(Some(e)) => e.code(),
                 };
-                record(Some(&identity), code, start);
+                record(Some(&identity), code, start, protocol);
                 match result {
                     Ok(()) => info!(seconds = start.elapsed().as_secs_f64(), "image delivered"),
                     Err(None) => info!("caller went away; job cancelled"),
@@ -468,7 +493,7 @@ impl Gateway {
 
 /// Serves the public API with health and reflection on `listener` until `shutdown` resolves.
 pub async fn run(
-    gateway: Gateway,
+    gateway: Arc<Gateway>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -479,10 +504,7 @@ pub async fn run(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(
-            ImageServiceServer::new(ImageApi(Arc::new(gateway)))
-                .max_encoding_message_size(64 << 20),
-        )
+        .add_service(ImageServiceServer::new(ImageApi(gateway)).max_encoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(kiln_proto::standard::incoming(listener), shutdown)
         .await
 }

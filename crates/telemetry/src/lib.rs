@@ -111,6 +111,8 @@ pub mod env_names {
     pub const UP_LISTEN: &str = "KILN_UP_LISTEN";
     pub const UP_WORKERS: &str = "KILN_UP_WORKERS";
     pub const UP_METRICS_LISTEN: &str = "KILN_UP_METRICS_LISTEN";
+    pub const UP_HTTP_LISTEN: &str = "KILN_UP_HTTP_LISTEN";
+    pub const GATEWAY_HTTP_LISTEN: &str = "KILN_GATEWAY_HTTP_LISTEN";
     pub const GATEWAY_METRICS_LISTEN: &str = "KILN_GATEWAY_METRICS_LISTEN";
     pub const SCHEDULER_METRICS_LISTEN: &str = "KILN_SCHEDULER_METRICS_LISTEN";
     pub const WORKER_METRICS_LISTEN: &str = "KILN_WORKER_METRICS_LISTEN";
@@ -171,16 +173,16 @@ const REQUEST_BUCKETS: &[f64] = &[
 pub static GATEWAY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         names::GATEWAY_REQUESTS,
-        "Generate requests by tier and final gRPC code.",
-        &["tier", "code"]
+        "Generate requests by tier, final gRPC code and protocol (grpc, or http: the OpenAI-compatible front door).",
+        &["tier", "code", "protocol"]
     )
     .expect("metric registered once")
 });
 pub static GATEWAY_REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
         names::GATEWAY_REQUEST_DURATION,
-        "End-to-end Generate latency by tier.",
-        &["tier"],
+        "End-to-end Generate latency by tier and protocol (grpc, http).",
+        &["tier", "protocol"],
         REQUEST_BUCKETS.to_vec()
     )
     .expect("metric registered once")
@@ -463,6 +465,8 @@ pub mod known {
         "Cancelled",
         "Internal",
     ];
+    /// The front doors a request can come through: gRPC, or the OpenAI-compatible HTTP API.
+    pub const PROTOCOLS: &[&str] = &["grpc", "http"];
     pub const LIMITS: &[&str] = &["window", "rate", "in_flight"];
     pub const SCOPES: &[&str] = &["user", "org"];
     pub const ADMISSION_DECISIONS: &[&str] = &["admitted", "refused", "duplicate"];
@@ -477,10 +481,12 @@ pub mod known {
 /// The gateway's series at 0: per tier, code, limit and scope, store operation and policy rule.
 pub fn export_gateway_series(tiers: &[&str], policy_rules: &[&str]) {
     for &tier in tiers {
-        for &code in known::CODES {
-            GATEWAY_REQUESTS.with_label_values(&[tier, code]);
+        for &protocol in known::PROTOCOLS {
+            for &code in known::CODES {
+                GATEWAY_REQUESTS.with_label_values(&[tier, code, protocol]);
+            }
+            GATEWAY_REQUEST_DURATION.with_label_values(&[tier, protocol]);
         }
-        GATEWAY_REQUEST_DURATION.with_label_values(&[tier]);
         GATEWAY_FIRST_PROGRESS.with_label_values(&[tier]);
         GATEWAY_QUOTA_REFUNDS.with_label_values(&[tier]);
         GATEWAY_QUOTA_FAIL_OPEN.with_label_values(&[tier]);
@@ -692,11 +698,15 @@ mod tests {
 
     #[test]
     fn metrics_encode_with_their_names() {
-        GATEWAY_REQUESTS.with_label_values(&["free", "OK"]).inc();
+        GATEWAY_REQUESTS
+            .with_label_values(&["free", "OK", "http"])
+            .inc();
         SCHEDULER_QUEUE_DEPTH.with_label_values(&["free"]).set(3);
         let text = encode_metrics();
         assert!(
-            text.contains("kiln_gateway_requests_total{code=\"OK\",tier=\"free\"} 1"),
+            text.contains(
+                "kiln_gateway_requests_total{code=\"OK\",protocol=\"http\",tier=\"free\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("kiln_scheduler_queue_depth{tier=\"free\"} 3"));

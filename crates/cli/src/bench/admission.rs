@@ -370,7 +370,7 @@ async fn start_gateway(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(kiln_gateway::run(gateway, listener, async move {
+    tokio::spawn(kiln_gateway::run(Arc::new(gateway), listener, async move {
         let _ = stopped.wait_for(|s| *s).await;
     }));
     Ok((address, stop))
