@@ -2,8 +2,9 @@
 //! `redis-benchmark` running the same admission script (EVALSHA, same arguments, same number of
 //! clients) on the same machine, for admitted and for refused requests; then the whole gateway
 //! pipeline over gRPC (auth lookup, validation, policy, admission, settlement) with a backend that
-//! answers at once, so that only the gateway's own cost is measured; and admitted latency while a
-//! flood of refused requests runs beside it.
+//! answers at once, so that only the gateway's own cost is measured; the same pipeline through the
+//! OpenAI-compatible HTTP front door beside gRPC, alternating; and admitted latency while a flood of
+//! refused requests runs beside it.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -47,6 +48,18 @@ struct Figures {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+impl Figures {
+    /// Each figure's median over rounds.
+    fn median(rounds: Vec<Figures>) -> Figures {
+        let of = |f: fn(&Figures) -> f64| super::median(rounds.iter().map(f).collect());
+        Figures {
+            rps: of(|r| r.rps),
+            p50_ms: of(|r| r.p50_ms),
+            p99_ms: of(|r| r.p99_ms),
+        }
+    }
 }
 
 pub async fn run(redis_url: Option<&str>, clients: usize, requests: usize) -> Result<()> {
@@ -99,7 +112,7 @@ pub async fn run(redis_url: Option<&str>, clients: usize, requests: usize) -> Re
     }
 
     // The whole gateway over gRPC, with a backend that answers at once.
-    let (address, stop) = start_gateway(store.clone(), admission.clone()).await?;
+    let (address, http, stop) = start_gateway(store.clone(), admission.clone()).await?;
     let allowed_key = "bench-allowed-key";
     let refused_key = "bench-refused-key";
     for (key, user, tier) in [
@@ -120,6 +133,23 @@ pub async fn run(redis_url: Option<&str>, clients: usize, requests: usize) -> Re
     let grpc_refused = grpc_load(&client, refused_key, clients, requests).await;
     print_row("gateway gRPC Generate (admitted)", &grpc_allowed);
     print_row("gateway gRPC Generate (refused)", &grpc_refused);
+
+    // The two front doors on the same gateway, alternating rounds (medians of three).
+    let (mut grpc_rounds, mut http_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        grpc_rounds.push(grpc_load(&client, allowed_key, clients, requests / 2).await);
+        http_rounds.push(http_load(http, allowed_key, clients, requests / 2).await);
+    }
+    let (grpc_front, http_front) = (Figures::median(grpc_rounds), Figures::median(http_rounds));
+    print_row("front door gRPC Generate (median of 3)", &grpc_front);
+    print_row("front door HTTP /v1/images/generations", &http_front);
+    println!(
+        "{:<44} {:>10.2} {:>9} {:>9.2}",
+        "  ratio HTTP / gRPC",
+        http_front.rps / grpc_front.rps,
+        "",
+        http_front.p99_ms / grpc_front.p99_ms
+    );
 
     // Admitted requests while refused ones flood the gateway at the same concurrency.
     let flood = {
@@ -316,6 +346,75 @@ async fn grpc_load(
     .await
 }
 
+/// `POST /v1/images/generations` from `clients` tasks, each on its own kept-alive HTTP/1.1
+/// connection (a pool, so that no request pays a connect).
+async fn http_load(
+    address: std::net::SocketAddr,
+    key: &'static str,
+    clients: usize,
+    requests: usize,
+) -> Figures {
+    let pool = Arc::new(tokio::sync::Mutex::new(Vec::<tokio::net::TcpStream>::new()));
+    measure(clients, requests, move |_| {
+        let pool = pool.clone();
+        async move {
+            let taken = pool.lock().await.pop();
+            let stream = match taken {
+                Some(s) => s,
+                None => match tokio::net::TcpStream::connect(address).await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+            };
+            let body = r#"{"prompt": "a red star", "size": "64x64"}"#;
+            let request = format!(
+                "POST /v1/images/generations HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if let Ok(stream) = http_exchange(stream, request.as_bytes()).await {
+                pool.lock().await.push(stream);
+            }
+        }
+    })
+    .await
+}
+
+/// Sends one request and reads its answer (headers, then `content-length` bytes); returns the
+/// connection for the next request.
+async fn http_exchange(
+    mut stream: tokio::net::TcpStream,
+    request: &[u8],
+) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await?;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buffer.len() < end + 4 + length {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buffer.extend_from_slice(&chunk[..n]);
+        }
+        return Ok(stream);
+    }
+}
+
 /// Stands in for the cluster so that the gateway's own cost is what is measured.
 struct InstantBackend;
 
@@ -353,10 +452,15 @@ impl Backend for InstantBackend {
     }
 }
 
+/// The gateway on an instant backend: its gRPC address, its HTTP API's address, and its stop.
 async fn start_gateway(
     store: Arc<RedisStore>,
     admission: Arc<QuotaAdmission>,
-) -> Result<(String, tokio::sync::watch::Sender<bool>)> {
+) -> Result<(
+    String,
+    std::net::SocketAddr,
+    tokio::sync::watch::Sender<bool>,
+)> {
     let gateway = Gateway {
         config: GatewayConfig {
             request_deadline: Duration::from_secs(60),
@@ -369,9 +473,18 @@ async fn start_gateway(
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(kiln_gateway::run(Arc::new(gateway), listener, async move {
+    let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = http_listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|s| *s).await;
-    }));
-    Ok((address, stop))
+    };
+    let gateway = Arc::new(gateway);
+    tokio::spawn(kiln_gateway::openai::run(
+        gateway.clone(),
+        http_listener,
+        until_stopped(stopped.clone()),
+    ));
+    tokio::spawn(kiln_gateway::run(gateway, listener, until_stopped(stopped)));
+    Ok((address, http, stop))
 }
