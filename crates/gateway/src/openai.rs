@@ -28,7 +28,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic_types::StatusExt;
 use tracing::{info, Instrument};
 
-use crate::service::{EventStream, Protocol};
+use crate::service::{Authenticated, EventStream, Protocol};
 use crate::validation::MAX_REQUEST_ID_LEN;
 use crate::{Gateway, GatewayError};
 
@@ -683,8 +683,9 @@ async fn generate_in(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    // OpenAI answers a bad key before a bad body.
-    authenticate(&gateway, &headers).await?;
+    // OpenAI answers a bad key before a bad body. The pipeline takes the identity found here
+    // instead of looking the key up again for every image.
+    let identity = authenticate(&gateway, &headers).await?;
     if body.len() > MAX_BODY_BYTES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -750,6 +751,8 @@ async fn generate_in(
             tonic::Request::new(request.image(i, &request_id, idempotency_key.as_deref()));
         *call.metadata_mut() = metadata.clone();
         call.extensions_mut().insert(Protocol::Http);
+        call.extensions_mut()
+            .insert(Authenticated(identity.clone()));
         gateway.generate(call)
     });
     let mut running = Vec::with_capacity(request.n as usize);

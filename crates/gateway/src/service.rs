@@ -81,6 +81,11 @@ impl Protocol {
     }
 }
 
+/// A caller the front door already authenticated (the HTTP API, once for all of a request's
+/// images). Only this crate can attach it: a request extension is never read off the wire.
+#[derive(Clone, Debug)]
+pub(crate) struct Authenticated(pub Identity);
+
 fn record(identity: Option<&Identity>, code: tonic::Code, start: Instant, protocol: Protocol) {
     let tier = identity.map_or("unknown", |i| i.tier.as_str());
     telemetry::GATEWAY_REQUESTS
@@ -202,12 +207,19 @@ impl Gateway {
             .get::<Protocol>()
             .copied()
             .unwrap_or_default();
-        let identity = match self.auth.authenticate(request.metadata()).await {
-            Ok(i) => i,
-            Err(e) => {
-                record(None, e.code(), start, protocol);
-                return Err(e.into());
-            }
+        let known = request
+            .extensions()
+            .get::<Authenticated>()
+            .map(|a| a.0.clone());
+        let identity = match known {
+            Some(identity) => identity,
+            None => match self.auth.authenticate(request.metadata()).await {
+                Ok(i) => i,
+                Err(e) => {
+                    record(None, e.code(), start, protocol);
+                    return Err(e.into());
+                }
+            },
         };
         match self.generate_for(&identity, request, start, protocol).await {
             Ok(response) => Ok(response),
