@@ -47,6 +47,7 @@ pub fn decode_fixture(
             },
             generated: Vec::new(),
             kv_blocks: info.blocks_needed(prompt.len(), size, size),
+            partial_images: 0,
         })
         .collect();
     engine.prefill(seqs).expect("fixture fits the engine");

@@ -3,15 +3,15 @@
 //! `docs/api.md`: an image from a fresh `kiln up` at the address it prints, signed with C2PA; the
 //! client's error classes for a bad key, a bad size, a refused prompt, another model and an
 //! exhausted quota (against a real Redis), with the rate-limit headers; `n` images charged `n`, and
-//! all of them refunded when one is refused.
+//! all of them refunded when one is refused; streamed previews (`partial_images`) over HTTP and gRPC.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{with_key, Cluster, Options};
-use kiln_proto::v1::GetQuotaRequest;
+use kiln_e2e::{completed, with_key, Cluster, Options};
+use kiln_proto::v1::{generate_event, GenerateRequest, GetQuotaRequest, PartialImage};
 use kiln_testkit::RedisServer;
 
 struct Up(Child);
@@ -168,6 +168,30 @@ fn the_openai_client_draws_on_a_fresh_kiln_up() {
         std::fs::read(dir.path().join("two-1.png")).unwrap(),
     );
     assert_ne!(a, b, "two images of one request differ");
+
+    // Streamed, with previews: two partial images, then the image.
+    let out = example(
+        &base_url,
+        key,
+        dir.path(),
+        &["stream", "a red star", "live.png", "--partial-images", "2"],
+    );
+    assert!(out.status.success(), "stream: {}", text(&out));
+    let events: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events[0].starts_with("partial 0") && events[1].starts_with("partial 1"));
+    assert!(events[2].starts_with("completed"), "{events:?}");
+    let (early, late, full) = (
+        std::fs::read(dir.path().join("live.partial-0.png")).unwrap(),
+        std::fs::read(dir.path().join("live.partial-1.png")).unwrap(),
+        std::fs::read(dir.path().join("live.png")).unwrap(),
+    );
+    assert_eq!(&early[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(early != late && late != full, "each preview shows more");
 
     let printed = expect_error(
         &base_url,
@@ -338,6 +362,63 @@ org_pool = true
     }
     let star = std::fs::read(dir.path().join("star.png")).expect("the curl example wrote star.png");
     assert_eq!(&star[..8], b"\x89PNG\r\n\x1a\n");
+
+    // gRPC's previews, through a scheduler and a worker in other processes: evenly spaced, in
+    // order, each a signed PNG of the image so far, before the image.
+    let events = cluster
+        .generate_as(
+            0,
+            &roomy,
+            GenerateRequest {
+                prompt: "a red star".into(),
+                width: 64,
+                height: 64,
+                partial_images: 3,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let previews: Vec<&PartialImage> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(generate_event::Event::PartialImage(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let total = completed(&events).unwrap().usage.unwrap().image_tokens;
+    assert_eq!(
+        previews
+            .iter()
+            .map(|p| (p.index, p.tokens_done))
+            .collect::<Vec<_>>(),
+        [(0, total / 4), (1, total / 2), (2, 3 * total / 4)]
+    );
+    assert!(previews
+        .iter()
+        .all(|p| p.png.starts_with(b"\x89PNG") && p.width == 64));
+    assert!(matches!(
+        events.last().and_then(|e| e.event.as_ref()),
+        Some(generate_event::Event::Completed(_))
+    ));
+    let refused = cluster
+        .generate_as(
+            0,
+            &roomy,
+            GenerateRequest {
+                prompt: "a red star".into(),
+                partial_images: 4,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("partial_images"),
+        "{}",
+        refused.message()
+    );
 
     // The HTTP front door's requests are counted as such.
     let page = cluster.scrape("gateway");

@@ -2,9 +2,12 @@
 the base URL and the key.
 
     python openai_example.py generate "a red star" star.png [--size 64x64] [--n 2]
+    python openai_example.py stream "a red star" star.png [--partial-images 2]
     python openai_example.py expect RateLimitError "a red star" [--size 64x64]
 
-`generate` writes the image (with --n, star-0.png, star-1.png, ...) and prints the usage; `expect`
+`generate` writes the image (with --n, star-0.png, star-1.png, ...) and prints the usage; `stream`
+streams it, writing each preview (star.partial-0.png, ...) as it comes and printing every event;
+`expect`
 exits 0 only when the call fails with that `openai` exception class (AuthenticationError,
 BadRequestError, PermissionDeniedError, RateLimitError, NotFoundError, ...) and prints its status,
 code, param and headers. Environment: KILN_OPENAI_BASE_URL (default http://127.0.0.1:8080/v1),
@@ -46,6 +49,28 @@ def generate(args) -> int:
     return 0
 
 
+def stream(args) -> int:
+    events = client(retries=2).images.generate(
+        model=args.model,
+        prompt=args.prompt,
+        size=args.size,
+        stream=True,
+        partial_images=args.partial_images,
+    )
+    out = pathlib.Path(args.out)
+    for event in events:
+        if event.type == "image_generation.partial_image":
+            path = out.with_name(f"{out.stem}.partial-{event.partial_image_index}{out.suffix}")
+            path.write_bytes(base64.b64decode(event.b64_json))
+            print(f"event: partial {event.partial_image_index} -> {path}")
+        elif event.type == "image_generation.completed":
+            out.write_bytes(base64.b64decode(event.b64_json))
+            print(f"event: completed -> {out}")
+        else:
+            print(f"event: {event.type}")
+    return 0
+
+
 def expect(args) -> int:
     wanted = getattr(openai, args.error)
     try:
@@ -78,13 +103,19 @@ def main() -> int:
     g.add_argument("--size", default="64x64")
     g.add_argument("--n", type=int, default=1)
     g.add_argument("--model", default=os.environ.get("KILN_MODEL", "kiln-shapes"))
+    st = sub.add_parser("stream")
+    st.add_argument("prompt")
+    st.add_argument("out")
+    st.add_argument("--size", default="64x64")
+    st.add_argument("--partial-images", type=int, default=2)
+    st.add_argument("--model", default=os.environ.get("KILN_MODEL", "kiln-shapes"))
     e = sub.add_parser("expect")
     e.add_argument("error")
     e.add_argument("prompt")
     e.add_argument("--size", default="64x64")
     e.add_argument("--model", default=os.environ.get("KILN_MODEL", "kiln-shapes"))
     args = parser.parse_args()
-    return generate(args) if args.command == "generate" else expect(args)
+    return {"generate": generate, "stream": stream, "expect": expect}[args.command](args)
 
 
 if __name__ == "__main__":

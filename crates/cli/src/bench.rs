@@ -372,6 +372,7 @@ async fn open_loop_run(
                 seed: i as u64 + 1,
             },
             trace: Default::default(),
+            partial_images: 0,
         };
         // Open loop: job i arrives at i x interval, however slow the cluster is.
         let arrival = start + interval * i as u32;

@@ -44,6 +44,10 @@ pub struct GenerateArgs {
     /// Idempotency key: a retry with the same key is not charged again and returns the same image.
     #[arg(long, default_value = "")]
     pub idempotency_key: String,
+    /// Previews to write while the image is drawn (0 to 3), as OUTPUT's name with `.partial-N`
+    /// before the extension.
+    #[arg(long, default_value_t = 0)]
+    pub partial_images: u32,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -64,9 +68,19 @@ impl GenerateArgs {
             temperature: None,
             top_k: 0,
             top_p: 0.0,
+            partial_images: 0,
             quiet: false,
         }
     }
+}
+
+/// `out.png` -> `out.partial-0.png`.
+fn preview_path(output: &Path, index: u32) -> PathBuf {
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = output
+        .extension()
+        .map_or("png".into(), |e| e.to_string_lossy());
+    output.with_file_name(format!("{stem}.partial-{index}.{ext}"))
 }
 
 fn api_key(args: &GenerateArgs, data_dir: &Path) -> Result<String> {
@@ -90,7 +104,8 @@ pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
     let mut request = kiln_client::Request::new(args.prompt.clone())
         .seed(args.seed)
         .top_k(args.top_k)
-        .top_p(args.top_p);
+        .top_p(args.top_p)
+        .partial_images(args.partial_images);
     request = match (args.width, args.height) {
         (w, h) if w == h => request.size(w),
         _ => bail!("--width and --height must be equal (square images)"),
@@ -119,6 +134,13 @@ pub async fn run(args: GenerateArgs, data_dir: &Path) -> Result<()> {
                 bar.set_length(u64::from(*total));
                 bar.set_position(u64::from(*done));
                 bar.set_message("drawing");
+            }
+            Event::Partial(p) => {
+                let path = preview_path(&args.output, p.index);
+                match std::fs::write(&path, &p.png) {
+                    Ok(()) => bar.set_message(format!("preview {}", p.index)),
+                    Err(e) => bar.println(format!("cannot write {}: {e}", path.display())),
+                }
             }
             Event::Completed(_) => bar.finish_and_clear(),
         })

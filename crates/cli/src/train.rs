@@ -399,6 +399,7 @@ fn generate(
             },
             generated: Vec::new(),
             kv_blocks: info.blocks_needed(p.len(), size, size),
+            partial_images: 0,
         })
         .collect();
     let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();

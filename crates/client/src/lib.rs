@@ -175,6 +175,12 @@ impl Request {
         self
     }
 
+    /// Previews to stream while the image is drawn (0 to 3), as [`Event::Partial`].
+    pub fn partial_images(mut self, previews: u32) -> Self {
+        self.inner.partial_images = previews;
+        self
+    }
+
     /// The key that makes retries free (one is generated when not set).
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.inner.idempotency_key = key.into();
@@ -199,9 +205,18 @@ pub struct Image {
 /// One event of a generation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Queued { position: u32 },
-    Started { worker: String },
-    Progress { done: u32, total: u32 },
+    Queued {
+        position: u32,
+    },
+    Started {
+        worker: String,
+    },
+    Progress {
+        done: u32,
+        total: u32,
+    },
+    /// A preview of the image so far (asked for with [`Request::partial_images`]).
+    Partial(kiln_proto::v1::PartialImage),
     Completed(Image),
 }
 
@@ -300,6 +315,7 @@ impl Client {
                             done: p.tokens_done,
                             total: p.tokens_total,
                         },
+                        generate_event::Event::PartialImage(p) => Event::Partial(p),
                         generate_event::Event::Completed(c) => Event::Completed(Image {
                             request_id: id,
                             png: c.png,

@@ -10,7 +10,7 @@ use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::{job_event, ClusterStatusRequest, ClusterStatusResponse, Job};
 use kiln_scheduler::service::tier_to_wire;
 use kiln_scheduler::{
-    JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle,
+    JobPreview, JobRequest, JobResult, JobUpdate, ModelDescription, SchedulerError, SchedulerHandle,
 };
 use std::sync::Mutex;
 
@@ -140,6 +140,7 @@ impl Backend for RemoteScheduler {
             width: job.width,
             height: job.height,
             sampling: Some(job.sampling),
+            partial_images: job.partial_images,
         });
         job.trace.inject(wire.metadata_mut());
         let stream = self
@@ -162,6 +163,16 @@ impl Backend for RemoteScheduler {
                         // The gateway knows the total from the validated request.
                         job_event::Event::TokensDone(done) => {
                             Some(Ok(JobUpdate::Progress { done, total: 0 }))
+                        }
+                        job_event::Event::Preview(p) => {
+                            let image = p.image.unwrap_or_default();
+                            Some(Ok(JobUpdate::Preview(JobPreview {
+                                index: p.index,
+                                png: image.png,
+                                width: image.width,
+                                height: image.height,
+                                tokens_done: p.tokens_done,
+                            })))
                         }
                         job_event::Event::Completed(c) => {
                             let image = c.image.unwrap_or_default();

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use futures::{Stream, StreamExt};
-use kiln_proto::v1::{generate_event, Completed, GenerateRequest, SamplingParams};
+use kiln_proto::v1::{generate_event, Completed, GenerateRequest, PartialImage, SamplingParams};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -546,6 +546,7 @@ impl ImagesRequest {
             sampling,
             request_id: suffix(request_id),
             idempotency_key: idempotency_key.map(suffix).unwrap_or_default(),
+            partial_images: self.partial_images,
         }
     }
 }
@@ -721,12 +722,6 @@ async fn generate_in(
             ),
         ));
     }
-    if request.partial_images > 0 {
-        return Err(ApiError::invalid(
-            "partial_images",
-            "partial_images: partial images are not served yet; ask for 0 (the completed event only)",
-        ));
-    }
     let idempotency_key = headers
         .get("idempotency-key")
         .map(|v| {
@@ -766,29 +761,7 @@ async fn generate_in(
     }
     let size = |done: &Completed| format!("{}x{}", done.width, done.height);
     if request.stream {
-        let events = completed_events(running).map(move |result| {
-            Ok::<_, std::convert::Infallible>(match result {
-                Ok((index, done)) => Event::default()
-                    .event("image_generation.completed")
-                    .json_data(json!({
-                        "type": "image_generation.completed",
-                        "b64_json": base64::engine::general_purpose::STANDARD.encode(&done.png),
-                        "created_at": unix_now(),
-                        "size": size(&done),
-                        "quality": "auto",
-                        "background": "opaque",
-                        "output_format": "png",
-                        "partial_image_index": index,
-                        "usage": usage(std::slice::from_ref(&done)),
-                    }))
-                    .unwrap_or_default(),
-                Err(status) => Event::default()
-                    .event("error")
-                    .json_data(ApiError::from_status(&status).body())
-                    .unwrap_or_default(),
-            })
-        });
-        let mut response = Sse::new(events).into_response();
+        let mut response = Sse::new(sse_events(running)).into_response();
         response.headers_mut().extend(quota);
         return Ok(response);
     }
@@ -813,7 +786,7 @@ async fn generate_in(
     let body = json!({
         "created": unix_now(),
         "data": images.iter().map(|done| json!({
-            "b64_json": base64::engine::general_purpose::STANDARD.encode(&done.png),
+            "b64_json": b64(&done.png),
         })).collect::<Vec<_>>(),
         "size": size(&images[0]),
         "quality": "auto",
@@ -849,13 +822,91 @@ fn usage(images: &[Completed]) -> Value {
     })
 }
 
-/// The finished images in the order they finish, each with its index.
-fn completed_events(
+/// The server-sent events of a streamed request: each image's previews
+/// (`image_generation.partial_image`) and its end (`image_generation.completed`, or `error`), the
+/// images' events interleaved as they come. `image_index` (Kiln's) tells the images of one request
+/// apart.
+fn sse_events(
     running: Vec<Running>,
-) -> impl Stream<Item = Result<(usize, Completed), tonic::Status>> + Send {
-    futures::stream::iter(running.into_iter().enumerate())
-        .map(|(i, r)| async move { r.finish().await.map(|done| (i, done)) })
-        .buffer_unordered(MAX_IMAGES as usize)
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>> + Send {
+    let per_image = running.into_iter().enumerate().map(|(image, r)| {
+        // Each image's stream ends after its first terminal event.
+        r.stream
+            .scan(false, move |ended, event| {
+                let out = (!*ended).then(|| match event {
+                    Ok(e) => match e.event {
+                        Some(generate_event::Event::PartialImage(p)) => {
+                            Some(partial_event(image, &p))
+                        }
+                        Some(generate_event::Event::Completed(done)) => {
+                            *ended = true;
+                            Some(completed_event(image, &done))
+                        }
+                        _ => None,
+                    },
+                    Err(status) => {
+                        *ended = true;
+                        Some(error_event(image, &status))
+                    }
+                });
+                futures::future::ready(out)
+            })
+            .filter_map(futures::future::ready)
+            .boxed()
+    });
+    futures::stream::select_all(per_image).map(Ok)
+}
+
+fn b64(png: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(png)
+}
+
+fn partial_event(image: usize, p: &PartialImage) -> Event {
+    sse(
+        "image_generation.partial_image",
+        json!({
+            "type": "image_generation.partial_image",
+            "b64_json": b64(&p.png),
+            "created_at": unix_now(),
+            "size": format!("{}x{}", p.width, p.height),
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": "png",
+            "partial_image_index": p.index,
+            "image_index": image,
+        }),
+    )
+}
+
+fn completed_event(image: usize, done: &Completed) -> Event {
+    sse(
+        "image_generation.completed",
+        json!({
+            "type": "image_generation.completed",
+            "b64_json": b64(&done.png),
+            "created_at": unix_now(),
+            "size": format!("{}x{}", done.width, done.height),
+            "quality": "auto",
+            "background": "opaque",
+            "output_format": "png",
+            "usage": usage(std::slice::from_ref(done)),
+            "image_index": image,
+        }),
+    )
+}
+
+fn error_event(image: usize, status: &tonic::Status) -> Event {
+    let mut body = ApiError::from_status(status).body();
+    body["type"] = json!("error");
+    body["image_index"] = json!(image);
+    sse("error", body)
+}
+
+fn sse(name: &str, data: Value) -> Event {
+    Event::default()
+        .event(name)
+        .json_data(data)
+        .unwrap_or_else(|_| Event::default().event(name))
 }
 
 #[cfg(test)]
@@ -907,6 +958,10 @@ mod tests {
             ),
             (r#"{"prompt": "x", "quality": "ultra"}"#, "quality"),
             (r#"{"prompt": "x", "partial_images": 2}"#, "partial_images"),
+            (
+                r#"{"prompt": "x", "stream": true, "partial_images": 4}"#,
+                "partial_images",
+            ),
             (r#"{"prompt": "x", "colour": "red"}"#, "colour"),
             (r#"{"prompt": "x", "seed": -1}"#, "seed"),
         ] {

@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use kiln_proto::v1::image_service_server::{ImageService, ImageServiceServer};
 use kiln_proto::v1::{
     generate_event, Completed, GenerateEvent, GenerateRequest, GetModelInfoRequest,
-    GetQuotaRequest, ModelInfo, Progress, Queued, QuotaStatus, Started, Usage,
+    GetQuotaRequest, ModelInfo, PartialImage, Progress, Queued, QuotaStatus, Started, Usage,
 };
 use kiln_scheduler::{JobRequest, JobUpdate};
 use kiln_telemetry as telemetry;
@@ -278,6 +278,7 @@ impl Gateway {
             height: valid.height,
             sampling: valid.sampling,
             trace: TraceContext::of(&span),
+            partial_images: valid.partial_images,
         };
         let updates = match self.submit_through_failover(&job).await {
             Ok(u) => u,
@@ -464,6 +465,26 @@ impl Gateway {
                     event(generate_event::Event::Progress(Progress {
                         tokens_done: done,
                         tokens_total: valid.image_tokens,
+                    }))
+                }
+                Some(Ok(JobUpdate::Preview(preview))) => {
+                    // A preview is signed as the image is: whatever leaves Kiln carries provenance.
+                    let png = self
+                        .signer
+                        .sign(
+                            preview.png,
+                            &Provenance {
+                                request: valid,
+                                model,
+                            },
+                        )
+                        .map_err(Some)?;
+                    event(generate_event::Event::PartialImage(PartialImage {
+                        index: preview.index,
+                        png,
+                        width: preview.width,
+                        height: preview.height,
+                        tokens_done: preview.tokens_done,
                     }))
                 }
                 Some(Ok(JobUpdate::Completed(result))) => {

@@ -23,6 +23,8 @@ pub struct ValidRequest {
     pub sampling: Sampling,
     pub image_tokens: u32,
     pub idempotency_key: Option<String>,
+    /// Previews to stream while the image is drawn.
+    pub partial_images: u32,
 }
 
 /// Checks every field of `request` against the served `model`.
@@ -138,6 +140,17 @@ pub fn validate(
         given.seed
     };
 
+    if request.partial_images > kiln_proto::MAX_PARTIAL_IMAGES {
+        return Err(GatewayError::invalid(
+            "partial_images",
+            format!(
+                "must be 0 to {}, got {}",
+                kiln_proto::MAX_PARTIAL_IMAGES,
+                request.partial_images
+            ),
+        ));
+    }
+
     let patch = model.patch_size.max(1);
     Ok(ValidRequest {
         request_id,
@@ -152,6 +165,7 @@ pub fn validate(
         },
         image_tokens: (width / patch) * (height / patch),
         idempotency_key,
+        partial_images: request.partial_images,
     })
 }
 
@@ -218,6 +232,13 @@ pub(crate) mod tests {
         assert_eq!(field_of(request("   ")), "prompt");
         assert_eq!(field_of(request(&"x".repeat(21))), "prompt");
         assert_eq!(field_of(request("a\u{7}b")), "prompt");
+        assert_eq!(
+            field_of(GenerateRequest {
+                partial_images: 4,
+                ..request("a red star")
+            }),
+            "partial_images"
+        );
         assert_eq!(
             field_of(GenerateRequest {
                 width: 33,

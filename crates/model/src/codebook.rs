@@ -98,16 +98,34 @@ impl Codebook {
         width: u32,
         height: u32,
     ) -> Result<Vec<u8>, ModelError> {
+        self.render_rgb_prefix(codes, width, height, false)
+    }
+
+    /// Renders the first `codes` of an image in raster order; with `partial`, fewer codes than
+    /// the image has patches are allowed and the patches not yet drawn are mid-grey.
+    fn render_rgb_prefix(
+        &self,
+        codes: &[u32],
+        width: u32,
+        height: u32,
+        partial: bool,
+    ) -> Result<Vec<u8>, ModelError> {
         let p = self.patch_size;
         let (w, h) = (width as usize, height as usize);
         let cols = w / p;
-        if w % p != 0 || h % p != 0 || codes.len() != cols * (h / p) {
+        let patches = cols * (h / p);
+        let fits = if partial {
+            codes.len() <= patches
+        } else {
+            codes.len() == patches
+        };
+        if w % p != 0 || h % p != 0 || !fits {
             return Err(ModelError::Encode(format!(
                 "{} codes do not tile a {width}x{height} image with {p}px patches",
                 codes.len()
             )));
         }
-        let mut rgb = vec![0u8; w * h * 3];
+        let mut rgb = vec![if partial { 128u8 } else { 0u8 }; w * h * 3];
         for (i, &code) in codes.iter().enumerate() {
             let code = code as usize;
             if code >= self.len() {
@@ -128,18 +146,35 @@ impl Codebook {
 
     /// Renders codes and encodes the result as PNG.
     pub fn render_png(&self, codes: &[u32], width: u32, height: u32) -> Result<Image, ModelError> {
-        let rgb = self.render_rgb(codes, width, height)?;
-        let mut png = Vec::new();
-        {
-            let mut encoder = png::Encoder::new(&mut png, width, height);
-            encoder.set_color(png::ColorType::Rgb);
-            encoder.set_depth(png::BitDepth::Eight);
-            let encode_err = |e: png::EncodingError| ModelError::Encode(e.to_string());
-            let mut writer = encoder.write_header().map_err(encode_err)?;
-            writer.write_image_data(&rgb).map_err(encode_err)?;
-        }
-        Ok(Image { png, width, height })
+        encode_png(self.render_rgb(codes, width, height)?, width, height)
     }
+
+    /// A preview of an image from its first codes: the patches not yet drawn are mid-grey.
+    pub fn render_partial_png(
+        &self,
+        codes: &[u32],
+        width: u32,
+        height: u32,
+    ) -> Result<Image, ModelError> {
+        encode_png(
+            self.render_rgb_prefix(codes, width, height, true)?,
+            width,
+            height,
+        )
+    }
+}
+
+fn encode_png(rgb: Vec<u8>, width: u32, height: u32) -> Result<Image, ModelError> {
+    let mut png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let encode_err = |e: png::EncodingError| ModelError::Encode(e.to_string());
+        let mut writer = encoder.write_header().map_err(encode_err)?;
+        writer.write_image_data(&rgb).map_err(encode_err)?;
+    }
+    Ok(Image { png, width, height })
 }
 
 fn hsl_to_rgb(h: f32, s: f32, l: f32) -> [f32; 3] {

@@ -64,14 +64,38 @@ pub struct NewSequence {
     pub generated: Vec<u32>,
     /// KV blocks the scheduler reserved; must equal what the engine computes.
     pub kv_blocks: usize,
+    /// Previews to render while the image is drawn (see [`preview_due`]).
+    pub partial_images: u32,
 }
 
-/// New codes of one sequence after a call, and its image when it finished.
+/// New codes of one sequence after a call, its previews that fell due, and its image when it
+/// finished.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SequenceOutput {
     pub id: u64,
     pub tokens: Vec<u32>,
     pub image: Option<Image>,
+    pub previews: Vec<Preview>,
+}
+
+/// A preview of an image being drawn.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preview {
+    /// Which preview of the sequence, from 0.
+    pub index: u32,
+    /// Image tokens drawn in it.
+    pub tokens_done: u32,
+    pub image: Image,
+}
+
+/// The preview that falls due when an image of `total` tokens has `done` of them drawn, if any:
+/// `previews` of them evenly spaced, the k-th after (k+1)/(previews+1) of the tokens, never at
+/// the first or the last token. Two that would fall on one token are one (the lower index).
+pub fn preview_due(total: usize, previews: u32, done: usize) -> Option<u32> {
+    if done == 0 || done >= total {
+        return None;
+    }
+    (0..previews).find(|&k| (k as usize + 1) * total / (previews as usize + 1) == done)
 }
 
 /// A device that holds sequences and advances them in batches.
@@ -133,6 +157,8 @@ struct Sequence {
     cached: usize,
     generated: Vec<u32>,
     total: usize,
+    /// Previews asked for (see [`preview_due`]).
+    partial_images: u32,
     /// With guidance: the same image drawn without its prompt (its own blocks and positions).
     unconditional: Option<Unconditional>,
 }
@@ -326,8 +352,20 @@ impl CandleEngine {
                 id: *id,
                 tokens: Vec::new(),
                 image: None,
+                previews: Vec::new(),
             });
             out.tokens.push(code);
+            if let Some(index) = preview_due(seq.total, seq.partial_images, seq.generated.len()) {
+                out.previews.push(Preview {
+                    index,
+                    tokens_done: seq.generated.len() as u32,
+                    image: self.model.codebook().render_partial_png(
+                        &seq.generated,
+                        seq.width,
+                        seq.height,
+                    )?,
+                });
+            }
             if seq.generated.len() == seq.total {
                 let seq = self.sequences.remove(id).expect("present above");
                 out.image = Some(self.model.codebook().render_png(
@@ -494,6 +532,7 @@ impl Engine for CandleEngine {
                 blocks,
                 cached: 0,
                 total: cfg.image_tokens(new.width, new.height),
+                partial_images: new.partial_images,
                 generated: new.generated,
                 unconditional,
             };
@@ -609,6 +648,7 @@ mod tests {
             cached: 0,
             generated: codes.to_vec(),
             total: cfg.image_tokens(32, 16),
+            partial_images: 0,
             unconditional: None,
         };
         let mut tokens = text_inputs(cfg, prompt, 32, 16);
@@ -709,7 +749,65 @@ mod tests {
             },
             generated,
             kv_blocks: e.info().blocks_needed(prompt.len(), 32, 16),
+            partial_images: 0,
         }
+    }
+
+    #[test]
+    fn previews_fall_evenly_and_never_at_the_ends() {
+        // 8 tokens, 3 previews: after 2, 4 and 6 tokens.
+        let due: Vec<_> = (0..=8).map(|done| preview_due(8, 3, done)).collect();
+        assert_eq!(
+            due,
+            [
+                None,
+                None,
+                Some(0),
+                None,
+                Some(1),
+                None,
+                Some(2),
+                None,
+                None
+            ]
+        );
+        assert!((0..=8).all(|done| preview_due(8, 0, done).is_none()));
+        // Two previews that would share a token are one.
+        let tiny: Vec<_> = (0..=2).filter_map(|done| preview_due(2, 3, done)).collect();
+        assert_eq!(tiny, [1]);
+    }
+
+    #[test]
+    fn previews_show_the_image_so_far_and_change_nothing_else() {
+        let (_d, mut e) = engine(64, &Device::Cpu);
+        let first = new_seq(&e, 1, "a red star", 7, vec![]);
+        let plain = run_to_end(&mut e, vec![first], 1);
+        let mut asked = new_seq(&e, 2, "a red star", 7, vec![]);
+        asked.partial_images = 1;
+        let mut previews = Vec::new();
+        let mut outs = e.prefill(vec![asked]).unwrap();
+        while outs.iter().all(|o| o.image.is_none()) {
+            previews.extend(outs.into_iter().flat_map(|o| o.previews));
+            outs = e.decode(&[2], 1).unwrap();
+        }
+        assert_eq!(
+            outs[0].image.as_ref(),
+            Some(&plain[&1].1),
+            "same image with previews"
+        );
+        assert_eq!(previews.len(), 1);
+        let preview = &previews[0];
+        let total = plain[&1].0.len();
+        assert_eq!(
+            (preview.index, preview.tokens_done as usize),
+            (0, total / 2)
+        );
+        let codebook = e.model.codebook();
+        let expected = codebook
+            .render_partial_png(&plain[&1].0[..total / 2], 32, 16)
+            .unwrap();
+        assert_eq!(preview.image, expected);
+        assert_ne!(preview.image, plain[&1].1);
     }
 
     fn run_to_end(

@@ -41,7 +41,9 @@ pub mod transformer;
 
 pub use codebook::{Codebook, Image};
 pub use config::ModelConfig;
-pub use engine::{CandleEngine, Engine, EngineInfo, NewSequence, SequenceOutput};
+pub use engine::{
+    preview_due, CandleEngine, Engine, EngineInfo, NewSequence, Preview, SequenceOutput,
+};
 pub use error::ModelError;
 pub use sampling::SamplingParams;
 pub use simulated::{SimulatedEngine, StepCost};

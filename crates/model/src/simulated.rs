@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::engine::{check_prefill, Engine, EngineInfo, NewSequence, SequenceOutput};
+use crate::engine::{
+    check_prefill, preview_due, Engine, EngineInfo, NewSequence, Preview, SequenceOutput,
+};
 use crate::kv_cache::BlockAllocator;
 use crate::{Image, ModelConfig, ModelError};
 
@@ -88,6 +90,8 @@ struct SimulatedSequence {
     context: usize,
     generated: Vec<u32>,
     total: usize,
+    /// Previews asked for (the simulated engine's previews are its final image's stand-in).
+    partial_images: u32,
 }
 
 /// How the engine spends a predicted step time; tests record instead of sleeping.
@@ -154,6 +158,13 @@ impl SimulatedEngine {
         seq.generated.push(code);
         seq.context += 1;
         out.tokens.push(code);
+        if let Some(index) = preview_due(seq.total, seq.partial_images, seq.generated.len()) {
+            out.previews.push(Preview {
+                index,
+                tokens_done: seq.generated.len() as u32,
+                image: simulated_png(seq.seed, seq.width, seq.height)?,
+            });
+        }
         if seq.generated.len() == seq.total {
             let seq = self.sequences.remove(&id).expect("held");
             out.image = Some(simulated_png(seq.seed, seq.width, seq.height)?);
@@ -242,6 +253,7 @@ impl Engine for SimulatedEngine {
                     blocks,
                     context: prefix,
                     total: self.config.image_tokens(new.width, new.height),
+                    partial_images: new.partial_images,
                     generated: new.generated,
                 },
             );
@@ -253,6 +265,7 @@ impl Engine for SimulatedEngine {
                 id,
                 tokens: Vec::new(),
                 image: None,
+                previews: Vec::new(),
             };
             self.advance(id, &mut out)?;
             outputs.push(out);
@@ -284,6 +297,7 @@ impl Engine for SimulatedEngine {
                     id,
                     tokens: Vec::new(),
                     image: None,
+                    previews: Vec::new(),
                 });
                 self.advance(id, out)?;
             }
@@ -335,6 +349,7 @@ mod tests {
                 seed,
             },
             generated,
+            partial_images: 0,
         }
     }
 

@@ -8,6 +8,10 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Kiln proto, for gRPC server reflection.
+/// The most previews one request may ask for (`GenerateRequest.partial_images`, checked by the
+/// gateway, the scheduler and the worker).
+pub const MAX_PARTIAL_IMAGES: u32 = 3;
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln_descriptor");
 
 /// The standard services every Kiln server carries besides its own: `grpc.health.v1` health checking

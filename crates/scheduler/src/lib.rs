@@ -14,8 +14,8 @@ pub mod state;
 
 pub use error::SchedulerError;
 pub use runtime::{
-    spawn, JobRequest, JobResult, JobStream, JobUpdate, ModelDescription, RuntimeConfig, Sampling,
-    SchedulerHandle,
+    spawn, JobPreview, JobRequest, JobResult, JobStream, JobUpdate, ModelDescription,
+    RuntimeConfig, Sampling, SchedulerHandle,
 };
 pub use state::{SchedulerConfig, Tier};
 

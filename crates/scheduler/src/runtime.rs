@@ -41,6 +41,8 @@ pub struct JobRequest {
     pub sampling: Sampling,
     /// The caller's trace: the job's span becomes its child, and the worker's spans the job's.
     pub trace: TraceContext,
+    /// Previews to stream while the image is drawn (0 to `kiln_proto::MAX_PARTIAL_IMAGES`).
+    pub partial_images: u32,
 }
 
 /// The finished image and what it cost.
@@ -58,10 +60,31 @@ pub struct JobResult {
 /// What a caller sees of its job.
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobUpdate {
-    Queued { position: u32 },
-    Started { worker: String },
-    Progress { done: u32, total: u32 },
+    Queued {
+        position: u32,
+    },
+    Started {
+        worker: String,
+    },
+    Progress {
+        done: u32,
+        total: u32,
+    },
+    /// A preview of the image so far (when the job asked for previews).
+    Preview(JobPreview),
     Completed(JobResult),
+}
+
+/// A preview of a job's image being drawn.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobPreview {
+    /// Which preview, from 0.
+    pub index: u32,
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    /// Image tokens drawn in it.
+    pub tokens_done: u32,
 }
 
 /// The served model as the workers describe it.
@@ -450,6 +473,13 @@ impl Owner {
                 s.temperature, s.top_p
             )));
         }
+        if request.partial_images > kiln_proto::MAX_PARTIAL_IMAGES {
+            return Err(SchedulerError::InvalidJob(format!(
+                "partial_images: at most {}, got {}",
+                kiln_proto::MAX_PARTIAL_IMAGES,
+                request.partial_images
+            )));
+        }
         if request.prompt.len() > model.max_prompt_bytes as usize {
             return Err(SchedulerError::InvalidJob(format!(
                 "prompt: longer than {} bytes",
@@ -499,6 +529,19 @@ impl Owner {
                     if s.image.is_some() {
                         p.image = s.image.clone();
                     }
+                    // Previews go straight to the caller: the state machine decides nothing on them.
+                    for preview in &s.previews {
+                        let Some(image) = &preview.image else {
+                            continue;
+                        };
+                        let _ = p.updates.send(Ok(JobUpdate::Preview(JobPreview {
+                            index: preview.index,
+                            png: image.png.clone(),
+                            width: image.width,
+                            height: image.height,
+                            tokens_done: preview.tokens_done,
+                        })));
+                    }
                 }
                 SequenceReport {
                     job: s.id,
@@ -543,6 +586,7 @@ impl Owner {
                                 trace_parent: TraceContext::of(&payload.span)
                                     .traceparent()
                                     .to_string(),
+                                partial_images: payload.request.partial_images,
                             })
                         })
                         .collect(),

@@ -91,6 +91,15 @@ pub fn update_to_wire(update: JobUpdate) -> JobEvent {
         JobUpdate::Queued { position } => job_event::Event::QueuedPosition(position),
         JobUpdate::Started { worker } => job_event::Event::StartedWorker(worker),
         JobUpdate::Progress { done, .. } => job_event::Event::TokensDone(done),
+        JobUpdate::Preview(p) => job_event::Event::Preview(pb::Preview {
+            index: p.index,
+            image: Some(pb::FinishedImage {
+                png: p.png,
+                width: p.width,
+                height: p.height,
+            }),
+            tokens_done: p.tokens_done,
+        }),
         JobUpdate::Completed(r) => job_event::Event::Completed(pb::JobCompleted {
             image: Some(pb::FinishedImage {
                 png: r.png,
@@ -133,6 +142,7 @@ impl Scheduler for SchedulerService {
                 height: job.height,
                 sampling,
                 trace,
+                partial_images: job.partial_images,
             })
             .await
             .map_err(|e| e.to_status())?;

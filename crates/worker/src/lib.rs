@@ -12,11 +12,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_model::{Engine, ModelError, NewSequence, SamplingParams, SequenceOutput};
+use kiln_model::{Engine, Image, ModelError, NewSequence, SamplingParams, SequenceOutput};
 use kiln_proto::v1::worker_server::{Worker, WorkerServer};
 use kiln_proto::v1::{
-    DecodeRequest, FinishedImage, InfoRequest, PrefillRequest, ReleaseRequest, ReleaseResponse,
-    SequenceTokens, StepResponse, WorkerInfo,
+    DecodeRequest, FinishedImage, InfoRequest, PrefillRequest, Preview as WirePreview,
+    ReleaseRequest, ReleaseResponse, SequenceTokens, StepResponse, WorkerInfo,
 };
 use kiln_telemetry::{self as telemetry, TraceContext};
 use tokio::net::TcpListener;
@@ -164,11 +164,16 @@ impl<E: Engine> WorkerService<E> {
                 .map(|o| SequenceTokens {
                     id: o.id,
                     tokens: o.tokens,
-                    image: o.image.map(|i| FinishedImage {
-                        png: i.png,
-                        width: i.width,
-                        height: i.height,
-                    }),
+                    image: o.image.map(wire_image),
+                    previews: o
+                        .previews
+                        .into_iter()
+                        .map(|p| WirePreview {
+                            index: p.index,
+                            image: Some(wire_image(p.image)),
+                            tokens_done: p.tokens_done,
+                        })
+                        .collect(),
                 })
                 .collect(),
             steps,
@@ -182,6 +187,14 @@ impl<E: Engine> WorkerService<E> {
 /// Sequences that generated their last token (and left the batch) in a step call.
 fn finished(outputs: &[SequenceOutput]) -> impl Iterator<Item = u64> + '_ {
     outputs.iter().filter(|o| o.image.is_some()).map(|o| o.id)
+}
+
+fn wire_image(image: Image) -> FinishedImage {
+    FinishedImage {
+        png: image.png,
+        width: image.width,
+        height: image.height,
+    }
 }
 
 fn model_status(e: ModelError) -> Status {
@@ -240,6 +253,14 @@ impl<E: Engine> Worker for WorkerService<E> {
                     s.id
                 )));
             }
+            if s.partial_images > kiln_proto::MAX_PARTIAL_IMAGES {
+                return Err(Status::invalid_argument(format!(
+                    "sequence {}: partial_images must be at most {}, got {}",
+                    s.id,
+                    kiln_proto::MAX_PARTIAL_IMAGES,
+                    s.partial_images
+                )));
+            }
             info!(worker = %self.name, request_id = %s.request_id, sequence = s.id, resume_from = s.generated.len(), "sequence joins the batch");
             let trace = TraceContext::from_traceparent(s.trace_parent);
             self.traces.join(&self.name, s.id, &s.request_id, &trace);
@@ -256,6 +277,7 @@ impl<E: Engine> Worker for WorkerService<E> {
                 },
                 generated: s.generated,
                 kv_blocks: s.kv_blocks as usize,
+                partial_images: s.partial_images,
             });
         }
         if seqs.is_empty() {
@@ -404,6 +426,7 @@ mod tests {
             kv_blocks,
             request_id: format!("req-{id}"),
             trace_parent: String::new(),
+            partial_images: 0,
         }
     }
 

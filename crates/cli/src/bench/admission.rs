@@ -198,6 +198,7 @@ fn valid_request() -> ValidRequest {
         },
         image_tokens: 64,
         idempotency_key: None,
+        partial_images: 0,
     }
 }
 

@@ -47,6 +47,7 @@ pub async fn run(model_dir: &Path, size: u32, images: usize) -> Result<()> {
                     seed: i as u64 + 1,
                 },
                 trace: Default::default(),
+                partial_images: 0,
             })
             .await?;
         let png = loop {
