@@ -137,6 +137,68 @@ async fn one_request_is_one_trace_through_gateway_scheduler_and_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_front_door_continues_the_callers_trace() {
+    let receiver = OtlpReceiver::start().await;
+    let http = format!("127.0.0.1:{}", kiln_testkit::free_port());
+    let cluster = Cluster::start_with(Options {
+        env: vec![(
+            "KILN_TRACE_OTLP_ENDPOINT".into(),
+            receiver.endpoint().into(),
+        )],
+        gateway_args: vec!["--http-listen".into(), http.clone()],
+        ..Default::default()
+    })
+    .await;
+    let caller_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
+    let body = r#"{"prompt": "a red star", "size": "32x32"}"#;
+    let request = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer {API_KEY}\r\n\
+         traceparent: 00-{caller_trace}-00f067aa0ba902b7-01\r\nx-request-id: http-traced-1\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&http).expect("the HTTP API");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(400)]
+    );
+    assert!(answer
+        .to_ascii_lowercase()
+        .contains("x-request-id: http-traced-1"));
+
+    let has_job = |spans: &[ReceivedSpan]| {
+        spans
+            .iter()
+            .any(|s| s.trace_id == caller_trace && s.name == "job")
+    };
+    let spans = receiver.wait_for(Duration::from_secs(20), has_job).await;
+    let generate = spans
+        .iter()
+        .find(|s| s.trace_id == caller_trace && s.name == "generate")
+        .unwrap_or_else(|| panic!("no generate span in the caller's trace: {spans:#?}"));
+    assert_eq!(generate.parent_span_id, "00f067aa0ba902b7");
+    assert_eq!(
+        generate.attributes.get("protocol").map(String::as_str),
+        Some("http")
+    );
+    assert_eq!(
+        generate.attributes.get("request_id").map(String::as_str),
+        Some("http-traced-1")
+    );
+    assert!(has_job(&spans), "the scheduler's span joined the trace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsampled_requests_export_nothing() {
     let receiver = OtlpReceiver::start().await;
     let cluster = Cluster::start_with(Options {
