@@ -140,7 +140,7 @@ async fn one_request_is_one_trace_through_gateway_scheduler_and_worker() {
 async fn the_http_front_door_continues_the_callers_trace() {
     let receiver = OtlpReceiver::start().await;
     let http = format!("127.0.0.1:{}", kiln_testkit::free_port());
-    let cluster = Cluster::start_with(Options {
+    let _cluster = Cluster::start_with(Options {
         env: vec![(
             "KILN_TRACE_OTLP_ENDPOINT".into(),
             receiver.endpoint().into(),
