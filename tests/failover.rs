@@ -1,8 +1,9 @@
 //! The cluster under faults, with a real etcd: workers register themselves, two scheduler replicas
 //! elect a leader, and the gateway follows it. A worker and then the leading scheduler are killed
 //! with SIGKILL in the middle of a mixed load: every request ends once, with its image or with a
-//! status the caller can retry, and none is lost. Overload is shed with retry delays, higher tiers
-//! first served.
+//! status the caller can retry, and none is lost. A leader paused (SIGSTOP) until a successor leads
+//! is fenced off when it wakes: the worker refuses its calls. Overload is shed with retry delays,
+//! higher tiers first served.
 
 use std::time::{Duration, Instant};
 
@@ -110,6 +111,91 @@ async fn killing_a_worker_and_the_leader_loses_no_request() {
         }
         assert!(Instant::now() < deadline, "no new leader with 2 workers");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_fenced_off_when_it_wakes() {
+    let etcd = EtcdServer::start();
+    let cluster = Cluster::start_with(Options {
+        workers: 1,
+        preset: Preset::TwentyM,
+        schedulers: 2,
+        etcd: Some(etcd.endpoint()),
+        metrics: true,
+        // One step per call: the paused leader has a call to make the moment it wakes.
+        scheduler_args: vec!["--max-steps-per-call".into(), "1".into()],
+        gateway_args: vec!["--request-deadline".into(), "120".into()],
+        ..Default::default()
+    })
+    .await;
+    let old = cluster.leader_status().await.expect("a leader");
+    let (old_name, new_name) = if old.scheduler == cluster.schedulers[0] {
+        ("scheduler", "scheduler-1")
+    } else {
+        ("scheduler-1", "scheduler")
+    };
+    let fenced = || {
+        let page = cluster.scrape("worker-0");
+        page.lines()
+            .find(|l| l.starts_with("kiln_worker_fenced_calls_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("the fenced-calls series is exported from start-up")
+    };
+    assert_eq!(fenced(), 0.0);
+    // Long images keep the leader calling the worker.
+    let runs: Vec<_> = (0..2u64)
+        .map(|i| {
+            let gateway = cluster.gateway.clone();
+            tokio::spawn(async move {
+                let mut client =
+                    kiln_proto::v1::image_service_client::ImageServiceClient::connect(gateway)
+                        .await
+                        .unwrap()
+                        .max_decoding_message_size(64 << 20);
+                let mut stream = client
+                    .generate(kiln_e2e::authed(request(256, i + 1)))
+                    .await?
+                    .into_inner();
+                while stream.message().await?.is_some() {}
+                Ok::<_, tonic::Status>(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.signal(old_name, "STOP");
+    // The standby is elected once the paused leader's lease lapses, and takes the worker over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = cluster.leader_status().await {
+            if status.scheduler != old.scheduler && status.workers.len() == 1 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "{new_name} did not take over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.signal(old_name, "CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fenced() == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the woken leader's calls were not refused; worker log:\n{}",
+            cluster.log("worker-0")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cluster
+        .log("worker-0")
+        .contains("refused a call from a deposed leader"));
+    // The callers still end: each with its image or with a status they can retry.
+    for run in runs {
+        if let Err(status) = run.await.unwrap() {
+            assert!(
+                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+                "{status:?}"
+            );
+        }
     }
 }
 

@@ -375,20 +375,39 @@ impl Cluster {
         }
     }
 
-    /// The cluster view of the leading scheduler (the only one without etcd).
+    /// The cluster view of the leading scheduler (the only one without etcd). A replica that does
+    /// not answer within 2 s (a paused process) is passed over.
     pub async fn leader_status(&self) -> Option<ClusterStatusResponse> {
         for address in &self.schedulers {
-            let Ok(mut client) = SchedulerClient::connect(address.clone()).await else {
-                continue;
+            let ask = async {
+                let mut client = SchedulerClient::connect(address.clone()).await.ok()?;
+                let status = client
+                    .cluster_status(ClusterStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                status.is_leader.then_some(status)
             };
-            if let Ok(status) = client.cluster_status(ClusterStatusRequest {}).await {
-                let status = status.into_inner();
-                if status.is_leader {
-                    return Some(status);
-                }
+            if let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
+                return Some(status);
             }
         }
         None
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to process `name`: SIGSTOP pauses it with its leases
+    /// and connections open, as a long GC pause or a partition would.
+    pub fn signal(&self, name: &str, signal: &str) {
+        let (_, child) = self
+            .children
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let status = Command::new("kill")
+            .args(["-s", signal, &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -s {signal} {name}");
     }
 
     pub async fn client(&self) -> ImageServiceClient<Channel> {

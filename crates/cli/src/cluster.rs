@@ -457,7 +457,10 @@ pub async fn run_elected_scheduler(
             return Ok(());
         }
     };
-    let handle = kiln_scheduler::spawn(runtime);
+    let handle = kiln_scheduler::spawn(kiln_scheduler::RuntimeConfig {
+        epoch: leadership.epoch,
+        ..runtime
+    });
     let mut members = kiln_membership::watch_workers(config);
     let membership = {
         let handle = handle.clone();

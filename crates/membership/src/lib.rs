@@ -262,6 +262,9 @@ fn decode(key: &[u8], value: &[u8]) -> Result<WorkerRecord, MembershipError> {
 
 /// Leadership held by this scheduler; `lost` resolves when it can no longer be sure it leads.
 pub struct Leadership {
+    /// This term's fencing epoch: the etcd revision at which this leader's election key was
+    /// created, larger for every later term. Workers refuse calls from an older epoch.
+    pub epoch: u64,
     lost: watch::Receiver<bool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     lease: i64,
@@ -334,9 +337,11 @@ async fn try_campaign(config: &EtcdConfig, address: &str) -> Result<Leadership, 
         let _ = lost_tx.send(true);
     });
     let name = config.election();
-    client.campaign(name.clone(), address, lease).await?;
-    info!(%name, %address, "elected scheduler leader");
+    let won = client.campaign(name.clone(), address, lease).await?;
+    let epoch = won.leader().map_or(0, |key| key.rev()).max(0) as u64;
+    info!(%name, %address, epoch, "elected scheduler leader");
     Ok(Leadership {
+        epoch,
         lost,
         stop: Some(stop),
         lease,

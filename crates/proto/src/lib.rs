@@ -12,6 +12,11 @@ pub mod v1 {
 /// gateway, the scheduler and the worker).
 pub const MAX_PARTIAL_IMAGES: u32 = 3;
 
+/// Metadata of every scheduler-to-worker call: the calling leader's fencing epoch (its etcd election
+/// revision; 0 for a scheduler without an election). A worker refuses calls older than the newest
+/// epoch it has seen.
+pub const LEADER_EPOCH_HEADER: &str = "kiln-leader-epoch";
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln_descriptor");
 
 /// The standard services every Kiln server carries besides its own: `grpc.health.v1` health checking

@@ -112,6 +112,9 @@ pub struct RuntimeConfig {
     pub reconnect_interval: Duration,
     /// Longest a worker call may take; a worker that stops answering is treated as lost.
     pub call_timeout: Duration,
+    /// The leader's fencing epoch (its etcd election revision; 0 without an election), sent with
+    /// every worker call so that a worker refuses a deposed leader that still believes it leads.
+    pub epoch: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -121,6 +124,7 @@ impl Default for RuntimeConfig {
             workers: Vec::new(),
             reconnect_interval: Duration::from_millis(500),
             call_timeout: Duration::from_secs(60),
+            epoch: 0,
         }
     }
 }
@@ -284,6 +288,7 @@ pub fn spawn(config: RuntimeConfig) -> SchedulerHandle {
         next_worker: 0,
         reconnect_interval: config.reconnect_interval,
         call_timeout: config.call_timeout,
+        epoch: config.epoch,
         deadlines: config.batching.deadlines,
         state: SchedulerState::new(config.batching),
         start: Instant::now(),
@@ -322,6 +327,8 @@ struct Owner {
     next_worker: WorkerId,
     reconnect_interval: Duration,
     call_timeout: Duration,
+    /// Sent with every worker call (see [`RuntimeConfig::epoch`]).
+    epoch: u64,
     deadlines: [Duration; 4],
     state: SchedulerState,
     start: Instant,
@@ -368,6 +375,7 @@ impl Owner {
                             self.own_tx.clone(),
                             self.reconnect_interval,
                             self.call_timeout,
+                            self.epoch,
                         ));
                         self.drivers.insert(address, (id, driver.abort_handle()));
                     }
@@ -806,11 +814,12 @@ async fn drive_worker(
     owner: mpsc::UnboundedSender<Msg>,
     retry: Duration,
     call_timeout: Duration,
+    epoch: u64,
 ) {
     let span = info_span!("worker_driver", worker = id, %address);
     async move {
         loop {
-            let connected = tokio::time::timeout(Duration::from_secs(5), connect(&address))
+            let connected = tokio::time::timeout(Duration::from_secs(5), connect(&address, epoch))
                 .await
                 .unwrap_or_else(|_| Err("the worker did not answer within 5 s".into()));
             match connected {
@@ -865,14 +874,34 @@ async fn drive_worker(
     .await
 }
 
+/// Stamps every worker call with the leader's fencing epoch.
+#[derive(Clone, Copy)]
+struct EpochStamp(u64);
+
+impl tonic::service::Interceptor for EpochStamp {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(kiln_proto::LEADER_EPOCH_HEADER, self.0.into());
+        Ok(request)
+    }
+}
+
+type Worker = WorkerClient<tonic::service::interceptor::InterceptedService<Channel, EpochStamp>>;
+
 async fn connect(
     address: &str,
-) -> Result<(WorkerClient<Channel>, WorkerInfo), Box<dyn std::error::Error + Send + Sync>> {
+    epoch: u64,
+) -> Result<(Worker, WorkerInfo), Box<dyn std::error::Error + Send + Sync>> {
     let channel = Channel::from_shared(address.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await?;
-    let mut client = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = WorkerClient::with_interceptor(channel, EpochStamp(epoch))
+        .max_decoding_message_size(64 << 20);
     let info = client.info(InfoRequest {}).await?.into_inner();
     // The scheduler that connects owns the worker's batch: anything left from before is dropped.
     client
@@ -894,10 +923,7 @@ enum CallError {
     Failed(tonic::Status),
 }
 
-async fn execute(
-    client: &mut WorkerClient<Channel>,
-    call: WorkerCall,
-) -> Result<StepResponse, CallError> {
+async fn execute(client: &mut Worker, call: WorkerCall) -> Result<StepResponse, CallError> {
     if let Some(release) = call.release {
         client.release(release).await.map_err(CallError::Failed)?;
     }

@@ -40,6 +40,7 @@ pub mod names {
     pub const WORKER_KV_BLOCKS_USED: &str = "kiln_worker_kv_blocks_used";
     pub const WORKER_KV_BLOCKS_CAPACITY: &str = "kiln_worker_kv_blocks_capacity";
     pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
+    pub const WORKER_FENCED_CALLS: &str = "kiln_worker_fenced_calls_total";
     pub const WORKER_BATCH_SLOTS_USED: &str = "kiln_worker_batch_slots_used";
     pub const WORKER_BATCH_SLOTS_CAPACITY: &str = "kiln_worker_batch_slots_capacity";
     pub const MEMBERSHIP_ETCD_ERRORS: &str = "kiln_membership_etcd_errors_total";
@@ -78,6 +79,7 @@ pub mod names {
         WORKER_KV_BLOCKS_USED,
         WORKER_KV_BLOCKS_CAPACITY,
         WORKER_TOKENS,
+        WORKER_FENCED_CALLS,
         WORKER_BATCH_SLOTS_USED,
         WORKER_BATCH_SLOTS_CAPACITY,
         MEMBERSHIP_ETCD_ERRORS,
@@ -444,6 +446,14 @@ pub static WORKER_KV_BLOCKS_CAPACITY: LazyLock<GaugeVec> = LazyLock::new(|| {
     )
     .expect("metric registered once")
 });
+pub static WORKER_FENCED_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        names::WORKER_FENCED_CALLS,
+        "Calls refused because they came from a deposed scheduler leader (an older fencing epoch).",
+        &["worker"]
+    )
+    .expect("metric registered once")
+});
 pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(names::WORKER_TOKENS, "Image tokens generated.", &["worker"])
         .expect("metric registered once")
@@ -541,6 +551,7 @@ pub fn export_worker_series(worker: &str) {
     WORKER_KV_BLOCKS_USED.with_label_values(&[worker]);
     WORKER_BATCH_SLOTS_USED.with_label_values(&[worker]);
     WORKER_TOKENS.with_label_values(&[worker]);
+    WORKER_FENCED_CALLS.with_label_values(&[worker]);
     for &phase in known::PHASES {
         for &batch in known::BATCH_BUCKETS {
             WORKER_STEP_DURATION.with_label_values(&[worker, phase, batch]);

@@ -9,6 +9,7 @@
 mod traces;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -33,6 +34,7 @@ pub struct WorkerService<E: Engine> {
     /// The engine's device, e.g. `cpu` or `cuda:0` (the memory metrics' label).
     device: String,
     engine: Arc<Mutex<E>>,
+    fence: Arc<Fence>,
     traces: SequenceTraces,
     /// When memory was last read: reading it (a /proc file, or a driver call) on every step of
     /// the decode loop would be waste, so it is read at most once per [`MEMORY_READ_EVERY`].
@@ -40,6 +42,45 @@ pub struct WorkerService<E: Engine> {
 }
 
 const MEMORY_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Fencing: the newest leader epoch that has called this worker. A call from an older epoch comes
+/// from a deposed leader that does not know it yet (paused, partitioned) and is refused, so two
+/// schedulers never drive one batch. Checked under the engine's lock, so that no older call slips
+/// in after a newer leader's first call.
+struct Fence {
+    worker: String,
+    newest: AtomicU64,
+}
+
+impl Fence {
+    fn admit(&self, epoch: u64) -> Result<(), Status> {
+        let newest = self.newest.fetch_max(epoch, Ordering::SeqCst);
+        if epoch < newest {
+            telemetry::WORKER_FENCED_CALLS
+                .with_label_values(&[&self.worker])
+                .inc();
+            warn!(worker = %self.worker, epoch, newest, "refused a call from a deposed leader");
+            return Err(Status::aborted(format!(
+                "fenced: this call comes from leader epoch {epoch}, but a newer leader (epoch \
+                 {newest}) drives this worker"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The calling leader's epoch (`kiln-leader-epoch` metadata; 0 when absent).
+fn epoch_of(metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
+    match metadata.get(kiln_proto::LEADER_EPOCH_HEADER) {
+        None => Ok(0),
+        Some(v) => v.to_str().ok().and_then(|v| v.parse().ok()).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{}: must be a non-negative integer",
+                kiln_proto::LEADER_EPOCH_HEADER
+            ))
+        }),
+    }
+}
 
 /// What an engine holds after a call.
 struct Load {
@@ -69,6 +110,10 @@ impl<E: Engine> WorkerService<E> {
                 .set(total as f64);
         }
         WorkerService {
+            fence: Arc::new(Fence {
+                worker: name.clone(),
+                newest: AtomicU64::new(0),
+            }),
             name,
             device: info.device,
             engine: Arc::new(Mutex::new(engine)),
@@ -93,14 +138,17 @@ impl<E: Engine> WorkerService<E> {
     /// Runs `f` on the engine on a blocking thread: steps take milliseconds to seconds.
     async fn with_engine<T: Send + 'static>(
         &self,
+        epoch: u64,
         f: impl FnOnce(&mut E) -> Result<T, ModelError> + Send + 'static,
     ) -> Result<(T, Load), Status> {
         let engine = self.engine.clone();
+        let fence = self.fence.clone();
         let read_memory = self.memory_due();
         tokio::task::spawn_blocking(move || {
             let mut engine = engine
                 .lock()
                 .map_err(|_| Status::internal("engine poisoned by an earlier panic"))?;
+            fence.admit(epoch)?;
             let result = f(&mut engine).map_err(model_status)?;
             let load = Load {
                 free_blocks: engine.free_blocks(),
@@ -239,6 +287,7 @@ impl<E: Engine> Worker for WorkerService<E> {
         request: Request<PrefillRequest>,
     ) -> Result<Response<StepResponse>, Status> {
         let start = Instant::now();
+        let epoch = epoch_of(request.metadata())?;
         let mut seqs = Vec::new();
         for s in request.into_inner().sequences {
             let sampling = s.sampling.ok_or_else(|| {
@@ -288,7 +337,7 @@ impl<E: Engine> Worker for WorkerService<E> {
         let batch = seqs.len();
         let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
         let step_spans = self.traces.step("prefill", &ids, 1);
-        let result = self.with_engine(move |e| e.prefill(seqs)).await;
+        let result = self.with_engine(epoch, move |e| e.prefill(seqs)).await;
         drop(step_spans);
         let (outputs, load) = match result {
             Ok(r) => r,
@@ -309,6 +358,7 @@ impl<E: Engine> Worker for WorkerService<E> {
         request: Request<DecodeRequest>,
     ) -> Result<Response<StepResponse>, Status> {
         let start = Instant::now();
+        let epoch = epoch_of(request.metadata())?;
         let DecodeRequest { ids, steps } = request.into_inner();
         if ids.is_empty() {
             return Err(Status::invalid_argument(
@@ -323,7 +373,7 @@ impl<E: Engine> Worker for WorkerService<E> {
         let batch = ids.len();
         let step_spans = self.traces.step("decode", &ids, steps);
         let (outputs, load) = self
-            .with_engine(move |e| e.decode(&ids, steps as usize))
+            .with_engine(epoch, move |e| e.decode(&ids, steps as usize))
             .await?;
         drop(step_spans);
         self.traces.close(finished(&outputs));
@@ -336,11 +386,13 @@ impl<E: Engine> Worker for WorkerService<E> {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
+        let epoch = epoch_of(request.metadata())?;
         let ReleaseRequest { ids, all } = request.into_inner();
         let mut engine = self
             .engine
             .lock()
             .map_err(|_| Status::internal("engine poisoned"))?;
+        self.fence.admit(epoch)?;
         if all {
             let held = engine.held_ids();
             engine.release(&held);
@@ -428,6 +480,89 @@ mod tests {
             trace_parent: String::new(),
             partial_images: 0,
         }
+    }
+
+    fn from_epoch<T>(epoch: Option<u64>, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(epoch) = epoch {
+            request
+                .metadata_mut()
+                .insert(kiln_proto::LEADER_EPOCH_HEADER, epoch.into());
+        }
+        request
+    }
+
+    #[tokio::test]
+    async fn calls_of_a_deposed_leader_are_refused() {
+        let (_dir, w) = service();
+        let release = |all| ReleaseRequest {
+            ids: Vec::new(),
+            all,
+        };
+        // A leader of epoch 7 connects: it releases everything, then prefills.
+        w.release(from_epoch(Some(7), release(true))).await.unwrap();
+        let prefill = |epoch| {
+            from_epoch(
+                epoch,
+                PrefillRequest {
+                    sequences: vec![sequence(1, 3)],
+                },
+            )
+        };
+        w.prefill(prefill(Some(7))).await.unwrap();
+        // The leader it replaced (epoch 5), or a scheduler without an election, is refused at
+        // every call that would touch the batch, and nothing changes.
+        for epoch in [Some(5), None] {
+            let decode = from_epoch(
+                epoch,
+                DecodeRequest {
+                    ids: vec![1],
+                    steps: 1,
+                },
+            );
+            let refused = w.decode(decode).await.unwrap_err();
+            assert_eq!(refused.code(), Code::Aborted);
+            assert!(
+                refused.message().contains("fenced"),
+                "{}",
+                refused.message()
+            );
+            let refused = w
+                .release(from_epoch(epoch, release(true)))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::Aborted);
+            assert_eq!(
+                w.prefill(prefill(epoch)).await.unwrap_err().code(),
+                Code::Aborted
+            );
+        }
+        let info = w
+            .info(Request::new(InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.sequences, 1, "the refused calls released nothing");
+        // The current leader and any later one go on.
+        let decode = |epoch| {
+            from_epoch(
+                Some(epoch),
+                DecodeRequest {
+                    ids: vec![1],
+                    steps: 1,
+                },
+            )
+        };
+        w.decode(decode(7)).await.unwrap();
+        w.decode(decode(9)).await.unwrap();
+        assert_eq!(w.decode(decode(7)).await.unwrap_err().code(), Code::Aborted);
+        let mut bad = Request::new(release(true));
+        bad.metadata_mut()
+            .insert(kiln_proto::LEADER_EPOCH_HEADER, "soon".parse().unwrap());
+        assert_eq!(
+            w.release(bad).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
     }
 
     #[tokio::test]
