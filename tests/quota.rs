@@ -367,3 +367,35 @@ async fn a_redis_outage_fails_closed_or_open_as_configured_and_recovers() {
         "charges survived in Redis"
     );
 }
+
+/// Two gateways on a Redis Cluster (`--redis redis+cluster://...`): keys made with `kiln admin`
+/// against the cluster work, and a user's window holds across the gateways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_share_quotas_on_a_redis_cluster() {
+    let redis = kiln_testkit::RedisCluster::start(3, 0);
+    let cluster = Cluster::start_with(Options {
+        gateways: 2,
+        redis: Some(redis.url()),
+        tiers: tiers(
+            "windows = [{ seconds = 86400, images = 2 }]",
+            "windows = [{ seconds = 86400, images = 100 }]",
+            "windows = [{ seconds = 86400, images = 100 }]",
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = cluster.create_key("cluster-user", "free", None);
+    for gateway in 0..2 {
+        let events = cluster
+            .generate_as(gateway, &key, request("a red star"))
+            .await
+            .expect("an image");
+        assert!(completed(&events).is_some());
+    }
+    assert_eq!(used(&cluster, &key).await, 2);
+    let refused = cluster
+        .generate_as(1, &key, request("a red star"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+}

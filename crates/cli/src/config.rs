@@ -243,8 +243,9 @@ pub struct GatewayOpts {
     /// Seconds a request may take before it is cancelled with DEADLINE_EXCEEDED.
     #[arg(long, env = env::GATEWAY_REQUEST_DEADLINE, default_value_t = 600)]
     pub request_deadline: u64,
-    /// Redis URL holding API keys, quotas and the tier table, shared by every gateway. Without it the
-    /// gateway keeps them in memory (one gateway; keys from --keys).
+    /// Redis URL holding API keys, quotas and the tier table, shared by every gateway
+    /// (`redis://host:port`, or `redis+cluster://host:port,host:port` for a Redis Cluster's seed
+    /// nodes). Without it the gateway keeps them in memory (one gateway; keys from --keys).
     #[arg(long, env = env::GATEWAY_REDIS)]
     pub redis: Option<String>,
     /// Prefix of every Redis key Kiln writes.
@@ -301,9 +302,14 @@ impl GatewayOpts {
             );
         }
         if let Some(url) = &self.redis {
-            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            let cluster = kiln_quota::redis_store::CLUSTER_SCHEME;
+            if !url.starts_with("redis://")
+                && !url.starts_with("rediss://")
+                && !url.starts_with(cluster)
+            {
                 bail!(
-                    "--redis ({}) must be a redis:// URL, got {url:?}",
+                    "--redis ({}) must be a redis:// URL, or {cluster}host:port,host:port for a \
+                     Redis Cluster, got {url:?}",
                     env::GATEWAY_REDIS
                 );
             }

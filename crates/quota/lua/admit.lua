@@ -1,5 +1,6 @@
 -- Admits one charge against every limit of every scope, or none (one EVALSHA, atomic in Redis).
--- ARGV: prefix, charge id, idempotency key ('' for none), lease ms, retention ms, scope count, then
+-- KEYS[1]: the caller's hash-tagged prefix, which routes the call in a cluster (every key below
+-- carries its tag). ARGV: that prefix, charge id, idempotency key ('' for none), lease ms, retention ms, scope count, then
 -- per scope: subject, window count, (window ms, images) per window, rate interval ms (0 = none),
 -- rate burst, max in flight (-1 = none).
 -- Returns {'duplicate', charge id} | {'refused', subject, kind, a, b, retry ms (-1 = unknown)} |

@@ -1,5 +1,6 @@
 -- Extends a running charge's in-flight lease in every scope that caps requests in flight.
--- ARGV: prefix, charge id, lease ms, subjects...
+-- KEYS[1]: the caller's hash-tagged prefix, which routes the call in a cluster (every key below
+-- carries its tag). ARGV: that prefix, charge id, lease ms, subjects...
 local p, cid, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -1,7 +1,8 @@
 -- Settles a charge exactly once: the first call moves it from 'charged' to 'committed' or
 -- 'refunded' (returning the window charges and freeing the idempotency key); later calls change
 -- nothing. Every call releases the in-flight slot.
--- ARGV: prefix, charge id, 'commit' | 'refund', idempotency key ('' for none), scope count, then
+-- KEYS[1]: the caller's hash-tagged prefix, which routes the call in a cluster (every key below
+-- carries its tag). ARGV: that prefix, charge id, 'commit' | 'refund', idempotency key ('' for none), scope count, then
 -- per scope: subject, window count, window ms per window. Returns 1 when this call settled it.
 local p, cid, outcome, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ckey = p .. 'c:' .. cid

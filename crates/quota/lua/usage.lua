@@ -1,5 +1,6 @@
 -- Reports usage without changing anything.
--- ARGV: prefix, scope count, then per scope: subject, window count, window ms per window.
+-- KEYS[1]: the caller's hash-tagged prefix, which routes the call in a cluster (every key below
+-- carries its tag). ARGV: that prefix, scope count, then per scope: subject, window count, window ms per window.
 -- Returns (subject, window ms, used, reset ms) per window, then 'in_flight', then
 -- (subject, count) per scope.
 local p = ARGV[1]

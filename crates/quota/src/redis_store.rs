@@ -1,18 +1,24 @@
 //! The Redis store, shared by every gateway. Each quota operation is one Lua script run with
 //! EVALSHA (loaded once per server, reloaded by the client after a Redis restart), so checking and
 //! charging every limit is atomic whatever the number of gateways. Every key it writes expires by
-//! itself. Keys are plain (no hash tags): it targets a single Redis primary, not Redis Cluster.
+//! itself. It runs against one Redis primary (`redis://host:port`) or a Redis Cluster
+//! (`redis+cluster://host:port,host:port,...`, the seed nodes).
 //!
-//! Layout under the prefix (default `kiln:`): `w:<subject>:<window ms>` (sorted set of charge ids
-//! by time), `r:<subject>` (GCRA theoretical arrival time), `f:<subject>` (sorted set of in-flight
-//! charge ids by lease expiry), `c:<charge>` (settlement state), `i:<idempotency key>` (charge id),
-//! `res:<charge>` (finished answer), `key:<digest>` (API key record), `keyids` (id -> digest),
-//! `tiers` (the tier table's TOML).
+//! Layout under the prefix (default `kiln:`). A caller's quota keys all carry one hash tag, its
+//! *domain*: `{org:<name>}` for a member of an organisation's pool (the pool and every member's own
+//! limits are charged together), `{user:<name>}` otherwise. So every key one script touches lies in
+//! one cluster slot, the slot of the routing key `<prefix>{<domain>}` it is called with (KEYS[1]).
+//! Quota keys: `{d}w:<subject>:<window ms>` (sorted set of charge ids by time), `{d}r:<subject>`
+//! (GCRA theoretical arrival time), `{d}f:<subject>` (sorted set of in-flight charge ids by lease
+//! expiry), `{d}c:<charge>` (settlement state), `{d}i:<idempotency key>` (charge id). Single-key
+//! records: `res:<charge>` (finished answer), `key:<digest>` (API key record), `keyids` (id ->
+//! digest), `tiers` (the tier table's TOML).
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::OnceCell;
 
 use crate::store::{
@@ -44,10 +50,65 @@ impl RedisConfig {
     }
 }
 
+/// The scheme of a Redis Cluster's seed list: `redis+cluster://host:port,host:port`.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+enum Client {
+    Single(redis::Client),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// A connection to one primary (reconnecting by itself) or to a cluster (following its slots,
+/// redirections and failovers).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The hash-tagged prefix of a caller's quota keys (see the module documentation): the org pool's
+/// subject when the caller charges one, else its own.
+fn domain_prefix(prefix: &str, scopes: &[Scope]) -> String {
+    let domain = scopes
+        .iter()
+        .find(|s| s.subject.starts_with("org:"))
+        .or(scopes.first())
+        .map_or("", |s| s.subject.as_str());
+    format!("{prefix}{{{domain}}}")
+}
+
 pub struct RedisStore {
-    client: redis::Client,
+    client: Client,
     config: RedisConfig,
-    conn: OnceCell<ConnectionManager>,
+    conn: OnceCell<Connection>,
     admit: Script,
     settle: Script,
     renew: Script,
@@ -70,8 +131,32 @@ fn store_error(e: redis::RedisError) -> QuotaError {
 impl RedisStore {
     /// Prepares a store; the connection is made on first use and remade after an outage.
     pub fn new(config: RedisConfig) -> Result<Self, QuotaError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| QuotaError::Store(format!("redis url {:?}: {e}", config.url)))?;
+        let bad =
+            |e: redis::RedisError| QuotaError::Store(format!("redis url {:?}: {e}", config.url));
+        let client = match config.url.strip_prefix(CLUSTER_SCHEME) {
+            Some(seeds) => {
+                let nodes: Vec<String> = seeds
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| format!("redis://{s}"))
+                    .collect();
+                if nodes.is_empty() {
+                    return Err(QuotaError::Store(format!(
+                        "redis url {:?}: name at least one seed node, {CLUSTER_SCHEME}host:port,...",
+                        config.url
+                    )));
+                }
+                Client::Cluster(Box::new(
+                    redis::cluster::ClusterClient::builder(nodes)
+                        .connection_timeout(config.timeout)
+                        .response_timeout(config.timeout)
+                        .retries(2)
+                        .build()
+                        .map_err(bad)?,
+                ))
+            }
+            None => Client::Single(redis::Client::open(config.url.as_str()).map_err(bad)?),
+        };
         Ok(RedisStore {
             client,
             config,
@@ -84,21 +169,37 @@ impl RedisStore {
     }
 
     /// The shared multiplexed connection; it reconnects by itself after errors.
-    async fn conn(&self) -> Result<ConnectionManager, QuotaError> {
+    async fn conn(&self) -> Result<Connection, QuotaError> {
         self.conn
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.config.timeout))
-                    .set_response_timeout(Some(self.config.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                self.client
-                    .get_connection_manager_with_config(config)
-                    .await
-                    .map_err(store_error)
+                match &self.client {
+                    Client::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(self.config.timeout))
+                            .set_response_timeout(Some(self.config.timeout))
+                            .set_number_of_retries(1)
+                            .set_max_delay(Duration::from_millis(500));
+                        client
+                            .get_connection_manager_with_config(config)
+                            .await
+                            .map(Connection::Single)
+                    }
+                    Client::Cluster(client) => {
+                        client.get_async_connection().await.map(Connection::Cluster)
+                    }
+                }
+                .map_err(store_error)
             })
             .await
             .cloned()
+    }
+
+    /// A script call for a caller's `scopes`: routed by, and its keys under, their domain.
+    fn invocation<'a>(&self, script: &'a Script, scopes: &[Scope]) -> redis::ScriptInvocation<'a> {
+        let prefix = domain_prefix(&self.config.prefix, scopes);
+        let mut call = script.prepare_invoke();
+        call.key(&prefix).arg(prefix);
+        call
     }
 
     fn key(&self, rest: &str) -> String {
@@ -196,9 +297,8 @@ fn decode_decision(values: Vec<Value>) -> Result<Decision, QuotaError> {
 impl QuotaStore for RedisStore {
     async fn admit(&self, charge: &Charge<'_>) -> Result<Decision, QuotaError> {
         let mut conn = self.conn().await?;
-        let mut call = self.admit.prepare_invoke();
-        call.arg(&self.config.prefix)
-            .arg(charge.charge_id)
+        let mut call = self.invocation(&self.admit, charge.scopes);
+        call.arg(charge.charge_id)
             .arg(charge.idempotency.unwrap_or(""))
             .arg(charge.lease.as_millis() as u64)
             .arg(charge.retention.as_millis() as u64)
@@ -225,9 +325,8 @@ impl QuotaStore for RedisStore {
         settlement: Settlement,
     ) -> Result<bool, QuotaError> {
         let mut conn = self.conn().await?;
-        let mut call = self.settle.prepare_invoke();
-        call.arg(&self.config.prefix)
-            .arg(charge_id)
+        let mut call = self.invocation(&self.settle, scopes);
+        call.arg(charge_id)
             .arg(match settlement {
                 Settlement::Commit => "commit",
                 Settlement::Refund => "refund",
@@ -259,10 +358,8 @@ impl QuotaStore for RedisStore {
             return Ok(());
         }
         let mut conn = self.conn().await?;
-        let mut call = self.renew.prepare_invoke();
-        call.arg(&self.config.prefix)
-            .arg(charge_id)
-            .arg(lease.as_millis() as u64);
+        let mut call = self.invocation(&self.renew, scopes);
+        call.arg(charge_id).arg(lease.as_millis() as u64);
         for s in subjects {
             call.arg(s);
         }
@@ -274,8 +371,8 @@ impl QuotaStore for RedisStore {
 
     async fn usage(&self, scopes: &[Scope]) -> Result<Usage, QuotaError> {
         let mut conn = self.conn().await?;
-        let mut call = self.usage.prepare_invoke();
-        call.arg(&self.config.prefix).arg(scopes.len());
+        let mut call = self.invocation(&self.usage, scopes);
+        call.arg(scopes.len());
         for scope in scopes {
             call.arg(&scope.subject).arg(scope.windows.len());
             for (window_ms, _) in &scope.windows {
@@ -382,11 +479,12 @@ impl KeyStore for RedisStore {
         let Some(digest) = digest else {
             return Ok(false);
         };
-        redis::pipe()
-            .atomic()
-            .del(self.key(&format!("key:{digest}")))
-            .hdel(self.key("keyids"), id)
-            .query_async::<()>(&mut conn)
+        // Two commands, not a transaction: the keys may lie in different cluster slots. The record
+        // goes first, so the key stops working even if the second command is lost.
+        conn.del::<_, ()>(self.key(&format!("key:{digest}")))
+            .await
+            .map_err(store_error)?;
+        conn.hdel::<_, _, ()>(self.key("keyids"), id)
             .await
             .map_err(store_error)?;
         Ok(true)

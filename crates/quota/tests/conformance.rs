@@ -9,7 +9,7 @@ use kiln_quota::{
     Charge, Decision, KeyRecord, Limit, MemoryStore, QuotaStore, RedisConfig, RedisStore, Scope,
     Settlement, Store,
 };
-use kiln_testkit::RedisServer;
+use kiln_testkit::{RedisCluster, RedisServer};
 
 const LEASE: Duration = Duration::from_secs(30);
 const KEEP: Duration = Duration::from_secs(3600);
@@ -272,7 +272,18 @@ macro_rules! for_both_stores {
                 super::$name(&super::redis_store(&server)).await
             })*
         }
+        mod on_redis_cluster {
+            $(#[tokio::test]
+            async fn $name() {
+                let cluster = kiln_testkit::RedisCluster::start(3, 0);
+                super::$name(&super::cluster_store(&cluster)).await
+            })*
+        }
     };
+}
+
+fn cluster_store(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::new(RedisConfig::new(cluster.url())).expect("cluster url")
 }
 
 for_both_stores!(
@@ -377,5 +388,57 @@ async fn every_quota_key_expires_by_itself() {
             .await
             .unwrap();
         assert!(ttl > 0, "{key} has no expiry");
+    }
+}
+
+/// A Redis Cluster's primary fails over in the middle of traffic: the store follows the slots to
+/// the promoted replica, and limits and settlements hold across it (a manual failover loses no
+/// acknowledged write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_keeps_every_charge() {
+    let cluster = RedisCluster::start(3, 1);
+    let store = cluster_store(&cluster);
+    // Users spread over the slots, each with room for 4 images.
+    let users: Vec<Scope> = (0..12)
+        .map(|i| Scope {
+            subject: format!("user:fo-{i}-{}", fresh("u")),
+            ..user(&[(600_000, 4)], None, None)
+        })
+        .collect();
+    let mut refund = Vec::new();
+    for scope in &users {
+        for _ in 0..2 {
+            let (id, d) = admit(&store, std::slice::from_ref(scope), None).await;
+            assert!(admitted(&d));
+            refund.push((id, scope.clone()));
+        }
+    }
+    let old_primary = cluster.fail_over();
+    assert!(!cluster.primaries().contains(&old_primary));
+    // One charge of each user is refunded after the failover; then each has room for 3 more.
+    for (id, scope) in refund.iter().step_by(2) {
+        let mut settled = None;
+        for _ in 0..50 {
+            match store
+                .settle(id, None, std::slice::from_ref(scope), Settlement::Refund)
+                .await
+            {
+                Ok(s) => {
+                    settled = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert_eq!(settled, Some(true), "refund of {id} after the failover");
+    }
+    for scope in &users {
+        let mut admitted_now = 0;
+        for _ in 0..5 {
+            if admitted(&admit(&store, std::slice::from_ref(scope), None).await.1) {
+                admitted_now += 1;
+            }
+        }
+        assert_eq!(admitted_now, 3, "{}", scope.subject);
     }
 }

@@ -127,6 +127,188 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster on loopback: `primaries` nodes sharing the 16384 slots, each with `replicas`
+/// replicas, made with `redis-cli --cluster create`, no persistence. Killed when dropped.
+pub struct RedisCluster {
+    nodes: Vec<(Child, u16)>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every slot is served; panics with
+    /// the nodes' logs when it cannot.
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for i in 0..primaries * (1 + replicas) {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = cluster.dir.path().join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .arg("--logfile")
+                .arg(node_dir.join("redis.log"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server not runnable; run scripts/bootstrap.sh --test");
+            cluster.nodes.push((child, port));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cluster.nodes.iter().all(|(_, p)| ping(*p)) {
+            assert!(
+                Instant::now() < deadline,
+                "cluster nodes did not start: {}",
+                cluster.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(_, p)| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli not runnable (Debian package redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every node reports the cluster healthy with every slot served.
+    fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().all(|(_, p)| {
+                let info = self.cli(*p, &["cluster", "info"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not healthy in 30 s: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis+cluster://127.0.0.1:<port>,...`: every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(_, p)| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// Ports of the nodes that are primaries now.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .map(|(_, p)| *p)
+            .filter(|p| self.cli(*p, &["role"]).starts_with("master"))
+            .collect()
+    }
+
+    /// A manual failover (`CLUSTER FAILOVER` on a replica, which waits until it has caught up, so
+    /// nothing acknowledged is lost): the replica becomes the primary of its slots. Returns the
+    /// port of the former primary. Needs a cluster started with replicas.
+    pub fn fail_over(&self) -> u16 {
+        let (replica, primary) = self
+            .nodes
+            .iter()
+            .find_map(|(_, p)| {
+                let role = self.cli(*p, &["role"]);
+                let mut lines = role.lines();
+                (lines.next() == Some("slave")).then(|| {
+                    let _host = lines.next();
+                    (*p, lines.next().and_then(|l| l.parse().ok()).unwrap_or(0))
+                })
+            })
+            .expect("a replica to promote");
+        // A replica still in its first sync cannot take over: wait for its link, then ask (again
+        // if a request times out).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .cli(replica, &["info", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "the replica never synced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        'promote: loop {
+            let answer = self.cli(replica, &["cluster", "failover"]);
+            assert!(answer.starts_with("OK"), "CLUSTER FAILOVER: {answer}");
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(5) {
+                if self.cli(replica, &["role"]).starts_with("master") {
+                    break 'promote;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica was not promoted: {}",
+                self.logs()
+            );
+        }
+        self.wait_until_ok();
+        primary
+    }
+
+    fn logs(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| read(&self.dir.path().join(format!("node-{i}/redis.log"))))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A single-member `etcd` on loopback (client and peer ports free), data in a temporary directory.
 pub struct EtcdServer {
     child: Option<Child>,

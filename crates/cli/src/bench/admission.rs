@@ -226,11 +226,22 @@ fn redis_benchmark(
     } else {
         ("user:bench-refused", "1")
     };
+    let tagged = format!("{PREFIX}{{{subject}}}");
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", &clients.to_string(), "-n", &requests.to_string()])
         .args(["-r", &USERS.to_string(), "--csv"])
-        .args(["EVALSHA", sha, "0", PREFIX, "c:__rand_int__", "", "30000"])
+        // The gateway's call: the caller's hash-tagged prefix as the routing key and first argument.
+        .args([
+            "EVALSHA",
+            sha,
+            "1",
+            &tagged,
+            &tagged,
+            "c:__rand_int__",
+            "",
+            "30000",
+        ])
         .args([
             "86400000", "1", subject, "1", "86400000", limit, "0", "0", "-1",
         ])
