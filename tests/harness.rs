@@ -121,6 +121,8 @@ pub struct Cluster {
     pub schedulers: Vec<String>,
     pub workers: Vec<String>,
     children: Vec<(String, Child)>,
+    /// Each process's arguments and announced address, to start it again.
+    started: std::collections::HashMap<String, (Vec<String>, String)>,
     env: Vec<(String, String)>,
     /// `host:port` of each process's `/metrics`, by process name (with `Options::metrics`).
     pub metrics: std::collections::HashMap<String, String>,
@@ -169,6 +171,7 @@ impl Cluster {
             scheduler: String::new(),
             workers: Vec::new(),
             children: Vec::new(),
+            started: Default::default(),
             env: options.env.clone(),
             metrics: Default::default(),
             with_metrics: options.metrics,
@@ -249,6 +252,32 @@ impl Cluster {
         cluster
     }
 
+    /// Starts one more worker, registered in etcd at `etcd` (a worker joining mid-run), and
+    /// returns its name.
+    pub fn add_worker(&mut self, etcd: &str) -> String {
+        let name = format!("worker-{}", self.workers.len());
+        let model = self.dir.path().join("model");
+        let model = model.to_str().expect("utf-8 path").to_string();
+        let args = [
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            &name,
+            "--kv-blocks",
+            "512",
+            "--model",
+            &model,
+            "--etcd",
+            etcd,
+            "--lease-ttl",
+            "2",
+        ];
+        let addr = self.spawn(&name, &args);
+        self.workers.push(addr);
+        name
+    }
+
     /// Runs `kiln admin` against the cluster's Redis and returns its stdout.
     pub fn admin(&self, args: &[&str]) -> String {
         let redis = self.redis.as_deref().expect("a cluster with Redis");
@@ -283,8 +312,11 @@ impl Cluster {
 
     /// Starts a server process on port 0 and returns the `http://` address it announced.
     fn spawn(&mut self, name: &str, args: &[&str]) -> String {
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file");
         let mut command = Command::new(kiln_bin());
         command.args(args);
         if self.with_metrics {
@@ -316,7 +348,44 @@ impl Cluster {
                     self.log(name)
                 )
             });
-        format!("http://{addr}")
+        let address = format!("http://{addr}");
+        self.started.insert(
+            name.to_string(),
+            (
+                args.iter().map(|a| a.to_string()).collect(),
+                address.clone(),
+            ),
+        );
+        address
+    }
+
+    /// Starts again, with the same arguments, each of `names` that has exited (a supervisor's
+    /// job: a leader that lost its lease exits by design); returns those restarted. Their new
+    /// addresses replace the old ones.
+    pub fn restart_exited(&mut self, names: &[&str]) -> Vec<String> {
+        let mut restarted = Vec::new();
+        for &name in names {
+            let Some(i) = self.children.iter().position(|(n, _)| n == name) else {
+                continue;
+            };
+            if !matches!(self.children[i].1.try_wait(), Ok(Some(_))) {
+                continue;
+            }
+            self.children.remove(i);
+            let (args, old) = self.started[name].clone();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let new = self.spawn(name, &args);
+            for list in [&mut self.schedulers, &mut self.workers, &mut self.gateways] {
+                for address in list.iter_mut().filter(|a| **a == old) {
+                    *address = new.clone();
+                }
+            }
+            if self.scheduler == old {
+                self.scheduler = new.clone();
+            }
+            restarted.push(name.to_string());
+        }
+        restarted
     }
 
     /// The `/metrics` page of process `name` (started with `Options::metrics`).
