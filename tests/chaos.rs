@@ -99,8 +99,8 @@ async fn one_request(
             .max_decoding_message_size(64 << 20);
         let request = GenerateRequest {
             prompt: format!("a red star over a blue circle, number {n}"),
-            width: if n % 4 == 0 { 64 } else { 32 },
-            height: if n % 4 == 0 { 64 } else { 32 },
+            width: if n.is_multiple_of(4) { 64 } else { 32 },
+            height: if n.is_multiple_of(4) { 64 } else { 32 },
             ..Default::default()
         };
         let mut stream = client.generate(with_key(&key, request)).await?.into_inner();
