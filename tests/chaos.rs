@@ -2,13 +2,15 @@
 //! elected in etcd, 2 gateways, Redis with an append-only file) takes a steady stream of requests
 //! while faults are injected on a schedule: a worker killed with SIGKILL, a worker paused with
 //! SIGSTOP (its lease lapses, its calls hang) and resumed, a worker added, the leading scheduler
-//! killed, etcd stopped for a while and restarted, Redis stopped for a while and restarted.
+//! killed, the joined worker's network slowed past the call timeout (a proxy of ours), etcd stopped
+//! for a while and restarted, Redis stopped for a while and restarted.
 //!
 //! Every request's history is kept (events, the status it ended with, when) and checked: every
 //! request has exactly one terminal answer and none hangs; no stream carries two images; every
 //! user's Redis usage equals the images delivered to it (each undelivered image refunded exactly
 //! once); no image finishes past its tier's deadline unless a fault window overlaps its life.
-//! The table of the run is printed. `KILN_CHAOS_SCALE` stretches the schedule (1 = the short form
+//! The table of the run is printed, and the run is written as `kiln loadtest`'s HTML report with
+//! the faults drawn over its charts (`$CARGO_TARGET_TMPDIR/chaos-report.html`). `KILN_CHAOS_SCALE` stretches the schedule (1 = the short form
 //! CI runs, about 60 s of load; 5 for the long form by hand).
 
 use std::collections::BTreeMap;
@@ -17,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kiln_e2e::{with_key, Cluster, Options, Preset};
+use kiln_loadtest::{FaultWindow, Outcome, OutcomeKind, Report};
 use kiln_proto::v1::image_service_client::ImageServiceClient;
 use kiln_proto::v1::{generate_event, GenerateRequest, GetQuotaRequest};
-use kiln_testkit::{EtcdServer, RedisServer};
+use kiln_testkit::{EtcdServer, RedisServer, SlowProxy};
 use tonic_types::StatusExt;
 
 /// Every tier fails closed while Redis is down, so that every image is charged in Redis and the
@@ -70,6 +73,8 @@ struct History {
 struct Fault {
     name: String,
     at: f64,
+    /// When the fault itself is over (its start for a kill).
+    end: f64,
     /// When its effects are over (the fault's end plus [`RECOVERY`]).
     until: f64,
 }
@@ -153,6 +158,63 @@ fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
     (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * p).round() as usize])
 }
 
+/// The run as `kiln loadtest`'s report (one phase of the steady load, then the stragglers'
+/// tail), with the faults marked over its charts.
+fn report_page(
+    histories: &[History],
+    faults: &[Fault],
+    load_seconds: f64,
+    rate: f64,
+    users: usize,
+) -> String {
+    let last_end = histories
+        .iter()
+        .map(|h| h.ended)
+        .fold(load_seconds, f64::max);
+    let scenario = kiln_loadtest::Scenario::from_toml(&format!(
+        "name = \"chaos\"\n[population]\nusers = {users}\ntiers = {{ free = 1.0, plus = 1.0, pro = 1.0 }}\n\
+         [[phases]]\nname = \"load\"\nseconds = {load_seconds}\nrate = {rate}\n\
+         [[phases]]\nname = \"tail\"\nseconds = {}\nrate = 0\n",
+        (last_end - load_seconds).ceil().max(1.0)
+    ))
+    .expect("the chaos scenario");
+    let outcomes: Vec<Outcome> = histories
+        .iter()
+        .map(|h| {
+            let (kind, code) = match &h.end {
+                Ok(()) => (OutcomeKind::Completed, None),
+                Err((code, reason)) => (
+                    match reason.as_str() {
+                        "SHED" => OutcomeKind::Shed,
+                        "QUOTA_EXHAUSTED" => OutcomeKind::QuotaRefused,
+                        "POLICY_REFUSED" => OutcomeKind::PolicyRefused,
+                        _ => OutcomeKind::Error,
+                    },
+                    Some(code.clone()),
+                ),
+            };
+            Outcome {
+                sent_at: h.sent,
+                phase: usize::from(h.sent >= load_seconds),
+                user: h.user,
+                tier: h.tier,
+                kind,
+                code,
+                first_progress: None,
+                latency: h.ended - h.sent,
+            }
+        })
+        .collect();
+    let deadlines = DEADLINES.iter().map(|(t, d)| (t.to_string(), *d)).collect();
+    let mut report = Report::build(&scenario, histories.len(), &outcomes, &deadlines);
+    report.add_faults(faults.iter().map(|f| FaultWindow {
+        name: f.name.clone(),
+        from: f.at,
+        to: f.end,
+    }));
+    kiln_loadtest::html::render(&report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spike_survives_the_faults_of_a_fleet_and_loses_nothing() {
     let scale: f64 = std::env::var("KILN_CHAOS_SCALE")
@@ -228,6 +290,7 @@ async fn a_spike_survives_the_faults_of_a_fleet_and_loses_nothing() {
         faults.lock().unwrap().push(Fault {
             name: name.into(),
             at: from * scale,
+            end: to * scale,
             until: to * scale + RECOVERY,
         });
     };
@@ -237,8 +300,17 @@ async fn a_spike_survives_the_faults_of_a_fleet_and_loses_nothing() {
     at(&mut cluster, start, scale, 12.0).await;
     cluster.signal("worker-1", "STOP");
     at(&mut cluster, start, scale, 16.0).await;
-    let joined = cluster.add_worker(&etcd.endpoint());
-    eprintln!("chaos: {joined} joined");
+    // The joining worker is reached through a proxy of ours, so that its network can be slowed.
+    let proxy = SlowProxy::start().await;
+    let advertise = format!("http://127.0.0.1:{}", proxy.port());
+    let (joined, address) = cluster.add_worker(&etcd.endpoint(), &["--advertise", &advertise]);
+    let port = address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    proxy.set_target(port);
+    eprintln!("chaos: {joined} joined behind a proxy");
     at(&mut cluster, start, scale, 20.0).await;
     cluster.signal("worker-1", "CONT");
     record("SIGSTOP worker-1 for 8 s", 12.0, 20.0);
@@ -251,6 +323,12 @@ async fn a_spike_survives_the_faults_of_a_fleet_and_loses_nothing() {
     };
     cluster.kill(leader_name);
     record(&format!("kill -9 the leader ({leader_name})"), 24.0, 24.0);
+    at(&mut cluster, start, scale, 27.0).await;
+    // Slower than the schedulers' call timeout (5 s): its calls time out and it is dropped.
+    proxy.delay(Duration::from_secs(6));
+    at(&mut cluster, start, scale, 31.0).await;
+    proxy.delay(Duration::ZERO);
+    record(&format!("{joined}'s network 6 s slow for 4 s"), 27.0, 31.0);
     at(&mut cluster, start, scale, 32.0).await;
     etcd.kill();
     at(&mut cluster, start, scale, 42.0).await;
@@ -367,10 +445,22 @@ async fn a_spike_survives_the_faults_of_a_fleet_and_loses_nothing() {
         late.len()
     );
 
+    let page = report_page(&histories, &faults, load_seconds, rate, users.len());
+    let report_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.html");
+    std::fs::write(&report_path, &page).expect("writing the chaos report");
+    eprintln!("chaos: report written to {}", report_path.display());
+
     assert!(
         lost.is_empty(),
         "requests without a terminal answer: {lost:#?}"
     );
+    for fault in &faults {
+        assert!(
+            page.contains(&format!("<title>{}</title>", fault.name)),
+            "the report marks {:?}",
+            fault.name
+        );
+    }
     assert_eq!(doubles, 0, "a stream carried two answers");
     assert!(
         mismatches.is_empty(),

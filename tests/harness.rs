@@ -252,13 +252,13 @@ impl Cluster {
         cluster
     }
 
-    /// Starts one more worker, registered in etcd at `etcd` (a worker joining mid-run), and
-    /// returns its name.
-    pub fn add_worker(&mut self, etcd: &str) -> String {
+    /// Starts one more worker with `extra` flags, registered in etcd at `etcd` (a worker joining
+    /// mid-run); returns its name and the address it listens on.
+    pub fn add_worker(&mut self, etcd: &str, extra: &[&str]) -> (String, String) {
         let name = format!("worker-{}", self.workers.len());
         let model = self.dir.path().join("model");
         let model = model.to_str().expect("utf-8 path").to_string();
-        let args = [
+        let mut args = vec![
             "worker",
             "--listen",
             "127.0.0.1:0",
@@ -273,9 +273,10 @@ impl Cluster {
             "--lease-ttl",
             "2",
         ];
+        args.extend(extra);
         let addr = self.spawn(&name, &args);
-        self.workers.push(addr);
-        name
+        self.workers.push(addr.clone());
+        (name, addr)
     }
 
     /// Runs `kiln admin` against the cluster's Redis and returns its stdout.

@@ -87,6 +87,8 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
             &redis.url(),
             "--scheduler-metrics",
             &cluster.metrics["scheduler"],
+            "--fault",
+            "an operator's drill@2-4",
         ])
         .arg("--scenario")
         .arg(&scenario)
@@ -146,6 +148,12 @@ async fn a_spike_is_accounted_for_quotas_hold_and_only_free_is_shed() {
         html.contains("batch slots in use"),
         "the HTML report charts saturation"
     );
+    assert!(
+        html.contains("<title>an operator's drill</title>")
+            && html.contains("<td>F1</td><td>2.0</td><td>4.0</td>"),
+        "the HTML report marks the --fault window"
+    );
+    assert_eq!(report["faults"][0]["from"], 2.0);
 
     // What each worker call cost beyond the engine's time on this machine (the gRPC round trip and
     // the processes' turns on 2 shared cores): the simulator is told, as it is told the step costs.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_loadtest::{default_deadlines, driver, Report, Scenario};
+use kiln_loadtest::{default_deadlines, driver, FaultWindow, Report, Scenario};
 use kiln_quota::{RedisConfig, RedisStore};
 use kiln_telemetry::env_names as env;
 
@@ -42,6 +42,10 @@ pub struct LoadtestArgs {
     /// queue depth are read every second and charted beside the load.
     #[arg(long)]
     pub scheduler_metrics: Option<String>,
+    /// A fault injected while the run goes, to draw over the report's charts: `NAME@FROM` (an
+    /// instant, such as a kill) or `NAME@FROM-TO`, seconds from the run's start; repeatable.
+    #[arg(long = "fault", value_name = "NAME@FROM[-TO]", value_parser = FaultWindow::parse)]
+    pub faults: Vec<FaultWindow>,
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
@@ -92,6 +96,7 @@ pub async fn run(args: LoadtestArgs) -> Result<bool> {
     .await?;
     let mut report = Report::build(&scenario, run.sent, &run.outcomes, &default_deadlines());
     report.add_saturation(&run.saturation);
+    report.add_faults(args.faults.iter().cloned());
     print!("{}", report.summary());
     let (p50, p99, max) = run.send_lag;
     println!(

@@ -11,7 +11,7 @@ pub mod report;
 pub mod scenario;
 pub mod scrape;
 
-pub use report::{default_deadlines, Outcome, OutcomeKind, Report, Tally};
+pub use report::{default_deadlines, FaultWindow, Outcome, OutcomeKind, Report, Tally};
 pub use scenario::{Arrival, Scenario, User};
 
 /// The shipped prompt corpus, one prompt per line.

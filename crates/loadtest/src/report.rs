@@ -101,6 +101,103 @@ pub struct Second {
     /// The cluster's saturation (batch slots in use, 0 to 1) and waiting jobs, when scraped.
     pub saturation: Option<f64>,
     pub waiting: Option<f64>,
+    /// Latency of the requests completed in this second (p50 and p99, seconds), read from a
+    /// histogram: each is the upper edge of its bucket, within [`LATENCY_BUCKET_RATIO`] of the
+    /// true value.
+    pub latency_p50: Option<f64>,
+    pub latency_p99: Option<f64>,
+}
+
+/// A window in which a fault was injected while the run went (by the chaos harness, or by hand and
+/// named with `kiln loadtest --fault`), drawn over the report's charts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultWindow {
+    pub name: String,
+    /// Seconds from the run's start.
+    pub from: f64,
+    /// Equal to `from` for an instant fault (a kill).
+    pub to: f64,
+}
+
+impl FaultWindow {
+    /// Parses `NAME@FROM` (an instant) or `NAME@FROM-TO`, in seconds from the run's start.
+    pub fn parse(text: &str) -> Result<FaultWindow, String> {
+        let usage = || format!("{text:?}: expected NAME@FROM or NAME@FROM-TO (seconds)");
+        let (name, window) = text.rsplit_once('@').ok_or_else(usage)?;
+        let seconds = |s: &str| {
+            s.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+        };
+        let (from, to) = match window.split_once('-') {
+            Some((from, to)) => (seconds(from), seconds(to)),
+            None => (seconds(window), seconds(window)),
+        };
+        match (name.trim(), from, to) {
+            ("", _, _) => Err(usage()),
+            (name, Some(from), Some(to)) if to >= from => Ok(FaultWindow {
+                name: name.to_string(),
+                from,
+                to,
+            }),
+            _ => Err(usage()),
+        }
+    }
+}
+
+/// Each latency bucket's upper edge is this many times its lower one.
+pub const LATENCY_BUCKET_RATIO: f64 = 1.1;
+/// The first bucket's upper edge, in seconds (faster requests count in it).
+const LATENCY_FIRST_EDGE: f64 = 0.001;
+/// Up to about 4,000 s; slower requests count in the last bucket.
+const LATENCY_BUCKETS: usize = 160;
+
+/// A second's completed latencies, counted in buckets (a launch day's millions of requests need
+/// not be kept to chart each second's percentiles).
+#[derive(Clone, Default)]
+struct LatencyHistogram {
+    /// Empty until the first latency.
+    counts: Vec<u32>,
+    total: u32,
+}
+
+impl LatencyHistogram {
+    fn bucket(latency: f64) -> usize {
+        if latency <= LATENCY_FIRST_EDGE {
+            return 0;
+        }
+        let index = (latency / LATENCY_FIRST_EDGE).ln() / LATENCY_BUCKET_RATIO.ln();
+        (index.ceil() as usize).min(LATENCY_BUCKETS - 1)
+    }
+
+    fn edge(bucket: usize) -> f64 {
+        LATENCY_FIRST_EDGE * LATENCY_BUCKET_RATIO.powi(bucket as i32)
+    }
+
+    fn add(&mut self, latency: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; LATENCY_BUCKETS];
+        }
+        self.counts[Self::bucket(latency)] += 1;
+        self.total += 1;
+    }
+
+    /// The upper edge of the bucket holding rank `p` (the rank [`Percentiles`] takes).
+    fn percentile(&self, p: f64) -> Option<f64> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((self.total - 1) as f64 * p).round() as u32;
+        let mut seen = 0;
+        for (bucket, &count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen > rank {
+                return Some(Self::edge(bucket));
+            }
+        }
+        None
+    }
 }
 
 /// The whole report (written as JSON).
@@ -118,6 +215,8 @@ pub struct Report {
     pub most_images_per_user: BTreeMap<String, usize>,
     /// Whether completed + shed + quota-refused + policy-refused + errors equals sent.
     pub accounted: bool,
+    /// Faults injected while the run went, in the order given.
+    pub faults: Vec<FaultWindow>,
 }
 
 /// The figures of one phase and tier (or of the whole run) as outcomes come: counts by kind, and
@@ -177,6 +276,8 @@ pub struct Tally {
     totals: Group,
     error_codes: BTreeMap<String, usize>,
     timeline: Vec<Second>,
+    /// The latencies completed in each second of the timeline.
+    latencies: Vec<LatencyHistogram>,
     /// Per user (population index): completed images, and the index in [`TIERS`] of the tier of
     /// their first one. A vector, not a map: a million users would cost a cache miss and an entry
     /// each.
@@ -199,6 +300,7 @@ impl Tally {
             totals: Group::default(),
             error_codes: BTreeMap::new(),
             timeline: vec![Second::default(); scenario.duration().ceil() as usize + 1],
+            latencies: vec![LatencyHistogram::default(); scenario.duration().ceil() as usize + 1],
             images_per_user: Vec::new(),
             outcomes: 0,
         }
@@ -227,9 +329,13 @@ impl Tally {
         let last = self.timeline.len() - 1;
         let slot = |at: f64| (at.max(0.0) as usize).min(last);
         self.timeline[slot(o.sent_at)].offered += 1;
-        let end = &mut self.timeline[slot(o.sent_at + o.latency)];
+        let ended = slot(o.sent_at + o.latency);
+        let end = &mut self.timeline[ended];
         match o.kind {
-            OutcomeKind::Completed => end.completed += 1,
+            OutcomeKind::Completed => {
+                end.completed += 1;
+                self.latencies[ended].add(o.latency);
+            }
             OutcomeKind::Shed => end.shed += 1,
             OutcomeKind::QuotaRefused | OutcomeKind::PolicyRefused => end.refused += 1,
             OutcomeKind::Error => end.errors += 1,
@@ -267,6 +373,11 @@ impl Tally {
                 (name, tiers)
             })
             .collect();
+        let mut timeline = self.timeline;
+        for (second, latencies) in timeline.iter_mut().zip(&self.latencies) {
+            second.latency_p50 = latencies.percentile(0.5);
+            second.latency_p99 = latencies.percentile(0.99);
+        }
         Report {
             most_images_per_user,
             scenario: self.scenario,
@@ -274,8 +385,9 @@ impl Tally {
             totals: self.totals.figures(self.duration),
             phases,
             error_codes: self.error_codes,
-            timeline: self.timeline,
+            timeline,
             accounted: self.outcomes == sent,
+            faults: Vec::new(),
         }
     }
 }
@@ -289,6 +401,11 @@ impl Report {
             second.saturation = Some(sample.saturation);
             second.waiting = Some(sample.waiting);
         }
+    }
+
+    /// Marks the faults injected while the run went, to be drawn over the charts.
+    pub fn add_faults(&mut self, faults: impl IntoIterator<Item = FaultWindow>) {
+        self.faults.extend(faults);
     }
 
     /// Aggregates `outcomes` of `sent` requests of `scenario`; `deadlines` are seconds per tier.
@@ -349,6 +466,13 @@ impl Report {
                     p99
                 );
             }
+        }
+        for fault in &self.faults {
+            let _ = writeln!(
+                out,
+                "fault {:>7.1}-{:<7.1} s {}",
+                fault.from, fault.to, fault.name
+            );
         }
         out
     }
@@ -444,6 +568,52 @@ rate = 1
             );
         }
         assert_eq!(Percentiles::of(Vec::new()), None);
+    }
+
+    #[test]
+    fn each_seconds_latency_percentiles_are_within_a_bucket_of_the_true_ones() {
+        // 100 completions ending in second 3: latencies 0.5 s to 2.48 s in steps of 0.02 s (p50
+        // is the 51st, 1.5 s; p99 the 99th, 2.46 s).
+        let outcomes: Vec<Outcome> = (0..100)
+            .map(|i| {
+                let latency = 0.5 + 0.02 * i as f64;
+                Outcome {
+                    sent_at: 3.2 - latency + 0.5,
+                    ..outcome(0, "free", OutcomeKind::Completed, latency)
+                }
+            })
+            .collect();
+        let report = Report::build(&scenario(), 100, &outcomes, &default_deadlines());
+        let second = &report.timeline[3];
+        assert_eq!(second.completed, 100);
+        for (got, exact) in [(second.latency_p50, 1.5), (second.latency_p99, 2.46)] {
+            let got = got.expect("a percentile");
+            assert!(
+                got >= exact && got <= exact * LATENCY_BUCKET_RATIO,
+                "{got} for {exact}"
+            );
+        }
+        assert_eq!(report.timeline[2].latency_p99, None, "no completions");
+        // The extremes land in the first and last buckets.
+        assert_eq!(LatencyHistogram::bucket(0.0), 0);
+        assert_eq!(LatencyHistogram::bucket(1e9), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn fault_windows_parse_and_show_in_the_summary() {
+        let kill = FaultWindow::parse("kill -9 worker-0@12.5").unwrap();
+        assert_eq!(
+            (kill.name.as_str(), kill.from, kill.to),
+            ("kill -9 worker-0", 12.5, 12.5)
+        );
+        let down = FaultWindow::parse("etcd down@30-40").unwrap();
+        assert_eq!((down.from, down.to), (30.0, 40.0));
+        for bad in ["no window", "@3", "x@", "x@5-4", "x@-1", "x@a-b", "x@nan"] {
+            assert!(FaultWindow::parse(bad).is_err(), "{bad:?}");
+        }
+        let mut report = Report::build(&scenario(), 0, &[], &default_deadlines());
+        report.add_faults([down]);
+        assert!(report.summary().contains("etcd down"));
     }
 
     #[test]

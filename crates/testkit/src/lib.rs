@@ -1,12 +1,15 @@
 //! Test support shared by the crates' integration tests, the end-to-end suite and `kiln bench`:
 //! starts a real `redis-server` or `etcd` on free loopback ports in a temporary directory, waits
-//! until it answers, and kills it when dropped; and receives OTLP traces ([`OtlpReceiver`]). It owns
+//! until it answers, and kills it when dropped; receives OTLP traces ([`OtlpReceiver`]); and slows a
+//! loopback connection down on demand ([`SlowProxy`]). It owns
 //! no Kiln logic; `scripts/bootstrap.sh --test` installs the servers it needs.
 
 #![forbid(unsafe_code)]
 
 pub mod otlp;
+pub mod proxy;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
+pub use proxy::SlowProxy;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
