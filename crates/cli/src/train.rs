@@ -148,6 +148,7 @@ impl TrainArgs {
             default_temperature: self.default_temperature,
             default_top_k: self.default_top_k,
             guidance: self.guidance,
+            speculation: None,
         }
     }
 }
@@ -364,6 +365,10 @@ pub struct EvalArgs {
     /// Images generated together.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Speculative Jacobi decoding: tokens per decode pass, one or several to compare side by
+    /// side on the same prompts and seeds (1: plain decoding), e.g. `1,8`. Absent: the model's own.
+    #[arg(long, value_delimiter = ',')]
+    pub speculation: Vec<usize>,
     /// Draw this caption `--per-count` times (one seed each) instead of the held-out prompts, and
     /// report how often it is drawn exactly.
     #[arg(long)]
@@ -533,7 +538,22 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         top_k,
         cfg.guidance.unwrap_or(1.0)
     );
+    let windows = if args.speculation.is_empty() {
+        vec![engine.speculation()]
+    } else {
+        args.speculation.clone()
+    };
+    if let Some(w) = windows
+        .iter()
+        .find(|w| !(1..=kiln_model::MAX_SPECULATION).contains(*w))
+    {
+        bail!(
+            "--speculation {w}: tokens per pass must be 1 to {}",
+            kiln_model::MAX_SPECULATION
+        );
+    }
     if let Some(prompt) = &args.prompt {
+        engine.set_speculation(Some(windows[0]));
         let spec = kiln_scenes::parse_caption(prompt)
             .with_context(|| format!("--prompt {prompt:?} is not a caption the checker reads"))?;
         let results = draw_and_check(
@@ -555,25 +575,102 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         return Ok(());
     }
-    println!("objects  prompts  correct  accuracy  objects right  tokenizer ceiling");
+    let mut per_window = Vec::new();
+    for &window in &windows {
+        engine.set_speculation(Some(window));
+        // Every window draws the same prompts with the same seeds.
+        drawing.next_id = 1;
+        per_window.push(evaluate_window(
+            &args,
+            &mut engine,
+            &info,
+            &book,
+            &mut drawing,
+        )?);
+    }
+    // Generation time: one image alone, and a batch, the windows in turn round by round (the
+    // machine's speed drifts), medians of three.
+    let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();
+    let mut times = vec![(Vec::new(), Vec::new()); windows.len()];
+    for _ in 0..3 {
+        for (w, &window) in windows.iter().enumerate() {
+            engine.set_speculation(Some(window));
+            let (alone, batch) = &mut times[w];
+            for (count, runs) in [(1, alone), (args.batch, batch)] {
+                let prompts = vec![prompt.clone(); count];
+                let started = Instant::now();
+                generate(&mut engine, &info, &prompts, sampling, drawing.next_id)?;
+                drawing.next_id += count as u64;
+                runs.push(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let median = |mut runs: Vec<f64>| {
+        runs.sort_by(f64::total_cmp);
+        runs[runs.len() / 2]
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let plain_alone = median(times[0].0.clone());
+    for ((window, mut window_figures), (alone, batch)) in windows.iter().zip(per_window).zip(times)
+    {
+        let (alone, batch) = (median(alone), median(batch));
+        println!(
+            "speculation {window}: generation on {threads} thread(s): one image {:.0} ms ({:.2}x the first window's); a batch of {} {:.0} ms ({:.0} ms per image)",
+            alone * 1e3,
+            plain_alone / alone,
+            args.batch,
+            batch * 1e3,
+            batch * 1e3 / args.batch as f64
+        );
+        window_figures.insert("threads".into(), threads.into());
+        window_figures.insert("one_image_seconds".into(), alone.into());
+        window_figures.insert("batch".into(), args.batch.into());
+        window_figures.insert("batch_seconds".into(), batch.into());
+        if windows.len() == 1 {
+            figures.extend(window_figures);
+        } else {
+            figures.insert(format!("speculation_{window}"), window_figures.into());
+        }
+    }
+    figures.insert("guidance".into(), cfg.guidance.unwrap_or(1.0).into());
+    if let Some(path) = &args.report {
+        write_report(path, &figures)?;
+    }
+    Ok(())
+}
+
+/// Scores one speculation window: binding per object count, with the forward passes per image.
+fn evaluate_window(
+    args: &EvalArgs,
+    engine: &mut CandleEngine,
+    info: &EngineInfo,
+    book: &PatchCodebook,
+    drawing: &mut Drawing,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut figures = serde_json::Map::new();
+    println!("speculation: {} token(s) per pass", engine.speculation());
+    println!("objects  prompts  correct  accuracy  objects right  tokenizer ceiling  passes/image");
     for n in 1..=4 {
         let scenes = held_out(args.seed, n, args.per_count)?;
         let items: Vec<(String, SceneSpec)> =
             scenes.iter().map(|s| (s.caption(), s.spec())).collect();
         drawing.label = n.to_string();
-        let results = draw_and_check(&mut engine, &info, &items, &mut drawing)?;
+        let passes_before = engine.sequence_passes();
+        let results = draw_and_check(engine, info, &items, drawing)?;
+        let passes = (engine.sequence_passes() - passes_before) as f64 / scenes.len() as f64;
         let correct = results.iter().filter(|r| r.correct).count();
         let object_score: f64 = results.iter().map(|r| r.score() as f64).sum();
         let accuracy = correct as f64 / scenes.len() as f64;
         // The same scenes drawn, encoded and decoded by the codebook: the best any model can do.
-        let (_, ceiling) = data::reconstruction(&book, &scenes, info.default_size);
+        let (_, ceiling) = data::reconstruction(book, &scenes, info.default_size);
         println!(
-            "{n:>7}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%",
+            "{n:>7}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}",
             scenes.len(),
             accuracy * 100.0,
             object_score / scenes.len() as f64 * 100.0,
             ceiling * 100.0
         );
+        figures.insert(format!("passes_per_image_{n}"), passes.into());
         figures.insert(format!("tokenizer_ceiling_{n}"), ceiling.into());
         figures.insert(format!("accuracy_{n}"), accuracy.into());
         figures.insert(
@@ -581,39 +678,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             (object_score / scenes.len() as f64).into(),
         );
     }
-    // Generation time: one image alone, and a batch (medians of a few runs).
-    let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();
-    let time = |count: usize, engine: &mut CandleEngine, next_id: &mut u64| -> Result<f64> {
-        let mut runs = Vec::new();
-        for _ in 0..3 {
-            let prompts = vec![prompt.clone(); count];
-            let started = Instant::now();
-            generate(engine, &info, &prompts, sampling, *next_id)?;
-            *next_id += count as u64;
-            runs.push(started.elapsed().as_secs_f64());
-        }
-        runs.sort_by(f64::total_cmp);
-        Ok(runs[1])
-    };
-    let alone = time(1, &mut engine, &mut drawing.next_id)?;
-    let batch = time(args.batch, &mut engine, &mut drawing.next_id)?;
-    let threads = candle_core::utils::get_num_threads();
-    println!(
-        "generation on {threads} thread(s): one image {:.0} ms; a batch of {} {:.0} ms ({:.0} ms per image)",
-        alone * 1e3,
-        args.batch,
-        batch * 1e3,
-        batch * 1e3 / args.batch as f64
-    );
-    figures.insert("guidance".into(), cfg.guidance.unwrap_or(1.0).into());
-    figures.insert("threads".into(), threads.into());
-    figures.insert("one_image_seconds".into(), alone.into());
-    figures.insert("batch".into(), args.batch.into());
-    figures.insert("batch_seconds".into(), batch.into());
-    if let Some(path) = &args.report {
-        write_report(path, &figures)?;
-    }
-    Ok(())
+    Ok(figures)
 }
 
 fn write_report(path: &Path, figures: &serde_json::Map<String, serde_json::Value>) -> Result<()> {

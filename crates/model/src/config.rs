@@ -49,7 +49,15 @@ pub struct ModelConfig {
     /// knows how to draw unconditionally. It doubles the work and the KV cache of every image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance: Option<f32>,
+    /// Speculative Jacobi decoding: tokens each decode pass drafts and verifies per image (absent
+    /// or 1: one token per pass). The image is the same either way; only the passes differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<usize>,
 }
+
+/// The widest speculation window a config may name: a pass's cost grows with its window, and
+/// drafts far ahead of the accepted run are rarely right.
+pub const MAX_SPECULATION: usize = 64;
 
 fn default_eps() -> f32 {
     1e-5
@@ -78,6 +86,7 @@ impl ModelConfig {
             default_temperature: None,
             default_top_k: None,
             guidance: None,
+            speculation: None,
         }
     }
 
@@ -100,6 +109,7 @@ impl ModelConfig {
             default_temperature: None,
             default_top_k: None,
             guidance: None,
+            speculation: None,
         }
     }
 
@@ -146,6 +156,13 @@ impl ModelConfig {
         if let Some(g) = self.guidance {
             if !(g.is_finite() && (1.0..=20.0).contains(&g)) {
                 return bad(format!("guidance must be in [1, 20], got {g}"));
+            }
+        }
+        if let Some(w) = self.speculation {
+            if !(1..=MAX_SPECULATION).contains(&w) {
+                return bad(format!(
+                    "speculation must be 1 to {MAX_SPECULATION} tokens per pass, got {w}"
+                ));
             }
         }
         // Words share the byte tokens' ids, and one id is kept for unknown words.

@@ -161,6 +161,9 @@ struct Sequence {
     partial_images: u32,
     /// With guidance: the same image drawn without its prompt (its own blocks and positions).
     unconditional: Option<Unconditional>,
+    /// Codes drafted for the positions after `generated`, verified by the next pass (Jacobi
+    /// decoding; see [`CandleEngine::set_speculation`]).
+    draft: Vec<u32>,
 }
 
 /// The prompt-less twin of a guided sequence: it reads the codes the guided one samples.
@@ -180,6 +183,10 @@ pub struct CandleEngine {
     kv_blocks: usize,
     /// Blocks reserved by the sequences held (their own, not their twins').
     reserved: usize,
+    /// Tokens each decode pass drafts and verifies per sequence (1: plain decoding).
+    window: usize,
+    /// Forward passes summed over the sequences in them, prefill included.
+    sequence_passes: u64,
 }
 
 impl CandleEngine {
@@ -193,6 +200,7 @@ impl CandleEngine {
             kv_blocks
         };
         let cache = PagedKvCache::new(cfg.n_layers, physical, block_size, cfg.d_model);
+        let window = cfg.speculation.unwrap_or(1);
         CandleEngine {
             model,
             cache,
@@ -200,7 +208,32 @@ impl CandleEngine {
             sequences: HashMap::new(),
             kv_blocks,
             reserved: 0,
+            window,
+            sequence_passes: 0,
         }
+    }
+
+    /// Speculative Jacobi decoding with `window` tokens per decode pass (`None` or 1: plain
+    /// decoding). Each pass feeds a sequence its next input and the codes drafted for the
+    /// `window - 1` positions after it, samples every position of the window with that position's
+    /// own draw (the counter-based stream keyed by seed and position), and keeps the longest run
+    /// whose inputs were right: a draft is accepted exactly when it is the code the model samples
+    /// there. The image is therefore the one plain decoding draws, bit for bit, in fewer passes
+    /// whenever drafts come true; the rejected drafts' keys and values are overwritten later, and
+    /// the codes sampled past the accepted run are the next pass's drafts.
+    pub fn set_speculation(&mut self, window: Option<usize>) {
+        self.window = window.unwrap_or(1).max(1);
+    }
+
+    /// The tokens per decode pass [`CandleEngine::set_speculation`] chose.
+    pub fn speculation(&self) -> usize {
+        self.window
+    }
+
+    /// Forward passes so far, each counted once per sequence in it (prefill included): divided
+    /// by the images drawn, the passes per image.
+    pub fn sequence_passes(&self) -> u64 {
+        self.sequence_passes
     }
 
     /// Runs each sequence of `ids` with its new `tokens` through the model, and under guidance
@@ -211,6 +244,19 @@ impl CandleEngine {
         ids: &[u64],
         tokens: Vec<Vec<TokenInput>>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tails = vec![1; ids.len()];
+        let rows = self.forward_guided_tails(ids, tokens, &tails)?;
+        Ok(rows.into_iter().map(|mut r| r.remove(0)).collect())
+    }
+
+    /// [`CandleEngine::forward_guided`] returning, per sequence, the guided logits of its last
+    /// `tails[i]` inputs (its twin reads the same drafted codes after its own unread ones).
+    fn forward_guided_tails(
+        &mut self,
+        ids: &[u64],
+        tokens: Vec<Vec<TokenInput>>,
+        tails: &[usize],
+    ) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
         let cfg = self.model.config();
         let guidance = cfg.guidance_scale();
         let mut inputs: Vec<SequenceInput> = ids
@@ -226,21 +272,41 @@ impl CandleEngine {
             })
             .collect();
         if guidance.is_some() {
-            for id in ids {
+            for (i, id) in ids.iter().enumerate() {
                 let seq = &self.sequences[id];
                 let twin = seq
                     .unconditional
                     .as_ref()
                     .expect("guided sequences have twins");
+                let mut tokens = twin_inputs(cfg, seq, twin);
+                // The drafted inputs after the sequence's next one, as the sequence reads them.
+                tokens.extend(
+                    inputs[i].tokens[inputs[i].tokens.len() - tails[i]..]
+                        .iter()
+                        .skip(1)
+                        .cloned(),
+                );
                 inputs.push(SequenceInput {
-                    tokens: twin_inputs(cfg, seq, twin),
+                    tokens,
                     cached: twin.cached,
                     block_table: &twin.blocks,
                 });
             }
         }
         let added: Vec<usize> = inputs.iter().map(|input| input.tokens.len()).collect();
-        let mut logits = self.model.forward(&inputs, &mut self.cache)?;
+        let all_tails: Vec<usize> = if guidance.is_some() {
+            tails.iter().chain(tails).copied().collect()
+        } else {
+            tails.to_vec()
+        };
+        let flat = self
+            .model
+            .forward_tails(&inputs, &mut self.cache, &all_tails)?;
+        let mut flat = flat.into_iter();
+        let mut logits: Vec<Vec<Vec<f32>>> = all_tails
+            .iter()
+            .map(|&tail| flat.by_ref().take(tail).collect())
+            .collect();
         drop(inputs);
         for (i, id) in ids.iter().enumerate() {
             let seq = self.sequences.get_mut(id).expect("held");
@@ -254,7 +320,9 @@ impl CandleEngine {
         };
         let unconditional = logits.split_off(ids.len());
         for (cond, uncond) in logits.iter_mut().zip(&unconditional) {
-            guide(cond, uncond, scale);
+            for (cond, uncond) in cond.iter_mut().zip(uncond) {
+                guide(cond, uncond, scale);
+            }
         }
         Ok(logits)
     }
@@ -342,11 +410,60 @@ impl CandleEngine {
         outputs: &mut HashMap<u64, SequenceOutput>,
     ) -> Result<(), ModelError> {
         for (id, logits) in ids.iter().zip(logits) {
+            let seq = &self.sequences[id];
+            let code = sample(&logits, &seq.sampling, seq.generated.len());
+            self.accept(*id, &[code], outputs)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies each sequence's window from its rows of logits (one per input, the first after
+    /// its last accepted code): accepts the sampled codes as far as the drafts fed in were right,
+    /// discards the rest of the window's keys and values, and keeps the codes sampled past the
+    /// accepted run as the next drafts.
+    fn advance_windows(
+        &mut self,
+        ids: &[u64],
+        rows: Vec<Vec<Vec<f32>>>,
+        outputs: &mut HashMap<u64, SequenceOutput>,
+    ) -> Result<(), ModelError> {
+        for (id, rows) in ids.iter().zip(rows) {
+            let seq = self.sequences.get_mut(id).expect("held");
+            let next = seq.generated.len();
+            let sampled: Vec<u32> = rows
+                .iter()
+                .enumerate()
+                .map(|(j, logits)| sample(logits, &seq.sampling, next + j))
+                .collect();
+            let mut accepted = 1;
+            while accepted < sampled.len() && seq.draft[accepted - 1] == sampled[accepted - 1] {
+                accepted += 1;
+            }
+            let rejected = sampled.len() - accepted;
+            seq.cached -= rejected;
+            if let Some(twin) = seq.unconditional.as_mut() {
+                twin.cached -= rejected;
+            }
+            seq.draft = sampled[accepted..].to_vec();
+            self.accept(*id, &sampled[..accepted], outputs)?;
+        }
+        Ok(())
+    }
+
+    /// Appends accepted `codes` to sequence `id` and its output, rendering the previews that fall
+    /// due; finishes the sequence when it is complete.
+    fn accept(
+        &mut self,
+        id: u64,
+        codes: &[u32],
+        outputs: &mut HashMap<u64, SequenceOutput>,
+    ) -> Result<(), ModelError> {
+        let id = &id;
+        for &code in codes {
             let seq = self
                 .sequences
                 .get_mut(id)
                 .expect("ids come from the held sequences");
-            let code = sample(&logits, &seq.sampling, seq.generated.len());
             seq.generated.push(code);
             let out = outputs.entry(*id).or_insert_with(|| SequenceOutput {
                 id: *id,
@@ -378,6 +495,51 @@ impl CandleEngine {
         }
         Ok(())
     }
+
+    /// The inputs of `seq`'s next decode pass: its next input, then its drafted codes for the
+    /// positions after it (topped up from [`draft_code`]), `window` in all or what is left.
+    fn window_inputs(&self, seq: &mut Sequence) -> Vec<TokenInput> {
+        let cfg = self.model.config();
+        let next = seq.generated.len();
+        let window = self.window.min(seq.total - next);
+        while seq.draft.len() < window - 1 {
+            let code = draft_code(cfg, seq, next + seq.draft.len());
+            seq.draft.push(code);
+        }
+        seq.draft.truncate(window.saturating_sub(1));
+        let mut tokens = vec![image_input(cfg, seq, next)];
+        let cols = seq.width as usize / cfg.patch_size;
+        tokens.extend(seq.draft.iter().enumerate().map(|(j, &code)| {
+            let index = next + 1 + j;
+            TokenInput {
+                token: code_token(cfg, code),
+                position: Position::Image {
+                    row: index / cols,
+                    col: index % cols,
+                },
+            }
+        }));
+        tokens
+    }
+}
+
+/// A first guess for the code at image position `index` of `seq` (past its drafts): the code
+/// above it, where the row above is drawn or drafted (shapes and backgrounds run down the
+/// image), else the last code known, else code 0.
+fn draft_code(cfg: &ModelConfig, seq: &Sequence, index: usize) -> u32 {
+    let cols = seq.width as usize / cfg.patch_size;
+    let known = |i: usize| {
+        if i < seq.generated.len() {
+            Some(seq.generated[i])
+        } else {
+            seq.draft.get(i - seq.generated.len()).copied()
+        }
+    };
+    index
+        .checked_sub(cols)
+        .and_then(known)
+        .or_else(|| index.checked_sub(1).and_then(known))
+        .unwrap_or(0)
 }
 
 /// Checks a sequence joining an engine that serves `cfg` (`held`: its id is already in use).
@@ -535,6 +697,7 @@ impl Engine for CandleEngine {
                 partial_images: new.partial_images,
                 generated: new.generated,
                 unconditional,
+                draft: Vec::new(),
             };
             tokens.extend((0..=seq.generated.len()).map(|i| image_input(&cfg, &seq, i)));
             inputs.push((new.id, tokens));
@@ -542,6 +705,7 @@ impl Engine for CandleEngine {
         }
         let (ids, tokens): (Vec<u64>, Vec<_>) = inputs.into_iter().unzip();
         let logits = self.forward_guided(&ids, tokens)?;
+        self.sequence_passes += ids.len() as u64;
         let mut outputs = HashMap::new();
         self.advance(&ids, logits, &mut outputs)?;
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
@@ -563,16 +727,16 @@ impl Engine for CandleEngine {
             if active.is_empty() {
                 break;
             }
-            let cfg = self.model.config();
-            let tokens = active
-                .iter()
-                .map(|id| {
-                    let seq = &self.sequences[id];
-                    vec![image_input(cfg, seq, seq.generated.len())]
-                })
-                .collect();
-            let logits = self.forward_guided(&active, tokens)?;
-            self.advance(&active, logits, &mut outputs)?;
+            let mut tokens = Vec::with_capacity(active.len());
+            for id in &active {
+                let mut seq = self.sequences.remove(id).expect("active");
+                tokens.push(self.window_inputs(&mut seq));
+                self.sequences.insert(*id, seq);
+            }
+            self.sequence_passes += active.len() as u64;
+            let tails: Vec<usize> = tokens.iter().map(Vec::len).collect();
+            let rows = self.forward_guided_tails(&active, tokens, &tails)?;
+            self.advance_windows(&active, rows, &mut outputs)?;
         }
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
     }
@@ -615,6 +779,10 @@ mod tests {
         guided_images_keep_their_seed_batch_and_resume_invariance,
         guided_invariance_on
     );
+    device_test!(
+        speculation_draws_the_plain_image_alone_in_a_crowd_and_resumed,
+        speculation_draws_the_plain_image_on
+    );
 
     fn engine(blocks: usize, device: &Device) -> (tempfile::TempDir, CandleEngine) {
         guided_engine(blocks, None, device)
@@ -650,6 +818,7 @@ mod tests {
             total: cfg.image_tokens(32, 16),
             partial_images: 0,
             unconditional: None,
+            draft: Vec::new(),
         };
         let mut tokens = text_inputs(cfg, prompt, 32, 16);
         tokens.extend((0..=codes.len()).map(|i| image_input(cfg, &seq, i)));
@@ -815,6 +984,16 @@ mod tests {
         seqs: Vec<NewSequence>,
         steps: usize,
     ) -> HashMap<u64, (Vec<u32>, Image)> {
+        run_counting_calls(e, seqs, steps).0
+    }
+
+    /// [`run_to_end`], and the decode calls it took.
+    fn run_counting_calls(
+        e: &mut CandleEngine,
+        seqs: Vec<NewSequence>,
+        steps: usize,
+    ) -> (HashMap<u64, (Vec<u32>, Image)>, usize) {
+        let mut calls = 0;
         let ids: Vec<u64> = seqs.iter().map(|s| s.id).collect();
         let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
         let mut images = HashMap::new();
@@ -835,10 +1014,89 @@ mod tests {
                 .filter(|id| !images.contains_key(id))
                 .collect();
             outs = e.decode(&live, steps).unwrap();
+            calls += 1;
         }
-        ids.iter()
+        let images = ids
+            .iter()
             .map(|id| (*id, (tokens[id].clone(), images[id].clone())))
-            .collect()
+            .collect();
+        (images, calls)
+    }
+
+    /// 64x64 images (64 codes) at temperature `temperature`, seed `seed`.
+    fn wide_seq(
+        e: &CandleEngine,
+        id: u64,
+        prompt: &str,
+        seed: u64,
+        temperature: f32,
+    ) -> NewSequence {
+        NewSequence {
+            width: 64,
+            height: 64,
+            sampling: SamplingParams {
+                temperature,
+                ..new_seq(e, id, prompt, seed, vec![]).sampling
+            },
+            kv_blocks: e.info().blocks_needed(prompt.len(), 64, 64),
+            ..new_seq(e, id, prompt, seed, vec![])
+        }
+    }
+
+    fn speculation_draws_the_plain_image_on(device: &Device) {
+        for guidance in [None, Some(2.0)] {
+            for temperature in [0.0, 1.0] {
+                let (_d, mut plain) = guided_engine(256, guidance, device);
+                let first = wide_seq(&plain, 1, "a red star", 7, temperature);
+                let (reference, plain_calls) = run_counting_calls(&mut plain, vec![first], 1);
+                for window in [2, 5, 16] {
+                    let (_d, mut e) = guided_engine(256, guidance, device);
+                    e.set_speculation(Some(window));
+                    let first = wide_seq(&e, 1, "a red star", 7, temperature);
+                    let (alone, calls) = run_counting_calls(&mut e, vec![first], 1);
+                    let what = format!(
+                        "guidance {guidance:?}, temperature {temperature}, window {window}"
+                    );
+                    assert_eq!(alone[&1], reference[&1], "alone: {what}");
+                    assert!(calls <= plain_calls, "{what}: {calls} passes");
+                    // In a crowd of other prompts, seeds and windows' worth of progress.
+                    let mut crowd: Vec<NewSequence> = (2..6)
+                        .map(|i| wide_seq(&e, i, &"y".repeat(i as usize * 2), i, 1.0))
+                        .collect();
+                    crowd.insert(1, wide_seq(&e, 100, "a red star", 7, temperature));
+                    let together = run_to_end(&mut e, crowd, 2);
+                    assert_eq!(together[&100], reference[&1], "in a crowd: {what}");
+                    assert_eq!(e.free_blocks(), 256, "{what}: every block back");
+                    // Resumed elsewhere from half its codes.
+                    let codes = &reference[&1].0;
+                    let mut again = wide_seq(&e, 7, "a red star", 7, temperature);
+                    again.generated = codes[..30].to_vec();
+                    let resumed = run_to_end(&mut e, vec![again], 1);
+                    assert_eq!(resumed[&7].0[..], codes[30..], "resumed: {what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn drafts_that_come_true_save_passes() {
+        // A greedy draw of a random model settles on a few codes: drafts from the row above and
+        // from the last code come true, and whole runs are accepted in one pass.
+        let (_d, mut plain) = engine(256, &Device::Cpu);
+        let first = wide_seq(&plain, 1, "a red star", 7, 0.0);
+        let (reference, plain_calls) = run_counting_calls(&mut plain, vec![first], 1);
+        let (_d, mut e) = engine(256, &Device::Cpu);
+        e.set_speculation(Some(8));
+        let first = wide_seq(&e, 1, "a red star", 7, 0.0);
+        let (fast, calls) = run_counting_calls(&mut e, vec![first], 1);
+        assert_eq!(fast, reference);
+        assert_eq!(plain_calls, 63, "one pass per code after prefill's");
+        assert_eq!(plain.sequence_passes(), 64);
+        assert_eq!(e.sequence_passes(), calls as u64 + 1);
+        assert!(
+            calls < plain_calls / 2,
+            "{calls} passes against {plain_calls}"
+        );
     }
 
     fn same_seed_same_image_whatever_the_batch_on(device: &Device) {

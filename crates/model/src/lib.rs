@@ -40,7 +40,7 @@ pub mod tokenizer;
 pub mod transformer;
 
 pub use codebook::{Codebook, Image};
-pub use config::ModelConfig;
+pub use config::{ModelConfig, MAX_SPECULATION};
 pub use engine::{
     preview_due, CandleEngine, Engine, EngineInfo, NewSequence, Preview, SequenceOutput,
 };

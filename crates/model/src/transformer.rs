@@ -343,6 +343,25 @@ impl Transformer {
         seqs: &[SequenceInput<'_>],
         cache: &mut PagedKvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_tails(seqs, cache, &vec![1; seqs.len()])
+    }
+
+    /// [`Transformer::forward`], returning the logits of the last `tails[s]` new tokens of each
+    /// sequence `s` (at least one, at most its new tokens), sequence after sequence and in order:
+    /// a window of drafted tokens is verified with one row of logits per draft.
+    pub fn forward_tails(
+        &self,
+        seqs: &[SequenceInput<'_>],
+        cache: &mut PagedKvCache,
+        tails: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        assert_eq!(seqs.len(), tails.len(), "a tail per sequence");
+        assert!(
+            seqs.iter()
+                .zip(tails)
+                .all(|(seq, &tail)| (1..=seq.tokens.len()).contains(&tail)),
+            "each tail within its sequence's new tokens"
+        );
         let d = self.cfg.d_model;
         let hd = self.cfg.head_dim();
         // (sequence, absolute position) of every row.
@@ -410,16 +429,17 @@ impl Transformer {
             matmul(up, n, &layer.w_down, proj)?;
             add_in_place(&mut x, proj);
         }
-        // Only each sequence's last row predicts a token.
-        let mut last = Vec::with_capacity(seqs.len() * d);
+        // Only each sequence's tail rows predict tokens.
+        let predicting: usize = tails.iter().sum();
+        let mut last = Vec::with_capacity(predicting * d);
         let mut end = 0;
-        for seq in seqs {
+        for (seq, &tail) in seqs.iter().zip(tails) {
             end += seq.tokens.len();
-            last.extend_from_slice(&x[(end - 1) * d..end * d]);
+            last.extend_from_slice(&x[(end - tail) * d..end * d]);
         }
         rms_norm(&last, &self.final_norm, self.cfg.norm_eps, h);
         let mut logits = Vec::new();
-        matmul(h, seqs.len(), &self.head, &mut logits)?;
+        matmul(h, predicting, &self.head, &mut logits)?;
         *self.scratch_slot() = scratch;
         Ok(logits
             .chunks(self.cfg.codebook_size)

@@ -169,6 +169,7 @@ impl Trainer {
             default_temperature: None,
             default_top_k: None,
             guidance: None,
+            speculation: None,
             ..c.clone()
         };
         if architecture(&state.model) != architecture(cfg) {
