@@ -166,6 +166,16 @@ struct Sequence {
     draft: Vec<u32>,
 }
 
+impl Sequence {
+    /// The code at image position `index`: drawn, else drafted.
+    fn code_at(&self, index: usize) -> Option<u32> {
+        match index.checked_sub(self.generated.len()) {
+            None => Some(self.generated[index]),
+            Some(ahead) => self.draft.get(ahead).copied(),
+        }
+    }
+}
+
 /// The prompt-less twin of a guided sequence: it reads the codes the guided one samples.
 struct Unconditional {
     blocks: Vec<u32>,
@@ -272,22 +282,14 @@ impl CandleEngine {
             })
             .collect();
         if guidance.is_some() {
-            for (i, id) in ids.iter().enumerate() {
+            for id in ids {
                 let seq = &self.sequences[id];
                 let twin = seq
                     .unconditional
                     .as_ref()
                     .expect("guided sequences have twins");
-                let mut tokens = twin_inputs(cfg, seq, twin);
-                // The drafted inputs after the sequence's next one, as the sequence reads them.
-                tokens.extend(
-                    inputs[i].tokens[inputs[i].tokens.len() - tails[i]..]
-                        .iter()
-                        .skip(1)
-                        .cloned(),
-                );
                 inputs.push(SequenceInput {
-                    tokens,
+                    tokens: twin_inputs(cfg, seq, twin),
                     cached: twin.cached,
                     block_table: &twin.blocks,
                 });
@@ -364,24 +366,30 @@ fn text_inputs(cfg: &ModelConfig, prompt: &str, width: u32, height: u32) -> Vec<
 }
 
 /// The new inputs of `seq`'s prompt-less twin: the empty prompt's prefix on its first call, then
-/// the image inputs it has not read, up to the one its sequence reads next.
+/// the image inputs it has not read, up to the last one its sequence reads next (its drafts'
+/// included).
 fn twin_inputs(cfg: &ModelConfig, seq: &Sequence, twin: &Unconditional) -> Vec<TokenInput> {
     let (mut tokens, read) = if twin.cached == 0 {
         (text_inputs(cfg, "", seq.width, seq.height), 0)
     } else {
         (Vec::new(), twin.cached - prompt_tokens(0))
     };
-    tokens.extend((read..=seq.generated.len()).map(|i| image_input(cfg, seq, i)));
+    let last = seq.generated.len() + seq.draft.len();
+    tokens.extend((read..=last).map(|i| image_input(cfg, seq, i)));
     tokens
 }
 
-/// The image input at position `index`: BOI or the previous code, at the patch it predicts.
+/// The image input at position `index`: BOI or the previous code (drawn or drafted), at the
+/// patch it predicts.
 fn image_input(cfg: &ModelConfig, seq: &Sequence, index: usize) -> TokenInput {
     let cols = seq.width as usize / cfg.patch_size;
     let token = if index == 0 {
         BOI
     } else {
-        code_token(cfg, seq.generated[index - 1])
+        let code = seq
+            .code_at(index - 1)
+            .expect("inputs read codes drawn or drafted");
+        code_token(cfg, code)
     };
     TokenInput {
         token,
@@ -458,15 +466,14 @@ impl CandleEngine {
         codes: &[u32],
         outputs: &mut HashMap<u64, SequenceOutput>,
     ) -> Result<(), ModelError> {
-        let id = &id;
         for &code in codes {
             let seq = self
                 .sequences
-                .get_mut(id)
+                .get_mut(&id)
                 .expect("ids come from the held sequences");
             seq.generated.push(code);
-            let out = outputs.entry(*id).or_insert_with(|| SequenceOutput {
-                id: *id,
+            let out = outputs.entry(id).or_insert_with(|| SequenceOutput {
+                id,
                 tokens: Vec::new(),
                 image: None,
                 previews: Vec::new(),
@@ -484,7 +491,7 @@ impl CandleEngine {
                 });
             }
             if seq.generated.len() == seq.total {
-                let seq = self.sequences.remove(id).expect("present above");
+                let seq = self.sequences.remove(&id).expect("present above");
                 out.image = Some(self.model.codebook().render_png(
                     &seq.generated,
                     seq.width,
@@ -495,32 +502,21 @@ impl CandleEngine {
         }
         Ok(())
     }
+}
 
-    /// The inputs of `seq`'s next decode pass: its next input, then its drafted codes for the
-    /// positions after it (topped up from [`draft_code`]), `window` in all or what is left.
-    fn window_inputs(&self, seq: &mut Sequence) -> Vec<TokenInput> {
-        let cfg = self.model.config();
-        let next = seq.generated.len();
-        let window = self.window.min(seq.total - next);
-        while seq.draft.len() < window - 1 {
-            let code = draft_code(cfg, seq, next + seq.draft.len());
-            seq.draft.push(code);
-        }
-        seq.draft.truncate(window.saturating_sub(1));
-        let mut tokens = vec![image_input(cfg, seq, next)];
-        let cols = seq.width as usize / cfg.patch_size;
-        tokens.extend(seq.draft.iter().enumerate().map(|(j, &code)| {
-            let index = next + 1 + j;
-            TokenInput {
-                token: code_token(cfg, code),
-                position: Position::Image {
-                    row: index / cols,
-                    col: index % cols,
-                },
-            }
-        }));
-        tokens
+/// The inputs of `seq`'s next decode pass: its next input, then its drafted codes for the
+/// positions after it (topped up from [`draft_code`]), `window` in all or what is left.
+fn window_inputs(cfg: &ModelConfig, window: usize, seq: &mut Sequence) -> Vec<TokenInput> {
+    let next = seq.generated.len();
+    let window = window.min(seq.total - next);
+    seq.draft.truncate(window - 1);
+    while seq.draft.len() < window - 1 {
+        let code = draft_code(cfg, seq, next + seq.draft.len());
+        seq.draft.push(code);
     }
+    (next..next + window)
+        .map(|i| image_input(cfg, seq, i))
+        .collect()
 }
 
 /// A first guess for the code at image position `index` of `seq` (past its drafts): the code
@@ -528,13 +524,7 @@ impl CandleEngine {
 /// image), else the last code known, else code 0.
 fn draft_code(cfg: &ModelConfig, seq: &Sequence, index: usize) -> u32 {
     let cols = seq.width as usize / cfg.patch_size;
-    let known = |i: usize| {
-        if i < seq.generated.len() {
-            Some(seq.generated[i])
-        } else {
-            seq.draft.get(i - seq.generated.len()).copied()
-        }
-    };
+    let known = |i: usize| seq.code_at(i);
     index
         .checked_sub(cols)
         .and_then(known)
@@ -727,12 +717,14 @@ impl Engine for CandleEngine {
             if active.is_empty() {
                 break;
             }
-            let mut tokens = Vec::with_capacity(active.len());
-            for id in &active {
-                let mut seq = self.sequences.remove(id).expect("active");
-                tokens.push(self.window_inputs(&mut seq));
-                self.sequences.insert(*id, seq);
-            }
+            let cfg = self.model.config();
+            let tokens: Vec<Vec<TokenInput>> = active
+                .iter()
+                .map(|id| {
+                    let seq = self.sequences.get_mut(id).expect("active");
+                    window_inputs(cfg, self.window, seq)
+                })
+                .collect();
             self.sequence_passes += active.len() as u64;
             let tails: Vec<usize> = tokens.iter().map(Vec::len).collect();
             let rows = self.forward_guided_tails(&active, tokens, &tails)?;

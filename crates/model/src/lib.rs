@@ -2,7 +2,8 @@
 //! byte-level text tokenizer, the codebook that turns image tokens into pixels, the decoder-only
 //! transformer (candle for the matrix products, hand-written attention over a paged KV cache),
 //! seeded sampling, the [`Engine`] that holds live sequences and executes batched prefill and
-//! decode steps (real, or simulated with calibrated step times), and the shipped trained model
+//! decode steps (real, with optional speculative Jacobi decoding, or simulated with calibrated step
+//! times), and the shipped trained model
 //! ([`shipped`]). It knows nothing of networking, users or quotas.
 
 // Unsafe code is refused everywhere but in the CPU kernels (`cpu`), which allow it module by module.
