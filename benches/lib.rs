@@ -44,6 +44,7 @@ pub fn decode_fixture(
                 top_k: 0,
                 top_p: 1.0,
                 seed: id + 1,
+                speculation: None,
             },
             generated: Vec::new(),
             kv_blocks: info.blocks_needed(prompt.len(), size, size),
@@ -129,6 +130,7 @@ impl SchedulerFixture {
             .map(|(i, &job)| SequenceReport {
                 job,
                 new_tokens: 1,
+                passes: 1,
                 finished: i == 0 && self.turn.is_multiple_of(2),
             })
             .collect();

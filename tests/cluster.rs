@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kiln_e2e::{authed, completed, pixels, png_size, Cluster, Preset};
+use kiln_e2e::{authed, completed, pixels, png_size, Cluster, Options, Preset};
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::worker_client::WorkerClient;
 use kiln_proto::v1::{
@@ -24,6 +24,7 @@ fn request(prompt: &str, size: u32, seed: u64) -> GenerateRequest {
             top_k: 40,
             top_p: 0.95,
             seed,
+            speculation: None,
         }),
         ..Default::default()
     }
@@ -78,13 +79,30 @@ async fn concurrent_requests_complete_across_two_worker_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_seed_draws_the_same_image_alone_or_in_a_crowd() {
-    let cluster = Cluster::start(2, Preset::Tiny).await;
+async fn the_same_seed_draws_the_same_image_alone_or_in_a_crowd_speculating_or_not() {
+    // The workers speculate (8 tokens a pass); a request can turn it off, and the image is the
+    // same either way.
+    let cluster = Cluster::start_with(Options {
+        workers: 2,
+        preset: Preset::Tiny,
+        worker_args: vec!["--speculation".into(), "8".into()],
+        metrics: true,
+        ..Default::default()
+    })
+    .await;
     let alone = cluster
         .generate(request("a blue star", 64, 42))
         .await
         .unwrap();
     let alone = pixels(&completed(&alone).unwrap().png);
+    let mut plain = request("a blue star", 64, 42);
+    plain.sampling.as_mut().unwrap().speculation = Some(1);
+    let plain = cluster.generate(plain).await.unwrap();
+    assert_eq!(
+        pixels(&completed(&plain).unwrap().png),
+        alone,
+        "speculation off for the request: the same pixels"
+    );
 
     let mut crowd: Vec<_> = (0..6)
         .map(|i| request(&format!("noise {i}"), [16, 32, 64][i % 3], 100 + i as u64))
@@ -106,6 +124,36 @@ async fn the_same_seed_draws_the_same_image_alone_or_in_a_crowd() {
         alone,
         "another seed draws another image"
     );
+    // Each worker counts its images' forward passes: no more than their tokens (the plain
+    // request's 64 passes for 64 tokens among them), at least one pass per image.
+    let (mut images, mut passes) = (0.0, 0.0);
+    for worker in ["worker-0", "worker-1"] {
+        let page = cluster.scrape(worker);
+        images += metric(&page, "kiln_worker_forward_passes_per_image_count");
+        passes += metric(&page, "kiln_worker_forward_passes_per_image_sum");
+        assert!(page.contains("kiln_worker_accepted_tokens_per_pass_bucket"));
+    }
+    // Alone, plain, the crowd of seven, another seed.
+    let sides = [64, 64, 16, 32, 64, 16, 32, 64, 64, 64];
+    assert_eq!(
+        images,
+        sides.len() as f64,
+        "every image counted once: {passes} passes"
+    );
+    let tokens: f64 = sides.iter().map(|s| ((s / 8) * (s / 8)) as f64).sum();
+    assert!(
+        (images..=tokens).contains(&passes),
+        "{passes} passes for {tokens} tokens"
+    );
+}
+
+/// The value of the one series of `name` on a `/metrics` page (0 when absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(series, _)| series.split('{').next() == Some(name))
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

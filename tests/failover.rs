@@ -201,9 +201,12 @@ async fn a_paused_leader_is_fenced_off_when_it_wakes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_shed_with_retry_delays_and_admitted_requests_finish_in_time() {
+    // The worker speculates: its passes advance sequences by a varying number of tokens, which the
+    // scheduler's predictions must follow.
     let cluster = Cluster::start_with(Options {
         workers: 1,
         preset: Preset::TwentyM,
+        worker_args: vec!["--speculation".into(), "8".into()],
         gateway_args: vec!["--request-deadline".into(), "120".into()],
         ..Default::default()
     })

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Deadline of every tier in the shedding run, in seconds.
     #[arg(long, default_value_t = 15.0)]
     pub deadline: f64,
+    /// The batching and shedding runs' workers speculate with this window (`kiln worker
+    /// --speculation`; default: the model's).
+    #[arg(long)]
+    pub speculation: Option<usize>,
     /// Redis for the admission figures (default: a redis-server started for the run).
     #[arg(long)]
     pub redis: Option<String>,
@@ -100,6 +104,9 @@ fn worker_opts(model: &Option<std::path::PathBuf>, max_batch: usize, device: &st
         max_batch,
         backend: "candle".into(),
         step_cost: "cpu-20m".into(),
+        speculation: None,
+        speculation_rows: kiln_model::engine::DEFAULT_SPECULATION_ROWS,
+        tokens_per_pass: None,
     }
 }
 
@@ -280,14 +287,20 @@ struct WorkerProcesses {
 }
 
 impl WorkerProcesses {
-    fn start(model_dir: &Path, count: usize, max_batch: usize) -> Result<Self> {
+    fn start(
+        model_dir: &Path,
+        count: usize,
+        max_batch: usize,
+        speculation: Option<usize>,
+    ) -> Result<Self> {
         let model = model_dir.to_str().context("model path is not UTF-8")?;
         let (max_batch, kv_blocks) = (max_batch.to_string(), (64 * 96).to_string());
+        let speculation = speculation.map(|w| w.to_string());
         let mut processes = Processes::default();
         let mut addresses = Vec::new();
         for i in 0..count {
             let name = format!("bench-worker-{i}");
-            let args = [
+            let mut args = vec![
                 "worker",
                 "--listen",
                 "127.0.0.1:0",
@@ -300,6 +313,9 @@ impl WorkerProcesses {
                 "--kv-blocks",
                 &kv_blocks,
             ];
+            if let Some(window) = &speculation {
+                args.extend(["--speculation", window]);
+            }
             addresses.push(processes.spawn(&[], &args)?);
         }
         Ok(WorkerProcesses {
@@ -337,7 +353,7 @@ async fn open_loop_run(
     jobs: usize,
     interval: Duration,
 ) -> Result<RunFigures> {
-    let workers = WorkerProcesses::start(model_dir, args.workers, max_batch)?;
+    let workers = WorkerProcesses::start(model_dir, args.workers, max_batch, args.speculation)?;
     let handle = kiln_scheduler::spawn(RuntimeConfig {
         batching,
         workers: workers.addresses.clone(),
@@ -370,6 +386,7 @@ async fn open_loop_run(
                 top_k: 0,
                 top_p: 1.0,
                 seed: i as u64 + 1,
+                speculation: None,
             },
             trace: Default::default(),
             partial_images: 0,

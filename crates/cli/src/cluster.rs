@@ -131,8 +131,13 @@ pub fn build_worker_engine(
             }
             None => kiln_model::ModelConfig::random_20m(),
         };
-        let cost = kiln_model::StepCost::load(&opts.step_cost)
+        let mut cost = kiln_model::StepCost::load(&opts.step_cost)
             .map_err(|e| anyhow::anyhow!("--step-cost: {e}"))?;
+        if let Some(tpp) = opts.tokens_per_pass {
+            cost = cost
+                .with_tokens_per_pass(tpp)
+                .map_err(|e| anyhow::anyhow!("--tokens-per-pass: {e}"))?;
+        }
         warn!(step_cost = %cost.name, "simulated backend: no model runs; images are flat placeholders");
         return Ok(Box::new(kiln_model::SimulatedEngine::new(
             config,
@@ -149,12 +154,19 @@ pub fn build_worker_engine(
 pub fn build_engine(opts: &WorkerOpts, model_dir: &Path) -> Result<CandleEngine> {
     let model = Transformer::load(model_dir, &device(&opts.device)?)
         .with_context(|| format!("loading model from {}", model_dir.display()))?;
-    Ok(CandleEngine::new(
-        model,
-        opts.kv_blocks,
-        opts.block_size,
-        opts.max_batch,
-    ))
+    let mut engine = CandleEngine::new(model, opts.kv_blocks, opts.block_size, opts.max_batch);
+    if opts.speculation.is_some() {
+        engine.set_speculation(opts.speculation);
+    }
+    engine.set_speculation_rows((opts.speculation_rows > 0).then_some(opts.speculation_rows));
+    if engine.speculation() > 1 {
+        info!(
+            window = engine.speculation(),
+            rows = opts.speculation_rows,
+            "speculative Jacobi decoding on"
+        );
+    }
+    Ok(engine)
 }
 
 /// Builds the gateway's pipeline over `backend`: the key and quota store (Redis, or memory seeded

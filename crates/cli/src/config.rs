@@ -77,6 +77,19 @@ pub struct WorkerOpts {
     /// Step-time calibration of the simulated backend: `cpu-20m`, `h100-20m` or a TOML file.
     #[arg(long, env = env::WORKER_STEP_COST, default_value = "cpu-20m")]
     pub step_cost: String,
+    /// Speculative Jacobi decoding: tokens each decode pass drafts and verifies per image, 1 to
+    /// 64 (1: off). Default: the model's `speculation` in config.json, else off. The images are
+    /// the same either way; a request can lower it (`SamplingParams.speculation`).
+    #[arg(long, env = env::WORKER_SPECULATION)]
+    pub speculation: Option<usize>,
+    /// Rows a decode pass may compute before the windows narrow (0: no limit). Speculating
+    /// pays while a pass is cheap for its rows: on a CPU until about 16, on a GPU far more.
+    #[arg(long, env = env::WORKER_SPECULATION_ROWS, default_value_t = kiln_model::engine::DEFAULT_SPECULATION_ROWS)]
+    pub speculation_rows: usize,
+    /// Image tokens a sequence advances per decode pass on the simulated backend (what
+    /// speculation was measured to accept). Default: the calibration's.
+    #[arg(long, env = env::WORKER_TOKENS_PER_PASS)]
+    pub tokens_per_pass: Option<f64>,
 }
 
 impl WorkerOpts {
@@ -92,6 +105,15 @@ impl WorkerOpts {
         }
         if self.max_batch == 0 {
             bail!("--max-batch ({}) must be positive", env::WORKER_MAX_BATCH);
+        }
+        if let Some(w) = self.speculation {
+            if !(1..=kiln_model::MAX_SPECULATION).contains(&w) {
+                bail!(
+                    "--speculation ({}) must be 1 (off) to {} tokens per pass, got {w}",
+                    env::WORKER_SPECULATION,
+                    kiln_model::MAX_SPECULATION
+                );
+            }
         }
         if self.device != "cpu" && !self.device.starts_with("cuda:") {
             bail!(

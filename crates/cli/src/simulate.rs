@@ -27,6 +27,10 @@ pub struct SimulateArgs {
     /// Step-time calibration of each GPU: `h100-20m`, `cpu-20m` or a TOML file.
     #[arg(long, default_value = "h100-20m")]
     pub step_cost: String,
+    /// Image tokens a sequence advances per decode pass, overriding the calibration's (1: plain
+    /// decoding; with speculative decoding, what `kiln eval --speculation` measured).
+    #[arg(long)]
+    pub tokens_per_pass: Option<f64>,
     /// KV-cache blocks per GPU.
     #[arg(long, default_value_t = 4096)]
     pub kv_blocks: usize,
@@ -118,8 +122,13 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--tiers {}: {e}", path.display()))?,
         None => TierTable::shipped(),
     };
-    let cost = kiln_model::StepCost::load(&args.step_cost)
+    let mut cost = kiln_model::StepCost::load(&args.step_cost)
         .map_err(|e| anyhow::anyhow!("--step-cost: {e}"))?;
+    if let Some(tpp) = args.tokens_per_pass {
+        cost = cost
+            .with_tokens_per_pass(tpp)
+            .map_err(|e| anyhow::anyhow!("--tokens-per-pass: {e}"))?;
+    }
     let prompts = kiln_loadtest::shipped_prompts();
     let fleet = |workers: usize| Fleet {
         workers,

@@ -102,14 +102,14 @@ fn render(address: &str, status: &ClusterStatusResponse) -> String {
     );
     let _ = writeln!(
         out,
-        "\n{:<16} {:<28} {:<27} {:<22} {:>10} {:>12}",
-        "worker", "address", "kv blocks used", "batch slots", "tok/s", "last call"
+        "\n{:<16} {:<28} {:<27} {:<22} {:>10} {:>9} {:>12}",
+        "worker", "address", "kv blocks used", "batch slots", "tok/s", "tok/pass", "last call"
     );
     for w in &status.workers {
         let used = w.kv_blocks_total.saturating_sub(w.kv_blocks_free);
         let _ = writeln!(
             out,
-            "{:<16} {:<28} {} {:>5}/{:<6} {} {:>3}/{:<3} {:>10.0} {:>9.1} ms",
+            "{:<16} {:<28} {} {:>5}/{:<6} {} {:>3}/{:<3} {:>10.0} {:>9.2} {:>9.1} ms",
             w.name,
             w.address,
             bar(used, w.kv_blocks_total, 12),
@@ -119,6 +119,7 @@ fn render(address: &str, status: &ClusterStatusResponse) -> String {
             w.running,
             w.max_batch,
             w.tokens_per_second,
+            w.tokens_per_pass.max(1.0),
             w.last_call_ms
         );
     }

@@ -100,6 +100,10 @@ pub struct TrainArgs {
     /// alone; needs a model trained with `--caption-dropout`).
     #[arg(long)]
     pub guidance: Option<f32>,
+    /// Speculative decoding window written into the model's config: tokens each decode pass
+    /// drafts and verifies by default (absent: plain decoding). It changes no weight and no image.
+    #[arg(long)]
+    pub speculation: Option<usize>,
     /// Relative weights of training scenes with 1, 2, 3 and 4 objects (e.g. `3,1,1,1` to draw
     /// single objects half the time).
     #[arg(long, value_delimiter = ',', value_name = "W1,W2,W3,W4", default_values_t = [1, 1, 1, 1])]
@@ -148,7 +152,7 @@ impl TrainArgs {
             default_temperature: self.default_temperature,
             default_top_k: self.default_top_k,
             guidance: self.guidance,
-            speculation: None,
+            speculation: self.speculation,
         }
     }
 }
@@ -369,6 +373,11 @@ pub struct EvalArgs {
     /// side on the same prompts and seeds (1: plain decoding), e.g. `1,8`. Absent: the model's own.
     #[arg(long, value_delimiter = ',')]
     pub speculation: Vec<usize>,
+    /// Rows a decode pass may compute before windows narrow, in the timed batch (as `kiln worker
+    /// --speculation-rows`; 0: no limit). Scoring always runs the full window, so that passes per
+    /// image are the window's own.
+    #[arg(long, default_value_t = kiln_model::engine::DEFAULT_SPECULATION_ROWS)]
+    pub speculation_rows: usize,
     /// Draw this caption `--per-count` times (one seed each) instead of the held-out prompts, and
     /// report how often it is drawn exactly.
     #[arg(long)]
@@ -576,6 +585,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     let mut per_window = Vec::new();
+    engine.set_speculation_rows(None);
     for &window in &windows {
         engine.set_speculation(Some(window));
         // Every window draws the same prompts with the same seeds.
@@ -591,6 +601,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     // Generation time: one image alone, and a batch, the windows in turn round by round (the
     // machine's speed drifts), medians of three.
     let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();
+    engine.set_speculation_rows((args.speculation_rows > 0).then_some(args.speculation_rows));
     let mut times = vec![(Vec::new(), Vec::new()); windows.len()];
     for _ in 0..3 {
         for (w, &window) in windows.iter().enumerate() {
@@ -611,17 +622,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let threads = candle_core::utils::get_num_threads();
     let plain_alone = median(times[0].0.clone());
+    let plain_batch = median(times[0].1.clone());
     for ((window, mut window_figures), (alone, batch)) in windows.iter().zip(per_window).zip(times)
     {
         let (alone, batch) = (median(alone), median(batch));
+        engine.set_speculation(Some(*window));
+        let batch_window = engine.pass_window(args.batch);
         println!(
-            "speculation {window}: generation on {threads} thread(s): one image {:.0} ms ({:.2}x the first window's); a batch of {} {:.0} ms ({:.0} ms per image)",
+            "speculation {window}: generation on {threads} thread(s): one image {:.0} ms, {:.1} images/s ({:.2}x the first window's); a batch of {} (window {batch_window}) {:.0} ms, {:.1} images/s ({:.2}x)",
             alone * 1e3,
+            1.0 / alone,
             plain_alone / alone,
             args.batch,
             batch * 1e3,
-            batch * 1e3 / args.batch as f64
+            args.batch as f64 / batch,
+            plain_batch / batch
         );
+        window_figures.insert("batch_window".into(), batch_window.into());
         window_figures.insert("threads".into(), threads.into());
         window_figures.insert("one_image_seconds".into(), alone.into());
         window_figures.insert("batch".into(), args.batch.into());

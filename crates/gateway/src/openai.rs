@@ -494,16 +494,21 @@ impl ImagesRequest {
         let top_k = body.integer("top_k")?;
         let top_p = body.number("top_p")?;
         let seed = body.integer("seed")?;
-        let sampling =
-            (temperature.is_some() || top_k.is_some() || top_p.is_some() || seed.is_some()).then(
-                || SamplingParams {
-                    temperature: temperature.unwrap_or(0.0) as f32,
-                    has_temperature: temperature.is_some(),
-                    top_k: top_k.map_or(0, |k| k.min(u32::MAX as u64) as u32),
-                    top_p: top_p.unwrap_or(0.0) as f32,
-                    seed: seed.unwrap_or(0),
-                },
-            );
+        let speculation = body.integer("speculation")?;
+        let clamp = |n: u64| n.min(u32::MAX as u64) as u32;
+        let sampling = (temperature.is_some()
+            || top_k.is_some()
+            || top_p.is_some()
+            || seed.is_some()
+            || speculation.is_some())
+        .then(|| SamplingParams {
+            temperature: temperature.unwrap_or(0.0) as f32,
+            has_temperature: temperature.is_some(),
+            top_k: top_k.map_or(0, clamp),
+            top_p: top_p.unwrap_or(0.0) as f32,
+            seed: seed.unwrap_or(0),
+            speculation: speculation.map(clamp),
+        });
         Ok(ImagesRequest {
             prompt,
             model: body.string("model")?,
@@ -571,6 +576,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "top_k",
     "top_p",
     "seed",
+    "speculation",
 ];
 
 /// Typed reads of a JSON body's fields; `null` counts as absent.

@@ -140,6 +140,18 @@ pub fn validate(
         given.seed
     };
 
+    if let Some(window) = given.speculation {
+        if !(1..=kiln_proto::MAX_SPECULATION).contains(&window) {
+            return Err(GatewayError::invalid(
+                "sampling.speculation",
+                format!(
+                    "must be 1 (off) to {} tokens per pass, or absent to let the server choose, got {window}",
+                    kiln_proto::MAX_SPECULATION
+                ),
+            ));
+        }
+    }
+
     if request.partial_images > kiln_proto::MAX_PARTIAL_IMAGES {
         return Err(GatewayError::invalid(
             "partial_images",
@@ -162,6 +174,7 @@ pub fn validate(
             top_k,
             top_p,
             seed,
+            speculation: given.speculation,
         },
         image_tokens: (width / patch) * (height / patch),
         idempotency_key,
@@ -294,6 +307,15 @@ pub(crate) mod tests {
             })),
             "sampling.top_p"
         );
+        for window in [0, kiln_proto::MAX_SPECULATION + 1] {
+            assert_eq!(
+                field_of(sampling(SamplingParams {
+                    speculation: Some(window),
+                    ..Default::default()
+                })),
+                "sampling.speculation"
+            );
+        }
         assert_eq!(
             field_of(GenerateRequest {
                 request_id: "has space".into(),
@@ -336,6 +358,7 @@ pub(crate) mod tests {
             top_k: 7,
             top_p: 0.9,
             seed: 42,
+            speculation: Some(1),
         };
         let v = validate(
             GenerateRequest {
@@ -352,7 +375,8 @@ pub(crate) mod tests {
                 temperature: 0.0,
                 top_k: 7,
                 top_p: 0.9,
-                seed: 42
+                seed: 42,
+                speculation: Some(1),
             }
         );
         assert_eq!(v.image_tokens, 8 * 4);

@@ -74,6 +74,9 @@ pub struct NewSequence {
 pub struct SequenceOutput {
     pub id: u64,
     pub tokens: Vec<u32>,
+    /// Forward passes the sequence took part in during the call: with speculation, fewer than
+    /// its new tokens.
+    pub passes: u32,
     pub image: Option<Image>,
     pub previews: Vec<Preview>,
 }
@@ -195,6 +198,9 @@ pub struct CandleEngine {
     reserved: usize,
     /// Tokens each decode pass drafts and verifies per sequence (1: plain decoding).
     window: usize,
+    /// Rows a decode pass may compute before windows narrow (see
+    /// [`CandleEngine::set_speculation_rows`]); `None`: no limit.
+    speculation_rows: Option<usize>,
     /// Forward passes summed over the sequences in them, prefill included.
     sequence_passes: u64,
 }
@@ -219,6 +225,7 @@ impl CandleEngine {
             kv_blocks,
             reserved: 0,
             window,
+            speculation_rows: Some(DEFAULT_SPECULATION_ROWS),
             sequence_passes: 0,
         }
     }
@@ -238,6 +245,22 @@ impl CandleEngine {
     /// The tokens per decode pass [`CandleEngine::set_speculation`] chose.
     pub fn speculation(&self) -> usize {
         self.window
+    }
+
+    /// Narrows the windows of a crowded pass so that it computes at most `rows` rows (one per
+    /// sequence at least; `None`: always the full window). A pass over few sequences costs little
+    /// more per row added, so speculating pays; a full batch is bound by its arithmetic, where
+    /// every drafted row costs as much as an accepted one and speculating is slower.
+    pub fn set_speculation_rows(&mut self, rows: Option<usize>) {
+        self.speculation_rows = rows;
+    }
+
+    /// The window each of `batch` sequences gets in one decode pass, before its own limit.
+    pub fn pass_window(&self, batch: usize) -> usize {
+        match self.speculation_rows {
+            Some(rows) => (rows / batch.max(1)).clamp(1, self.window),
+            None => self.window,
+        }
     }
 
     /// Forward passes so far, each counted once per sequence in it (prefill included): divided
@@ -333,6 +356,11 @@ impl CandleEngine {
         self.model.config()
     }
 }
+
+/// Rows per decode pass past which windows narrow, measured on a 2-core CPU with the shipped model
+/// (docs/speculative-decoding.md): there, speculation is about 2x faster at a batch of 1 and slower
+/// at 16. A GPU's pass stays memory-bound for many more rows (set it per worker).
+pub const DEFAULT_SPECULATION_ROWS: usize = 16;
 
 /// Under guidance, codes the prompted model finds this much less likely than its favourite are
 /// ruled out: pushing away from the prompt-less model lifts codes both find unlikely (stray
@@ -472,12 +500,7 @@ impl CandleEngine {
                 .get_mut(&id)
                 .expect("ids come from the held sequences");
             seq.generated.push(code);
-            let out = outputs.entry(id).or_insert_with(|| SequenceOutput {
-                id,
-                tokens: Vec::new(),
-                image: None,
-                previews: Vec::new(),
-            });
+            let out = output_of(outputs, id);
             out.tokens.push(code);
             if let Some(index) = preview_due(seq.total, seq.partial_images, seq.generated.len()) {
                 out.previews.push(Preview {
@@ -502,6 +525,20 @@ impl CandleEngine {
         }
         Ok(())
     }
+}
+
+/// The output of sequence `id` in a call's `outputs`, empty until it gets something.
+pub(crate) fn output_of(
+    outputs: &mut HashMap<u64, SequenceOutput>,
+    id: u64,
+) -> &mut SequenceOutput {
+    outputs.entry(id).or_insert_with(|| SequenceOutput {
+        id,
+        tokens: Vec::new(),
+        passes: 0,
+        image: None,
+        previews: Vec::new(),
+    })
 }
 
 /// The inputs of `seq`'s next decode pass: its next input, then its drafted codes for the
@@ -697,6 +734,9 @@ impl Engine for CandleEngine {
         let logits = self.forward_guided(&ids, tokens)?;
         self.sequence_passes += ids.len() as u64;
         let mut outputs = HashMap::new();
+        for &id in &ids {
+            output_of(&mut outputs, id).passes += 1;
+        }
         self.advance(&ids, logits, &mut outputs)?;
         Ok(ids.iter().filter_map(|id| outputs.remove(id)).collect())
     }
@@ -717,15 +757,23 @@ impl Engine for CandleEngine {
             if active.is_empty() {
                 break;
             }
+            let pass_window = self.pass_window(active.len());
             let cfg = self.model.config();
             let tokens: Vec<Vec<TokenInput>> = active
                 .iter()
                 .map(|id| {
                     let seq = self.sequences.get_mut(id).expect("active");
-                    window_inputs(cfg, self.window, seq)
+                    let window = seq
+                        .sampling
+                        .speculation
+                        .map_or(pass_window, |own| own.clamp(1, pass_window));
+                    window_inputs(cfg, window, seq)
                 })
                 .collect();
             self.sequence_passes += active.len() as u64;
+            for &id in &active {
+                output_of(&mut outputs, id).passes += 1;
+            }
             let tails: Vec<usize> = tokens.iter().map(Vec::len).collect();
             let rows = self.forward_guided_tails(&active, tokens, &tails)?;
             self.advance_windows(&active, rows, &mut outputs)?;
@@ -907,6 +955,7 @@ mod tests {
                 top_k: 20,
                 top_p: 0.95,
                 seed,
+                speculation: None,
             },
             generated,
             kv_blocks: e.info().blocks_needed(prompt.len(), 32, 16),
@@ -1044,6 +1093,8 @@ mod tests {
                 for window in [2, 5, 16] {
                     let (_d, mut e) = guided_engine(256, guidance, device);
                     e.set_speculation(Some(window));
+                    // The full window in the crowd too (the row limit is tested on its own).
+                    e.set_speculation_rows(None);
                     let first = wide_seq(&e, 1, "a red star", 7, temperature);
                     let (alone, calls) = run_counting_calls(&mut e, vec![first], 1);
                     let what = format!(
@@ -1089,6 +1140,43 @@ mod tests {
             calls < plain_calls / 2,
             "{calls} passes against {plain_calls}"
         );
+    }
+
+    #[test]
+    fn crowded_passes_narrow_their_windows_and_a_request_can_turn_speculation_off() {
+        let (_d, mut e) = engine(256, &Device::Cpu);
+        e.set_speculation(Some(8));
+        let windows: Vec<usize> = [1, 2, 3, 4, 8, 16, 64].map(|b| e.pass_window(b)).into();
+        assert_eq!(windows, [8, 8, 5, 4, 2, 1, 1], "16 rows a pass by default");
+        e.set_speculation_rows(None);
+        assert_eq!(e.pass_window(64), 8);
+        e.set_speculation_rows(Some(DEFAULT_SPECULATION_ROWS));
+        // A greedy draw (whose drafts come true) asking for plain decoding gets one code a pass;
+        // beside it, the same prompt and seed speculate; both draw the same codes.
+        let mut off = wide_seq(&e, 1, "a red star", 7, 0.0);
+        off.sampling.speculation = Some(1);
+        let on = wide_seq(&e, 2, "a red star", 7, 0.0);
+        let mut outputs: HashMap<u64, (Vec<u32>, u32)> = HashMap::new();
+        let mut ids = vec![1, 2];
+        for out in e.prefill(vec![off, on]).unwrap() {
+            assert_eq!(out.passes, 1);
+            outputs.insert(out.id, (out.tokens, 1));
+        }
+        while !ids.is_empty() {
+            for out in e.decode(&ids, 4).unwrap() {
+                let entry = outputs.get_mut(&out.id).unwrap();
+                entry.0.extend(&out.tokens);
+                entry.1 += out.passes;
+                assert!(out.passes <= 4);
+                if out.image.is_some() {
+                    ids.retain(|&id| id != out.id);
+                }
+            }
+        }
+        assert_eq!(outputs[&1].0, outputs[&2].0, "the same image");
+        assert_eq!(outputs[&1].1, 64, "one code a pass when turned off");
+        assert!(outputs[&2].1 < 32, "{} passes speculating", outputs[&2].1);
+        assert_eq!(e.sequence_passes(), (outputs[&1].1 + outputs[&2].1) as u64);
     }
 
     fn same_seed_same_image_whatever_the_batch_on(device: &Device) {

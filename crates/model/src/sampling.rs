@@ -15,6 +15,9 @@ pub struct SamplingParams {
     /// In (0, 1]; 1 disables top-p.
     pub top_p: f32,
     pub seed: u64,
+    /// The most tokens a decode pass may draft and verify for this sequence (speculative Jacobi
+    /// decoding; 1 turns it off, `None` leaves it to the engine). It never changes the codes drawn.
+    pub speculation: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -24,6 +27,7 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            speculation: None,
         }
     }
 }
@@ -114,6 +118,7 @@ mod tests {
             top_k,
             top_p,
             seed,
+            speculation: None,
         }
     }
 

@@ -27,6 +27,15 @@ pub struct StepCost {
     pub decode_per_context_token_seconds: f64,
     pub prefill_fixed_seconds: f64,
     pub prefill_per_token_seconds: f64,
+    /// Image tokens a sequence advances per decode pass on average: 1 for plain decoding, more
+    /// with speculative decoding (`kiln eval --speculation` measures it as tokens over passes).
+    /// The decode coefficients are then those measured with the same speculation.
+    #[serde(default = "one_token_per_pass")]
+    pub tokens_per_pass: f64,
+}
+
+fn one_token_per_pass() -> f64 {
+    1.0
 }
 
 /// The calibrations shipped with Kiln, by name.
@@ -65,7 +74,43 @@ impl StepCost {
                 "step-cost {name_or_path}: every coefficient must be a finite number of seconds >= 0"
             )));
         }
+        cost.check_tokens_per_pass()
+            .map_err(|e| ModelError::Weights(format!("step-cost {name_or_path}: {e}")))?;
         Ok(cost)
+    }
+
+    /// The same costs with `tokens_per_pass` image tokens per decode pass (checked as in a file).
+    pub fn with_tokens_per_pass(mut self, tokens_per_pass: f64) -> Result<StepCost, ModelError> {
+        self.tokens_per_pass = tokens_per_pass;
+        self.check_tokens_per_pass().map_err(ModelError::Weights)?;
+        Ok(self)
+    }
+
+    fn check_tokens_per_pass(&self) -> Result<(), String> {
+        let tpp = self.tokens_per_pass;
+        if !(tpp.is_finite() && (1.0..=crate::MAX_SPECULATION as f64).contains(&tpp)) {
+            return Err(format!(
+                "tokens_per_pass must be 1 to {} (a pass accepts at least one token and at most its window), got {tpp}",
+                crate::MAX_SPECULATION
+            ));
+        }
+        Ok(())
+    }
+
+    /// Image tokens a sequence with `credit` carried over takes in one decode pass, at most
+    /// `remaining`, and the credit it carries to the next: `tokens_per_pass` on average (at most
+    /// the sequence's own `limit`), whole tokens each pass, the same for the same history.
+    pub fn pass_tokens(&self, limit: Option<usize>, credit: f64, remaining: usize) -> (usize, f64) {
+        let rate = limit.map_or(self.tokens_per_pass, |l| {
+            self.tokens_per_pass.min(l.max(1) as f64)
+        });
+        let due = credit + rate;
+        let whole = (due.floor() as usize).max(1);
+        if whole >= remaining {
+            (remaining, 0.0)
+        } else {
+            (whole, due - whole as f64)
+        }
     }
 
     /// One decode step over `batch` sequences holding `context_tokens` positions in all.
@@ -92,6 +137,10 @@ struct SimulatedSequence {
     total: usize,
     /// Previews asked for (the simulated engine's previews are its final image's stand-in).
     partial_images: u32,
+    /// The request's own limit on tokens per pass (1: no speculation).
+    speculation: Option<usize>,
+    /// Fractional tokens carried between passes (see [`StepCost::pass_tokens`]).
+    credit: f64,
 }
 
 /// How the engine spends a predicted step time; tests record instead of sleeping.
@@ -255,6 +304,8 @@ impl Engine for SimulatedEngine {
                     total: self.config.image_tokens(new.width, new.height),
                     partial_images: new.partial_images,
                     generated: new.generated,
+                    speculation: new.sampling.speculation,
+                    credit: 0.0,
                 },
             );
         }
@@ -264,6 +315,7 @@ impl Engine for SimulatedEngine {
             let mut out = SequenceOutput {
                 id,
                 tokens: Vec::new(),
+                passes: 1,
                 image: None,
                 previews: Vec::new(),
             };
@@ -293,13 +345,18 @@ impl Engine for SimulatedEngine {
             let context: usize = active.iter().map(|id| self.sequences[id].context).sum();
             seconds += self.cost.decode_seconds(active.len(), context);
             for id in active {
-                let out = outputs.entry(id).or_insert_with(|| SequenceOutput {
-                    id,
-                    tokens: Vec::new(),
-                    image: None,
-                    previews: Vec::new(),
-                });
-                self.advance(id, out)?;
+                let out = crate::engine::output_of(&mut outputs, id);
+                out.passes += 1;
+                let seq = &self.sequences[&id];
+                let (tokens, credit) = self.cost.pass_tokens(
+                    seq.speculation,
+                    seq.credit,
+                    seq.total - seq.generated.len(),
+                );
+                self.sequences.get_mut(&id).expect("active").credit = credit;
+                for _ in 0..tokens {
+                    self.advance(id, out)?;
+                }
             }
         }
         self.pause_for(seconds);
@@ -347,6 +404,7 @@ mod tests {
                 top_k: 0,
                 top_p: 1.0,
                 seed,
+                speculation: None,
             },
             generated,
             partial_images: 0,
@@ -393,6 +451,40 @@ mod tests {
             "every block back after finish and release"
         );
         assert_eq!(engine.sequences(), 0);
+    }
+
+    #[test]
+    fn speculation_advances_tokens_per_pass_on_average_and_a_request_can_turn_it_off() {
+        let paused = Arc::new(Mutex::new(Vec::new()));
+        let record = paused.clone();
+        let cost = StepCost::load("h100-20m")
+            .unwrap()
+            .with_tokens_per_pass(2.5)
+            .unwrap();
+        let mut e = SimulatedEngine::new(ModelConfig::tiny(), cost.clone(), 64, 4, 8)
+            .with_pause(Box::new(move |d| record.lock().unwrap().push(d)));
+        let mut plain = new_seq(&e, 2, 6, vec![]);
+        plain.sampling.speculation = Some(1);
+        e.prefill(vec![new_seq(&e, 1, 5, vec![]), plain]).unwrap();
+        let out = e.decode(&[1, 2], 4).unwrap();
+        // 2.5 a pass in whole tokens: 2, 3, 2, 3; the request that turned it off takes one a pass.
+        assert_eq!((out[0].tokens.len(), out[0].passes), (10, 4));
+        assert_eq!((out[1].tokens.len(), out[1].passes), (4, 4));
+        // The time is that of four passes over two sequences, whatever they accepted.
+        let took = paused.lock().unwrap()[1].as_secs_f64();
+        assert!((took - 4.0 * cost.decode_seconds(2, 0)).abs() < 1e-9);
+        // The codes are those of plain decoding, and the last pass stops at the image's end.
+        let (mut reference, _) = engine(64);
+        reference
+            .prefill(vec![new_seq(&reference, 1, 5, vec![])])
+            .unwrap();
+        let (plain_codes, _) = run_to_end(&mut reference, 1);
+        let (rest, _) = run_to_end(&mut e, 1);
+        assert_eq!([&out[0].tokens[..], &rest[..]].concat(), plain_codes);
+        assert!(StepCost::load("h100-20m")
+            .unwrap()
+            .with_tokens_per_pass(0.5)
+            .is_err());
     }
 
     #[test]

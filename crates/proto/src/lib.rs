@@ -7,16 +7,20 @@ pub mod v1 {
     tonic::include_proto!("kiln.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every Kiln proto, for gRPC server reflection.
 /// The most previews one request may ask for (`GenerateRequest.partial_images`, checked by the
 /// gateway, the scheduler and the worker).
 pub const MAX_PARTIAL_IMAGES: u32 = 3;
+
+/// The widest speculation window a request may name (`SamplingParams.speculation`, checked by the
+/// gateway and the worker; the model crate's `MAX_SPECULATION`).
+pub const MAX_SPECULATION: u32 = 64;
 
 /// Metadata of every scheduler-to-worker call: the calling leader's fencing epoch (its etcd election
 /// revision; 0 for a scheduler without an election). A worker refuses calls older than the newest
 /// epoch it has seen.
 pub const LEADER_EPOCH_HEADER: &str = "kiln-leader-epoch";
 
+/// Encoded `FileDescriptorSet` of every Kiln proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kiln_descriptor");
 
 /// The standard services every Kiln server carries besides its own: `grpc.health.v1` health checking

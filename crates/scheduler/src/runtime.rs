@@ -554,6 +554,12 @@ impl Owner {
                 SequenceReport {
                     job: s.id,
                     new_tokens: s.tokens.len(),
+                    // A worker from before passes were reported ran one pass per token.
+                    passes: if s.passes == 0 {
+                        s.tokens.len()
+                    } else {
+                        s.passes as usize
+                    },
                     finished: s.image.is_some(),
                 }
             })
@@ -754,6 +760,7 @@ impl Owner {
                         running: w.running as u32,
                         tokens_per_second: w.tokens_per_second,
                         last_call_ms: w.last_call.as_secs_f64() * 1e3,
+                        tokens_per_pass: w.tokens_per_pass,
                     })
                 })
                 .collect(),

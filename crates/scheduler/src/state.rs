@@ -199,6 +199,8 @@ pub enum Output {
 pub struct SequenceReport {
     pub job: JobId,
     pub new_tokens: usize,
+    /// Forward passes the sequence took part in (fewer than its tokens with speculative decoding).
+    pub passes: usize,
     pub finished: bool,
 }
 
@@ -238,6 +240,12 @@ struct WorkerState {
     busy_since: Time,
     /// Measured image tokens per second (moving average over calls; 0 until measured).
     tokens_per_second: f64,
+    /// Measured image tokens a sequence advances per decode pass (moving average over decode
+    /// calls; 1 until measured, and without speculative decoding).
+    tokens_per_pass: f64,
+    /// The call in flight is a decode (whose reports measure tokens per pass; a prefill's one
+    /// token from one pass says nothing of decoding).
+    decoding: bool,
     /// Duration of the last call.
     last_call: Duration,
 }
@@ -369,6 +377,8 @@ pub struct WorkerSnapshot {
     pub free_blocks: usize,
     pub running: usize,
     pub tokens_per_second: f64,
+    /// Measured image tokens per decode pass (1 without speculative decoding).
+    pub tokens_per_pass: f64,
     pub last_call: Duration,
 }
 
@@ -605,6 +615,8 @@ impl SchedulerState {
                 idle: false,
                 busy_since: now,
                 tokens_per_second: 0.0,
+                tokens_per_pass: 1.0,
+                decoding: false,
                 last_call: Duration::ZERO,
             },
         );
@@ -679,6 +691,11 @@ impl SchedulerState {
                 measured
             };
             self.tokens_per_second += w.tokens_per_second - before;
+        }
+        let passes: usize = reports.iter().map(|r| r.passes).sum();
+        if w.decoding && passes > 0 && tokens > 0 {
+            let measured = (tokens as f64 / passes as f64).max(1.0);
+            w.tokens_per_pass = 0.8 * w.tokens_per_pass + 0.2 * measured;
         }
         // The fewest tokens left of the reported jobs still running: when every running job
         // reported (a decode call), the next decode's length without a lookup per job.
@@ -824,6 +841,7 @@ impl SchedulerState {
                     free_blocks: w.free_blocks,
                     running: w.running.len(),
                     tokens_per_second: w.tokens_per_second,
+                    tokens_per_pass: w.tokens_per_pass,
                     last_call: w.last_call,
                 })
                 .collect(),
@@ -937,7 +955,10 @@ impl SchedulerState {
                     .min()
                     .unwrap_or(1)
             });
-            let steps = soonest.clamp(1, self.config.max_steps_per_call.max(1));
+            // Passes, not tokens: with speculative decoding a pass advances a sequence by the
+            // measured tokens per pass, and the soonest sequence leaves after fewer of them.
+            let steps = passes_for(soonest, w.tokens_per_pass)
+                .clamp(1, self.config.max_steps_per_call.max(1));
             let mut jobs = self.spare_batches.pop().unwrap_or_default();
             jobs.extend_from_slice(&w.running);
             Command::Decode {
@@ -960,11 +981,17 @@ impl SchedulerState {
         }
         w.busy = true;
         w.busy_since = now;
+        w.decoding = matches!(command, Command::Decode { .. });
         out.push(Output::Command {
             worker: id,
             command,
         });
     }
+}
+
+/// Decode passes expected to generate `tokens` at `tokens_per_pass` (at least one).
+fn passes_for(tokens: usize, tokens_per_pass: f64) -> usize {
+    ((tokens as f64 / tokens_per_pass.max(1.0)).ceil() as usize).max(1)
 }
 
 /// Pops the waiting jobs that fit worker `w`, in tier order and fair order inside a tier, and puts
@@ -1044,6 +1071,7 @@ mod tests {
         SequenceReport {
             job,
             new_tokens,
+            passes: new_tokens,
             finished,
         }
     }
@@ -1183,6 +1211,49 @@ mod tests {
         ));
         assert!(commands(&out).is_empty());
         assert_eq!(s.snapshot(T0).workers[0].free_blocks, 100);
+    }
+
+    #[test]
+    fn speculating_workers_get_calls_of_as_many_passes_as_their_measured_tokens_per_pass_need() {
+        let mut s = SchedulerState::new(SchedulerConfig {
+            max_steps_per_call: 16,
+            ..Default::default()
+        });
+        s.add_worker(1, cap(1000, 8), T0);
+        s.submit(job(1, "a", Tier::Free, 200), T0);
+        let decode_steps = |out: &[Output]| match &commands(out)[0].1 {
+            Command::Decode { steps, .. } => *steps,
+            other => panic!("expected a decode, got {other:?}"),
+        };
+        // The prefill's one token from one pass measures nothing: plain decoding's plan.
+        let out = s.step_done(1, &[report(1, 1, false)], T0);
+        assert_eq!(decode_steps(&out), 16);
+        assert_eq!(s.snapshot(T0).workers[0].tokens_per_pass, 1.0);
+        // Decode calls that accept 4 tokens a pass: the average climbs toward 4.
+        let mut left = 199;
+        let mut now = T0;
+        for _ in 0..12 {
+            left -= 8;
+            now += Duration::from_millis(10);
+            let spec = SequenceReport {
+                job: 1,
+                new_tokens: 8,
+                passes: 2,
+                finished: false,
+            };
+            s.step_done(1, &[spec], now);
+        }
+        let tpp = s.snapshot(now).workers[0].tokens_per_pass;
+        assert!((3.5..=4.0).contains(&tpp), "{tpp}");
+        // Near the end, as many passes as the tokens left need at the measured rate.
+        let last = SequenceReport {
+            job: 1,
+            new_tokens: left - 10,
+            passes: (left - 10) / 4,
+            finished: false,
+        };
+        let out = s.step_done(1, &[last], now + Duration::from_millis(50));
+        assert_eq!(decode_steps(&out), 3, "10 tokens at about 4 a pass");
     }
 
     #[test]
@@ -1469,7 +1540,7 @@ mod tests {
                     Op::Cancel(id) => s.cancel(id, now),
                     Op::Step { worker, tokens, finish } => match in_flight.remove(&worker) {
                         Some(jobs) => {
-                            let reports: Vec<_> = jobs.iter().map(|&j| SequenceReport { job: j, new_tokens: tokens, finished: finish }).collect();
+                            let reports: Vec<_> = jobs.iter().map(|&j| SequenceReport { job: j, new_tokens: tokens, passes: tokens, finished: finish }).collect();
                             s.step_done(worker, &reports, now)
                         }
                         None => Vec::new(),

@@ -312,6 +312,8 @@ struct Sequence {
     image_tokens: usize,
     /// Image tokens generated so far.
     done: usize,
+    /// Fractional tokens carried between passes (see `StepCost::pass_tokens`).
+    credit: f64,
 }
 
 /// One simulated GPU: the sequences of its batch, in the order the scheduler placed them.
@@ -921,6 +923,7 @@ fn run_call(
                     prompt_tokens: r.prompt_tokens,
                     image_tokens: r.image_tokens,
                     done,
+                    credit: 0.0,
                 });
                 let finished = done >= r.image_tokens;
                 if finished {
@@ -929,6 +932,7 @@ fn run_call(
                 reports.push(SequenceReport {
                     job: p.job,
                     new_tokens: 1,
+                    passes: 1,
                     finished,
                 });
                 call.prefilled.push(p.job);
@@ -941,37 +945,38 @@ fn run_call(
             release,
         } => {
             gpu.release(release);
-            // How many of the call's steps each sequence takes part in (it stops at its last token)
-            // and its context at the first step, gathered per step count: `scratch[n]` is the number
-            // of sequences taking part in exactly n steps and the sum of their first contexts. The
-            // sums are integers, so each step's cost is what a walk over the sequences would give.
+            // Each pass's batch and context, gathered per pass: `scratch[k]` is the number of
+            // sequences taking part in pass k and the sum of their contexts then. A sequence
+            // advances `cost.tokens_per_pass` tokens a pass on average (1 without speculative
+            // decoding) and stops at its last token.
             let steps = (*steps).max(1);
             scratch.clear();
-            scratch.resize(steps + 1, (0, 0));
+            scratch.resize(steps, (0, 0));
             for (i, id) in batch.iter().enumerate() {
                 let Some(at) = gpu.position(*id, i) else {
                     continue;
                 };
                 let seq = &mut gpu.sequences[at];
-                let n = steps.min(seq.image_tokens.saturating_sub(seq.done));
-                scratch[n].0 += 1;
-                scratch[n].1 += seq.prompt_tokens + seq.done;
-                seq.done += n;
+                let (start, mut passes) = (seq.done, 0);
+                while passes < steps && seq.done < seq.image_tokens {
+                    scratch[passes].0 += 1;
+                    scratch[passes].1 += seq.prompt_tokens + seq.done;
+                    let (tokens, credit) =
+                        cost.pass_tokens(None, seq.credit, seq.image_tokens - seq.done);
+                    seq.done += tokens;
+                    seq.credit = credit;
+                    passes += 1;
+                }
                 reports.push(SequenceReport {
                     job: *id,
-                    new_tokens: n,
+                    new_tokens: seq.done - start,
+                    passes,
                     finished: seq.done >= seq.image_tokens,
                 });
             }
             gpu.sequences.retain(|s| s.done < s.image_tokens);
-            for step in 0..steps {
-                let (active, first_contexts) = scratch[step + 1..]
-                    .iter()
-                    .fold((0, 0), |(a, c), &(n, sum)| (a + n, c + sum));
-                if active == 0 {
-                    break;
-                }
-                call.seconds += cost.decode_seconds(active, first_contexts + step * active);
+            for &(active, contexts) in scratch.iter().take_while(|(active, _)| *active > 0) {
+                call.seconds += cost.decode_seconds(active, contexts);
             }
         }
     }
@@ -1052,6 +1057,10 @@ max_in_flight = 3
 "#;
 
     fn run(workers: usize) -> Report {
+        run_with(fleet(workers))
+    }
+
+    fn run_with(fleet: Fleet) -> Report {
         let scenario = Scenario::from_toml(SPIKE).unwrap();
         let tiers = TierTable::from_toml(TIERS).unwrap();
         let config = SchedulerConfig {
@@ -1060,7 +1069,7 @@ max_in_flight = 3
         };
         let prompts = kiln_loadtest::shipped_prompts();
         let mut tally = Tally::new(&scenario, &default_deadlines());
-        let sim = simulate(&scenario, &fleet(workers), &tiers, config, &prompts, |o| {
+        let sim = simulate(&scenario, &fleet, &tiers, config, &prompts, |o| {
             tally.add(o)
         })
         .unwrap();
@@ -1236,5 +1245,37 @@ max_in_flight = 3
             shed(&small)
         );
         assert_eq!(run(2).totals, run(2).totals, "one scenario, one result");
+    }
+
+    #[test]
+    fn more_tokens_per_pass_shed_less_and_every_image_still_ends() {
+        let speculating = |tpp: f64| Fleet {
+            cost: StepCost::load("h100-20m")
+                .unwrap()
+                .with_tokens_per_pass(tpp)
+                .unwrap(),
+            ..fleet(1)
+        };
+        let plain = run_with(speculating(1.0));
+        let fast = run_with(speculating(3.0));
+        assert!(fast.accounted);
+        assert_eq!(count(&fast, "free", OutcomeKind::Error), 0);
+        let shed = |r: &Report| count(r, "free", OutcomeKind::Shed);
+        let done = |r: &Report| {
+            count(r, "free", OutcomeKind::Completed) + count(r, "pro", OutcomeKind::Completed)
+        };
+        assert!(
+            shed(&fast) < shed(&plain) && done(&fast) > done(&plain),
+            "3 tokens a pass: {} shed, {} done; 1: {} shed, {} done",
+            shed(&fast),
+            done(&fast),
+            shed(&plain),
+            done(&plain)
+        );
+        assert_eq!(
+            plain.totals,
+            run(1).totals,
+            "1 token a pass is plain decoding"
+        );
     }
 }

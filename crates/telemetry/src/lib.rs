@@ -41,6 +41,8 @@ pub mod names {
     pub const WORKER_KV_BLOCKS_CAPACITY: &str = "kiln_worker_kv_blocks_capacity";
     pub const WORKER_TOKENS: &str = "kiln_worker_generated_tokens_total";
     pub const WORKER_FENCED_CALLS: &str = "kiln_worker_fenced_calls_total";
+    pub const WORKER_TOKENS_PER_PASS: &str = "kiln_worker_accepted_tokens_per_pass";
+    pub const WORKER_PASSES_PER_IMAGE: &str = "kiln_worker_forward_passes_per_image";
     pub const WORKER_BATCH_SLOTS_USED: &str = "kiln_worker_batch_slots_used";
     pub const WORKER_BATCH_SLOTS_CAPACITY: &str = "kiln_worker_batch_slots_capacity";
     pub const MEMBERSHIP_ETCD_ERRORS: &str = "kiln_membership_etcd_errors_total";
@@ -80,6 +82,8 @@ pub mod names {
         WORKER_KV_BLOCKS_CAPACITY,
         WORKER_TOKENS,
         WORKER_FENCED_CALLS,
+        WORKER_TOKENS_PER_PASS,
+        WORKER_PASSES_PER_IMAGE,
         WORKER_BATCH_SLOTS_USED,
         WORKER_BATCH_SLOTS_CAPACITY,
         MEMBERSHIP_ETCD_ERRORS,
@@ -161,6 +165,9 @@ pub mod env_names {
     pub const WORKER_MAX_BATCH: &str = "KILN_WORKER_MAX_BATCH";
     pub const WORKER_BACKEND: &str = "KILN_WORKER_BACKEND";
     pub const WORKER_STEP_COST: &str = "KILN_WORKER_STEP_COST";
+    pub const WORKER_SPECULATION: &str = "KILN_WORKER_SPECULATION";
+    pub const WORKER_SPECULATION_ROWS: &str = "KILN_WORKER_SPECULATION_ROWS";
+    pub const WORKER_TOKENS_PER_PASS: &str = "KILN_WORKER_TOKENS_PER_PASS";
 }
 
 /// Buckets for one model step: 1 ms to 10 s.
@@ -458,6 +465,31 @@ pub static WORKER_TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(names::WORKER_TOKENS, "Image tokens generated.", &["worker"])
         .expect("metric registered once")
 });
+/// Tokens per pass run from 1 (plain decoding, or no draft right) to the widest window.
+const TOKENS_PER_PASS_BUCKETS: &[f64] = &[1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0, 64.0];
+/// Passes per image: an image of n tokens takes n passes without speculation (64 at 64x64, 1024
+/// at 256x256), and fewer with it.
+const PASSES_PER_IMAGE_BUCKETS: &[f64] = &[
+    4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+pub static WORKER_TOKENS_PER_PASS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::WORKER_TOKENS_PER_PASS,
+        "Image tokens a sequence accepted per forward pass, one observation per sequence per decode call (1 without speculative decoding).",
+        &["worker"],
+        TOKENS_PER_PASS_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
+pub static WORKER_PASSES_PER_IMAGE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        names::WORKER_PASSES_PER_IMAGE,
+        "Forward passes an image took on this worker, prefill included (its tokens without speculative decoding).",
+        &["worker"],
+        PASSES_PER_IMAGE_BUCKETS.to_vec()
+    )
+    .expect("metric registered once")
+});
 
 /// Label values known before the first event. Each process exports its series at 0 from start-up
 /// (Prometheus' guidance for labelled metrics), so that dashboards and `rate()` alerts see series
@@ -552,6 +584,8 @@ pub fn export_worker_series(worker: &str) {
     WORKER_BATCH_SLOTS_USED.with_label_values(&[worker]);
     WORKER_TOKENS.with_label_values(&[worker]);
     WORKER_FENCED_CALLS.with_label_values(&[worker]);
+    WORKER_TOKENS_PER_PASS.with_label_values(&[worker]);
+    WORKER_PASSES_PER_IMAGE.with_label_values(&[worker]);
     for &phase in known::PHASES {
         for &batch in known::BATCH_BUCKETS {
             WORKER_STEP_DURATION.with_label_values(&[worker, phase, batch]);

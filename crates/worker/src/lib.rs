@@ -8,6 +8,7 @@
 
 mod traces;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,8 @@ pub struct WorkerService<E: Engine> {
     /// When memory was last read: reading it (a /proc file, or a driver call) on every step of
     /// the decode loop would be waste, so it is read at most once per [`MEMORY_READ_EVERY`].
     memory_read_at: Mutex<Option<Instant>>,
+    /// Forward passes of each held sequence so far (observed as passes per image when it ends).
+    passes: Mutex<HashMap<u64, u32>>,
 }
 
 const MEMORY_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -119,6 +122,37 @@ impl<E: Engine> WorkerService<E> {
             engine: Arc::new(Mutex::new(engine)),
             traces: SequenceTraces::default(),
             memory_read_at: Mutex::new(None),
+            passes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts each sequence's passes of a call: per decode call its accepted tokens per pass, and
+    /// when it finished, the passes its image took here.
+    fn count_passes(&self, phase: &str, outputs: &[SequenceOutput]) {
+        let per_pass = telemetry::WORKER_TOKENS_PER_PASS.with_label_values(&[&self.name]);
+        let per_image = telemetry::WORKER_PASSES_PER_IMAGE.with_label_values(&[&self.name]);
+        let mut passes = self.passes.lock().unwrap_or_else(|e| e.into_inner());
+        for o in outputs {
+            if phase == "decode" && o.passes > 0 {
+                per_pass.observe(o.tokens.len() as f64 / o.passes as f64);
+            }
+            let so_far = passes.entry(o.id).or_insert(0);
+            *so_far += o.passes;
+            if o.image.is_some() {
+                per_image.observe(*so_far as f64);
+                passes.remove(&o.id);
+            }
+        }
+    }
+
+    /// Forgets the pass counts of released sequences (all of them with `None`).
+    fn forget_passes(&self, ids: Option<&[u64]>) {
+        let mut passes = self.passes.lock().unwrap_or_else(|e| e.into_inner());
+        match ids {
+            Some(ids) => ids.iter().for_each(|id| {
+                passes.remove(id);
+            }),
+            None => passes.clear(),
         }
     }
 
@@ -197,6 +231,7 @@ impl<E: Engine> WorkerService<E> {
             step_duration.observe(seconds / passes as f64);
         }
         let tokens: usize = outputs.iter().map(|o| o.tokens.len()).sum();
+        self.count_passes(phase, &outputs);
         telemetry::WORKER_TOKENS
             .with_label_values(&[&self.name])
             .inc_by(tokens as u64);
@@ -212,6 +247,7 @@ impl<E: Engine> WorkerService<E> {
                 .map(|o| SequenceTokens {
                     id: o.id,
                     tokens: o.tokens,
+                    passes: o.passes,
                     image: o.image.map(wire_image),
                     previews: o
                         .previews
@@ -302,6 +338,16 @@ impl<E: Engine> Worker for WorkerService<E> {
                     s.id
                 )));
             }
+            if sampling
+                .speculation
+                .is_some_and(|w| !(1..=kiln_proto::MAX_SPECULATION).contains(&w))
+            {
+                return Err(Status::invalid_argument(format!(
+                    "sequence {}: sampling.speculation must be 1 to {} tokens per pass, or absent",
+                    s.id,
+                    kiln_proto::MAX_SPECULATION
+                )));
+            }
             if s.partial_images > kiln_proto::MAX_PARTIAL_IMAGES {
                 return Err(Status::invalid_argument(format!(
                     "sequence {}: partial_images must be at most {}, got {}",
@@ -323,6 +369,7 @@ impl<E: Engine> Worker for WorkerService<E> {
                     top_k: sampling.top_k as usize,
                     top_p: sampling.top_p,
                     seed: sampling.seed,
+                    speculation: sampling.speculation.map(|w| w as usize),
                 },
                 generated: s.generated,
                 kv_blocks: s.kv_blocks as usize,
@@ -397,8 +444,10 @@ impl<E: Engine> Worker for WorkerService<E> {
             let held = engine.held_ids();
             engine.release(&held);
             self.traces.close_all();
+            self.forget_passes(None);
         } else {
             engine.release(&ids);
+            self.forget_passes(Some(&ids));
             self.traces.close(ids);
         }
         let free = engine.free_blocks();
@@ -473,6 +522,7 @@ mod tests {
                 top_k: 0,
                 top_p: 1.0,
                 seed: 1,
+                speculation: None,
             }),
             generated: vec![],
             kv_blocks,
@@ -612,6 +662,17 @@ mod tests {
             w.prefill(prefill(vec![hot])).await.unwrap_err().code(),
             Code::InvalidArgument
         );
+        for window in [0, kiln_proto::MAX_SPECULATION + 1] {
+            let mut wide = sequence(1, 3);
+            wide.sampling.as_mut().unwrap().speculation = Some(window);
+            let status = w.prefill(prefill(vec![wide])).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert!(
+                status.message().contains("speculation"),
+                "{}",
+                status.message()
+            );
+        }
     }
 
     #[tokio::test]
@@ -653,8 +714,11 @@ mod tests {
         assert!(r
             .sequences
             .iter()
-            .all(|s| s.tokens.len() == 3 && s.image.is_some()));
+            .all(|s| s.tokens.len() == 3 && s.passes == 3 && s.image.is_some()));
         assert_eq!(r.kv_blocks_free, 32, "finished sequences free their blocks");
+        let per_image = telemetry::WORKER_PASSES_PER_IMAGE.with_label_values(&["test-worker"]);
+        assert!(per_image.get_sample_count() >= 2);
+        assert!(w.passes.lock().unwrap().is_empty(), "finished: forgotten");
         w.prefill(Request::new(PrefillRequest {
             sequences: vec![sequence(3, 3)],
         }))

@@ -195,6 +195,7 @@ fn valid_request() -> ValidRequest {
             top_k: 0,
             top_p: 1.0,
             seed: 1,
+            speculation: None,
         },
         image_tokens: 64,
         idempotency_key: None,

@@ -17,7 +17,7 @@ pub async fn run(model_dir: &Path, size: u32, images: usize) -> Result<()> {
         "\n== C2PA signing: {images} images of {size}x{size}, one at a time through a scheduler and a \
          worker process; each signed 50 times =="
     );
-    let workers = WorkerProcesses::start(model_dir, 1, 64)?;
+    let workers = WorkerProcesses::start(model_dir, 1, 64, None)?;
     let handle = kiln_scheduler::spawn(RuntimeConfig {
         workers: workers.addresses.clone(),
         ..Default::default()
@@ -45,6 +45,7 @@ pub async fn run(model_dir: &Path, size: u32, images: usize) -> Result<()> {
                     top_k: 0,
                     top_p: 1.0,
                     seed: i as u64 + 1,
+                    speculation: None,
                 },
                 trace: Default::default(),
                 partial_images: 0,
