@@ -378,6 +378,10 @@ pub struct EvalArgs {
     /// image are the window's own.
     #[arg(long, default_value_t = kiln_model::engine::DEFAULT_SPECULATION_ROWS)]
     pub speculation_rows: usize,
+    /// Timed rounds (one image alone and one batch per window each, the windows in turn);
+    /// medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Draw this caption `--per-count` times (one seed each) instead of the held-out prompts, and
     /// report how often it is drawn exactly.
     #[arg(long)]
@@ -599,11 +603,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         )?);
     }
     // Generation time: one image alone, and a batch, the windows in turn round by round (the
-    // machine's speed drifts), medians of three.
+    // machine's speed drifts), medians of `--rounds`.
     let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();
     engine.set_speculation_rows((args.speculation_rows > 0).then_some(args.speculation_rows));
     let mut times = vec![(Vec::new(), Vec::new()); windows.len()];
-    for _ in 0..3 {
+    for _ in 0..args.rounds.max(1) {
         for (w, &window) in windows.iter().enumerate() {
             engine.set_speculation(Some(window));
             let (alone, batch) = &mut times[w];
