@@ -176,12 +176,18 @@ async fn the_http_front_door_continues_the_callers_trace() {
         .to_ascii_lowercase()
         .contains("x-request-id: http-traced-1"));
 
-    let has_job = |spans: &[ReceivedSpan]| {
+    let in_trace = |spans: &[ReceivedSpan], name: &str| {
         spans
             .iter()
-            .any(|s| s.trace_id == caller_trace && s.name == "job")
+            .any(|s| s.trace_id == caller_trace && s.name == name)
     };
-    let spans = receiver.wait_for(Duration::from_secs(20), has_job).await;
+    // The gateway and the scheduler export from separate processes, each on its own batch
+    // timer: wait for both spans rather than for the first to arrive.
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |spans| {
+            in_trace(spans, "job") && in_trace(spans, "generate")
+        })
+        .await;
     let generate = spans
         .iter()
         .find(|s| s.trace_id == caller_trace && s.name == "generate")
@@ -195,7 +201,10 @@ async fn the_http_front_door_continues_the_callers_trace() {
         generate.attributes.get("request_id").map(String::as_str),
         Some("http-traced-1")
     );
-    assert!(has_job(&spans), "the scheduler's span joined the trace");
+    assert!(
+        in_trace(&spans, "job"),
+        "the scheduler's span joined the trace"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
