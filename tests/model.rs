@@ -98,7 +98,7 @@ fn the_main_job_draws_the_readme_prompt() {
     );
     let image = kiln_scenes::from_png(&std::fs::read(&png).unwrap()).unwrap();
     let spec = kiln_scenes::parse_caption(prompt).unwrap();
-    let result = kiln_scenes::check(&image, &spec);
+    let result = kiln_scenes::check(&image, &spec, kiln_scenes::SceneSet::Classic);
     assert!(
         result.correct,
         "the image shows {:?} for {prompt:?}",

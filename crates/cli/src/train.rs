@@ -12,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_model::{
     CandleEngine, Engine, EngineInfo, ModelConfig, NewSequence, SamplingParams, Transformer,
 };
-use kiln_scenes::{held_out, CheckResult, ObjectCountMix, Scene, SceneSampler, SceneSpec};
+use kiln_scenes::{
+    held_out, CheckResult, ObjectCountMix, Scene, SceneSampler, SceneSet, SceneSpec,
+};
 use kiln_train::{data, PatchCodebook, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -207,6 +209,7 @@ fn batch_for(args: &TrainArgs, book: &PatchCodebook, step: usize) -> Vec<kiln_tr
     let seed = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64;
     let mut dropout = ChaCha8Rng::seed_from_u64(seed ^ 0xd1b5_4a32_d192_ed03);
     SceneSampler::with_mix(seed, object_mix(args).expect("checked when the run starts"))
+        .expect("a classic mix")
         .take(args.batch)
         .map(|scene| {
             let mut example = data::example(&scene, book, args.drawn().0, args.size);
@@ -223,7 +226,7 @@ fn object_mix(args: &TrainArgs) -> Result<ObjectCountMix> {
     let weights: [u32; 4] = args.object_mix[..]
         .try_into()
         .context("--object-mix takes four weights")?;
-    ObjectCountMix::new(weights).context("--object-mix")
+    ObjectCountMix::new(&weights).context("--object-mix")
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw the bar on (a
@@ -469,7 +472,8 @@ fn draw_and_check(
         let pngs = generate(engine, info, &prompts, drawing.sampling, drawing.next_id)?;
         for ((prompt, spec), png) in chunk.iter().zip(&pngs) {
             drawing.next_id += 1;
-            let result = kiln_scenes::check(&kiln_scenes::from_png(png)?, spec);
+            let image = kiln_scenes::from_png(png)?;
+            let result = kiln_scenes::check(&image, spec, SceneSet::of(spec));
             if let Some(dir) = &drawing.save {
                 // Numbered, as prompts repeat (a single object has few held-out captions).
                 let verdict = if result.correct { "ok" } else { "wrong" };

@@ -13,16 +13,22 @@
 //!    (intersection over union), also trying boxes a pixel smaller or larger on some sides, so
 //!    that stray edge pixels and tips between pixel centres do not skew the fit; under
 //!    [`MIN_SHAPE_FIT`] it has no shape;
-//! 5. its place is the grid cell holding its centroid.
+//! 5. its place is the grid cell holding its centroid;
+//! 6. in the full scene set, near-black pixels are the ink of a word: they form no objects, and
+//!    [`crate::font::read_text`] reads them (before step 2, which would erase thin strokes).
 //!
 //! An image is correct when the detected objects and the prompt's objects pair up one to one with
-//! equal colour and shape, each detected cell inside the prompted place, and nothing is left over.
+//! equal colour and shape, each detected centroid inside the prompted place, nothing is left
+//! over, and the word reads exactly as prompted (or, without one, no ink is drawn).
+//!
+//! The checker knows the colours and shapes of one [`SceneSet`]: a classic image is scored as
+//! kiln-shapes 0.x always was (a pink blob is unknown colour, not an extra object).
 
 use serde::Serialize;
 
 use crate::render::Frame;
-use crate::scene::{Colour, ObjectSpec, Place, SceneSpec, Shape, BACKGROUND};
-use crate::RgbImage;
+use crate::scene::{Colour, ObjectSpec, Place, SceneSpec, Shape, BACKGROUND, INK};
+use crate::{RgbImage, SceneSet};
 
 /// A pixel further than this (Euclidean RGB) from every palette colour and the background is
 /// unknown. An even blend of any colour with the background lies at least 120 from every colour,
@@ -33,13 +39,21 @@ pub const MAX_COLOUR_DISTANCE: u32 = 80;
 /// overlaps some template by 0.5 or so; a drawn shape, even ragged, by more than 0.8.
 pub const MIN_SHAPE_FIT: f32 = 0.6;
 
-/// Components smaller than this fraction of the image are specks. The smallest object drawn (a
-/// star in 55% of a grid cell) covers about 2.9% of the image; this is a quarter of that.
+/// Components smaller than this fraction of the image are specks. The smallest object drawn in a
+/// 2x2 grid (a star in 55% of a cell) covers about 2.9% of the image; this is a quarter of that.
+/// A 3x3 or 4x4 grid's cells are smaller, and so is its threshold, in proportion to the cell.
 const MIN_AREA_FRACTION: f32 = 0.007;
 
-/// Pixel labels: `0..6` index `Colour::ALL`; then these two.
-const BACKGROUND_LABEL: u8 = Colour::ALL.len() as u8;
-const UNKNOWN_LABEL: u8 = BACKGROUND_LABEL + 1;
+/// Pixel labels: `0..n` index the set's colours, `n` is the background; then these.
+fn background_label(set: SceneSet) -> u8 {
+    set.colours().len() as u8
+}
+const INK_LABEL: u8 = 64;
+
+/// Ink pixels (in font pixels) that make an image without a prompted word wrong: fewer than the
+/// thinnest glyph ("1" has 10), so a stray letter counts and a dark speck or two does not.
+const MIN_STRAY_INK: usize = 6;
+const UNKNOWN_LABEL: u8 = 65;
 
 /// An object found in an image.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -72,7 +86,20 @@ pub struct CheckResult {
     pub detected: Vec<DetectedObject>,
     /// One per prompted object, in the prompt's order.
     pub objects: Vec<ObjectOutcome>,
-    /// Every prompted object matched and no detected object left over.
+    /// The word, if the prompt has one.
+    pub word: Option<WordOutcome>,
+    /// Ink pixels (full set only) in an image whose prompt has no word, when more than a speck.
+    pub stray_ink: usize,
+    /// Every prompted object matched, no detected object left over, and the word read exactly.
+    pub correct: bool,
+}
+
+/// How a prompted word fared.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WordOutcome {
+    pub expected: String,
+    /// What the ink reads as (`?` for a character no glyph matches), or `None` without ink.
+    pub read: Option<String>,
     pub correct: bool,
 }
 
@@ -92,9 +119,11 @@ impl CheckResult {
     }
 }
 
-/// Scores `image` against the prompt `spec`.
-pub fn check(image: &RgbImage, spec: &SceneSpec) -> CheckResult {
-    let detected = detect(image);
+/// Scores `image` against the prompt `spec`, knowing the colours and shapes of `set`.
+pub fn check(image: &RgbImage, spec: &SceneSpec, set: SceneSet) -> CheckResult {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let raw = classify_pixels(image, set);
+    let detected = detect_labels(&raw, width, height, set, min_area_fraction(spec));
     let matched = match_objects(spec.objects(), &detected);
     let objects: Vec<ObjectOutcome> = spec
         .objects()
@@ -102,34 +131,91 @@ pub fn check(image: &RgbImage, spec: &SceneSpec) -> CheckResult {
         .zip(matched)
         .map(|(&expected, matched)| ObjectOutcome { expected, matched })
         .collect();
-    let correct = objects.iter().all(|o| o.matched.is_some()) && detected.len() == objects.len();
+    let ink = ink_mask(&raw, image.width());
+    let word = spec.word().map(|word| {
+        let read = crate::font::read_text(&ink, 64, 64);
+        WordOutcome {
+            correct: read.as_deref() == Some(word.text.as_str()),
+            expected: word.text.clone(),
+            read,
+        }
+    });
+    let inked = ink.iter().filter(|&&ink| ink).count();
+    let stray_ink = if word.is_none() && inked >= MIN_STRAY_INK {
+        inked
+    } else {
+        0
+    };
+    let correct = objects.iter().all(|o| o.matched.is_some())
+        && detected.len() == objects.len()
+        && word.as_ref().is_none_or(|word| word.correct)
+        && stray_ink == 0;
     CheckResult {
         detected,
         objects,
+        word,
+        stray_ink,
         correct,
     }
 }
 
-/// Finds the objects in an image, knowing nothing of its prompt.
-pub fn detect(image: &RgbImage) -> Vec<DetectedObject> {
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let labels = repair_lone_pixels(&classify_pixels(image), width, height);
-    let min_area = ((width * height) as f32 * MIN_AREA_FRACTION)
-        .round()
-        .max(1.0) as usize;
-    components(&labels, width, height)
-        .into_iter()
-        .filter(|component| component.pixels.len() >= min_area)
-        .map(|component| describe(&component, width, height))
+/// The speck threshold for the prompt's layout: smaller grid cells, smaller objects.
+fn min_area_fraction(spec: &SceneSpec) -> f32 {
+    match spec.objects().first().map(|object| object.place) {
+        Some(Place::Cell { grid, .. }) => MIN_AREA_FRACTION * (2.0 / f32::from(grid)).powi(2),
+        _ => MIN_AREA_FRACTION,
+    }
+}
+
+/// Ink at the font's resolution (64 x 64 font pixels, whatever the image's size): the label at
+/// each font pixel's centre.
+fn ink_mask(labels: &[u8], size: u32) -> Vec<bool> {
+    let size = size as usize;
+    (0..64 * 64)
+        .map(|i| {
+            let (fx, fy) = (i % 64, i / 64);
+            let (x, y) = ((2 * fx + 1) * size / 128, (2 * fy + 1) * size / 128);
+            labels.get(y * size + x) == Some(&INK_LABEL)
+        })
         .collect()
 }
 
-fn classify_pixels(image: &RgbImage) -> Vec<u8> {
-    let references: Vec<[u8; 3]> = Colour::ALL
+/// Finds the objects in a classic image, knowing nothing of its prompt.
+pub fn detect(image: &RgbImage) -> Vec<DetectedObject> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let raw = classify_pixels(image, SceneSet::Classic);
+    detect_labels(&raw, width, height, SceneSet::Classic, MIN_AREA_FRACTION)
+}
+
+fn detect_labels(
+    raw: &[u8],
+    width: usize,
+    height: usize,
+    set: SceneSet,
+    min_area_fraction: f32,
+) -> Vec<DetectedObject> {
+    let labels = repair_lone_pixels(raw, width, height);
+    let min_area = ((width * height) as f32 * min_area_fraction)
+        .round()
+        .max(1.0) as usize;
+    components(&labels, width, height, set)
+        .into_iter()
+        .filter(|component| component.pixels.len() >= min_area)
+        .map(|component| describe(&component, width, height, set))
+        .collect()
+}
+
+fn classify_pixels(image: &RgbImage, set: SceneSet) -> Vec<u8> {
+    // References in label order: the set's colours, the background, then ink for a set with words.
+    let ink = set.has_words().then_some(INK);
+    let references: Vec<[u8; 3]> = set
+        .colours()
         .iter()
         .map(|colour| colour.rgb())
         .chain([BACKGROUND])
+        .chain(ink)
         .collect();
+    let ink_index = set.colours().len() + 1;
     image
         .pixels()
         .chunks_exact(3)
@@ -145,10 +231,12 @@ fn classify_pixels(image: &RgbImage) -> Vec<u8> {
                 .enumerate()
                 .min_by_key(|&(_, d)| d)
                 .expect("the palette is not empty");
-            if nearest <= MAX_COLOUR_DISTANCE.pow(2) {
-                label as u8
-            } else {
+            if nearest > MAX_COLOUR_DISTANCE.pow(2) {
                 UNKNOWN_LABEL
+            } else if label == ink_index {
+                INK_LABEL
+            } else {
+                label as u8
             }
         })
         .collect()
@@ -185,13 +273,14 @@ struct Component {
     pixels: Vec<(usize, usize)>,
 }
 
-/// 8-connected runs of one palette colour; background and unknown pixels belong to none.
-fn components(labels: &[u8], width: usize, height: usize) -> Vec<Component> {
+/// 8-connected runs of one palette colour; background, ink and unknown pixels belong to none.
+fn components(labels: &[u8], width: usize, height: usize, set: SceneSet) -> Vec<Component> {
+    let background = background_label(set);
     let mut seen = vec![false; labels.len()];
     let mut found = Vec::new();
     for start in 0..labels.len() {
         let label = labels[start];
-        if seen[start] || label >= BACKGROUND_LABEL {
+        if seen[start] || label >= background {
             continue;
         }
         seen[start] = true;
@@ -210,14 +299,14 @@ fn components(labels: &[u8], width: usize, height: usize) -> Vec<Component> {
             }
         }
         found.push(Component {
-            colour: Colour::ALL[label as usize],
+            colour: set.colours()[label as usize],
             pixels,
         });
     }
     found
 }
 
-fn describe(component: &Component, width: usize, height: usize) -> DetectedObject {
+fn describe(component: &Component, width: usize, height: usize, set: SceneSet) -> DetectedObject {
     let area = component.pixels.len();
     let (sum_x, sum_y) = component
         .pixels
@@ -229,7 +318,7 @@ fn describe(component: &Component, width: usize, height: usize) -> DetectedObjec
         sum_x / area as f32 / width as f32,
         sum_y / area as f32 / height as f32,
     ];
-    let (shape, shape_fit) = fit_shape(&component.pixels);
+    let (shape, shape_fit) = fit_shape(&component.pixels, set.shapes());
     DetectedObject {
         colour: component.colour,
         shape: (shape_fit >= MIN_SHAPE_FIT).then_some(shape),
@@ -243,7 +332,7 @@ fn describe(component: &Component, width: usize, height: usize) -> DetectedObjec
 /// The shape whose template, drawn into the component's bounding box or a box up to a pixel off
 /// on some sides, overlaps the component best; with that overlap. Trimmed boxes discount stray
 /// pixels stuck to the edges; widened ones a point's tip that fell between pixel centres.
-fn fit_shape(pixels: &[(usize, usize)]) -> (Shape, f32) {
+fn fit_shape(pixels: &[(usize, usize)], shapes: &[Shape]) -> (Shape, f32) {
     let x0 = pixels.iter().map(|p| p.0).min().unwrap_or(0);
     let y0 = pixels.iter().map(|p| p.1).min().unwrap_or(0);
     let x1 = pixels.iter().map(|p| p.0).max().unwrap_or(0);
@@ -288,7 +377,7 @@ fn fit_shape(pixels: &[(usize, usize)]) -> (Shape, f32) {
         if frame.width < 2.0 || frame.height < 2.0 || (trims_every_side && !large) {
             continue;
         }
-        for shape in Shape::ALL {
+        for &shape in shapes {
             let (mut both, mut either) = (0usize, 0usize);
             for y in -1..=height as i32 {
                 for x in -1..=width as i32 {
@@ -312,7 +401,7 @@ fn fit_shape(pixels: &[(usize, usize)]) -> (Shape, f32) {
 /// detected partner.
 fn match_objects(expected: &[ObjectSpec], detected: &[DetectedObject]) -> Vec<Option<usize>> {
     let agrees = |e: &ObjectSpec, d: &DetectedObject| {
-        d.colour == e.colour && d.shape == Some(e.shape) && e.place.admits(d.place)
+        d.colour == e.colour && d.shape == Some(e.shape) && e.place.holds(d.centroid)
     };
     fn augment(
         i: usize,
@@ -368,7 +457,11 @@ mod tests {
     #[test]
     fn a_blank_image_has_no_objects() {
         let blank = RgbImage::filled(64, 64, BACKGROUND);
-        let result = check(&blank, &parse_caption("a red circle").unwrap());
+        let result = check(
+            &blank,
+            &parse_caption("a red circle").unwrap(),
+            SceneSet::Classic,
+        );
         assert!(result.detected.is_empty());
         assert!(!result.correct);
         assert_eq!(result.score(), 0.0);
@@ -396,18 +489,24 @@ mod tests {
     fn blends_are_unknown_not_a_third_colour() {
         // Red half-blended with white is nearest to orange in RGB, but far from everything.
         let image = RgbImage::new(1, 1, vec![237, 142, 142]).unwrap();
-        assert_eq!(classify_pixels(&image), vec![UNKNOWN_LABEL]);
+        assert_eq!(
+            classify_pixels(&image, SceneSet::Classic),
+            vec![UNKNOWN_LABEL]
+        );
     }
 
     #[test]
     fn matching_pairs_same_looking_objects_one_to_one() {
-        let found = |place| DetectedObject {
-            colour: Colour::Red,
-            shape: Some(Shape::Circle),
-            shape_fit: 1.0,
-            place,
-            centroid: [0.0, 0.0],
-            area: 100,
+        let found = |place: Place| {
+            let [x0, y0, x1, y1] = place.region();
+            DetectedObject {
+                colour: Colour::Red,
+                shape: Some(Shape::Circle),
+                shape_fit: 1.0,
+                place,
+                centroid: [(x0 + x1) / 2.0, (y0 + y1) / 2.0],
+                area: 100,
+            }
         };
         let expected = |place| ObjectSpec {
             colour: Colour::Red,

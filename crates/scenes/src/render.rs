@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use crate::scene::{Scene, Shape, BACKGROUND};
+use crate::scene::{PlacedWord, Scene, Shape, BACKGROUND, INK};
 use crate::RgbImage;
 
 /// The side of the images the data set is made of.
@@ -15,7 +15,12 @@ pub const DEFAULT_SIZE: u32 = 64;
 /// arms two pixels wide in the smallest boxes drawn at 32x32.
 const STAR_INNER_RATIO: f32 = 0.45;
 
-/// Draws the scene on a `size` x `size` image (32, 64 and 128 are tested). Panics on size 0.
+/// Half the thickness of a cross's bars, as a fraction of its box: bars a third of the box thick
+/// stay three pixels wide in the smallest boxes of a 4x4 grid at 64 px.
+const CROSS_HALF_BAR: f32 = 1.0 / 6.0;
+
+/// Draws the scene on a `size` x `size` image (32, 64 and 128 are tested; a word is drawn a font
+/// pixel per `size / 64` pixels, so words want a multiple of 64). Panics on size 0.
 pub fn render(scene: &Scene, size: u32) -> RgbImage {
     let mut image = RgbImage::filled(size, size, BACKGROUND);
     let side = size as f32;
@@ -30,7 +35,38 @@ pub fn render(scene: &Scene, size: u32) -> RgbImage {
         let rgb = object.colour.rgb();
         frame.for_each_pixel(object.shape, size, size, |x, y| image.set_pixel(x, y, rgb));
     }
+    if let Some(word) = scene.word() {
+        draw_word(&mut image, word);
+    }
     image
+}
+
+/// Inks every pixel whose centre falls on an ink pixel of the word's glyphs.
+fn draw_word(image: &mut RgbImage, word: &PlacedWord) {
+    let size = image.width();
+    let side = size as f32;
+    let [x0, y0, x1, y1] = word.bounds();
+    let to_pixels = |fraction: f32| ((fraction * side).max(0.0) as u32).min(size);
+    let characters: Vec<char> = word.text.chars().collect();
+    let cell = crate::font::CELL;
+    for y in to_pixels(y0)..=to_pixels(y1).min(size - 1) {
+        for x in to_pixels(x0)..=to_pixels(x1).min(size - 1) {
+            let font_x =
+                (((x as f32 + 0.5) / side - word.origin[0]) / PlacedWord::FONT_PIXEL).floor();
+            let font_y =
+                (((y as f32 + 0.5) / side - word.origin[1]) / PlacedWord::FONT_PIXEL).floor();
+            if font_x < 0.0 || font_y < 0.0 {
+                continue;
+            }
+            let (font_x, font_y) = (font_x as usize, font_y as usize);
+            let Some(&character) = characters.get(font_x / cell) else {
+                continue;
+            };
+            if crate::font::glyph_pixel(character, font_x % cell, font_y) {
+                image.set_pixel(x, y, INK);
+            }
+        }
+    }
 }
 
 /// A shape's box in pixel units: `(x, y)` is its top left corner.
@@ -83,6 +119,8 @@ fn shape_contains(shape: Shape, u: f32, v: f32) -> bool {
         Shape::Circle => (u - 0.5).powi(2) + (v - 0.5).powi(2) <= 0.25,
         Shape::Triangle => (u - 0.5).abs() <= v / 2.0,
         Shape::Star => inside_polygon(&*STAR, u, v),
+        Shape::Diamond => (u - 0.5).abs() + (v - 0.5).abs() <= 0.5,
+        Shape::Cross => (u - 0.5).abs() <= CROSS_HALF_BAR || (v - 0.5).abs() <= CROSS_HALF_BAR,
     }
 }
 
@@ -145,6 +183,10 @@ mod tests {
         let circle = filled_fraction(Shape::Circle);
         let triangle = filled_fraction(Shape::Triangle);
         let star = filled_fraction(Shape::Star);
+        let diamond = filled_fraction(Shape::Diamond);
+        let cross = filled_fraction(Shape::Cross);
+        assert!((diamond - 0.5).abs() < 0.02, "diamond {diamond}");
+        assert!((cross - 5.0 / 9.0).abs() < 0.02, "cross {cross}");
         assert!((square - 1.0).abs() < 0.01, "square {square}");
         assert!(
             (circle - std::f32::consts::FRAC_PI_4).abs() < 0.02,

@@ -10,6 +10,12 @@ use crate::SceneError;
 /// The plain background: one colour, so a small model learns it at once.
 pub const BACKGROUND: [u8; 3] = [255, 255, 255];
 
+/// The colour words are drawn in: near black, at least 110 from every palette colour.
+pub const INK: [u8; 3] = [20, 20, 20];
+
+/// The most characters a word holds: eight cells of the font fill a 64 px image's width.
+pub const MAX_WORD_LEN: usize = 8;
+
 /// Gap kept between an object's box and its region's edge, as a fraction of the image side: two
 /// pixels at 32x32, so neighbouring objects of the same colour never touch.
 pub(crate) const REGION_MARGIN: f32 = 0.03;
@@ -24,10 +30,24 @@ pub enum Shape {
     Triangle,
     /// Five-pointed, one point up.
     Star,
+    /// A square standing on a corner: its corners touch the middles of its box's sides.
+    Diamond,
+    /// A plus sign: two bars a third of the box thick, crossing at the centre.
+    Cross,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star];
+    /// Every shape, in the order of their discriminants (the held-out split hashes those).
+    pub const ALL: [Shape; 6] = [
+        Shape::Circle,
+        Shape::Square,
+        Shape::Triangle,
+        Shape::Star,
+        Shape::Diamond,
+        Shape::Cross,
+    ];
+    /// The four shapes of the classic scene set (kiln-shapes 0.x).
+    pub const CLASSIC: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star];
 
     /// The word a caption uses.
     pub fn name(self) -> &'static str {
@@ -36,6 +56,8 @@ impl Shape {
             Shape::Square => "square",
             Shape::Triangle => "triangle",
             Shape::Star => "star",
+            Shape::Diamond => "diamond",
+            Shape::Cross => "cross",
         }
     }
 
@@ -45,7 +67,8 @@ impl Shape {
 }
 
 /// An object's fill colour. The palette is far apart in RGB (the closest pair, yellow and orange,
-/// is 90 apart) and far from the background, so a pixel's colour is unambiguous to the checker.
+/// is 90 apart) and far from the background and from the ink of words ([`INK`]), so a pixel's
+/// colour is unambiguous to the checker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Colour {
@@ -55,10 +78,26 @@ pub enum Colour {
     Yellow,
     Purple,
     Orange,
+    Cyan,
+    Pink,
+    Brown,
 }
 
 impl Colour {
-    pub const ALL: [Colour; 6] = [
+    /// Every colour, in the order of their discriminants (the held-out split hashes those).
+    pub const ALL: [Colour; 9] = [
+        Colour::Red,
+        Colour::Green,
+        Colour::Blue,
+        Colour::Yellow,
+        Colour::Purple,
+        Colour::Orange,
+        Colour::Cyan,
+        Colour::Pink,
+        Colour::Brown,
+    ];
+    /// The six colours of the classic scene set (kiln-shapes 0.x).
+    pub const CLASSIC: [Colour; 6] = [
         Colour::Red,
         Colour::Green,
         Colour::Blue,
@@ -76,6 +115,9 @@ impl Colour {
             Colour::Yellow => "yellow",
             Colour::Purple => "purple",
             Colour::Orange => "orange",
+            Colour::Cyan => "cyan",
+            Colour::Pink => "pink",
+            Colour::Brown => "brown",
         }
     }
 
@@ -88,6 +130,9 @@ impl Colour {
             Colour::Yellow => [250, 220, 0],
             Colour::Purple => [140, 50, 200],
             Colour::Orange => [255, 130, 0],
+            Colour::Cyan => [0, 190, 210],
+            Colour::Pink => [255, 120, 200],
+            Colour::Brown => [130, 80, 30],
         }
     }
 
@@ -114,6 +159,13 @@ pub enum Place {
     TopRight,
     BottomLeft,
     BottomRight,
+    /// A cell of a `grid` x `grid` grid (3 or 4), for scenes of 5 to 16 objects; row and column
+    /// count from 0 at the top left.
+    Cell {
+        grid: u8,
+        row: u8,
+        column: u8,
+    },
 }
 
 impl Place {
@@ -137,6 +189,42 @@ impl Place {
             Place::TopRight => [0.5, 0.0, 1.0, 0.5],
             Place::BottomLeft => [0.0, 0.5, 0.5, 1.0],
             Place::BottomRight => [0.5, 0.5, 1.0, 1.0],
+            Place::Cell { grid, row, column } => {
+                let side = 1.0 / f32::from(grid);
+                let (x, y) = (f32::from(column) * side, f32::from(row) * side);
+                [x, y, x + side, y + side]
+            }
+        }
+    }
+
+    /// The `grid` x `grid` cells in reading order.
+    pub fn cells(grid: u8) -> impl Iterator<Item = Place> {
+        (0..grid)
+            .flat_map(move |row| (0..grid).map(move |column| Place::Cell { grid, row, column }))
+    }
+
+    /// Whether the point `[x, y]` (fractions of the image side) lies in this place's region.
+    pub fn holds(self, [x, y]: [f32; 2]) -> bool {
+        let [x0, y0, x1, y1] = self.region();
+        (x0..x1).contains(&x) && (y0..y1).contains(&y)
+            || (x1 == 1.0 && x == 1.0 && (y0..=y1).contains(&y))
+            || (y1 == 1.0 && y == 1.0 && (x0..=x1).contains(&x))
+    }
+
+    /// One byte per place for the held-out split: the discriminant for the named places (as the
+    /// classic set always hashed them), and `0x20 + 16 * (grid - 3) + index` for grid cells.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Place::Anywhere => 0,
+            Place::Top => 1,
+            Place::Bottom => 2,
+            Place::Left => 3,
+            Place::Right => 4,
+            Place::TopLeft => 5,
+            Place::TopRight => 6,
+            Place::BottomLeft => 7,
+            Place::BottomRight => 8,
+            Place::Cell { grid, row, column } => 0x20 + 16 * (grid - 3) + row * grid + column,
         }
     }
 
@@ -171,28 +259,89 @@ pub struct ObjectSpec {
     pub place: Place,
 }
 
-/// What a caption states: 1 to 4 objects whose places follow the layout scheme. The objects keep
-/// the caption's order (for two objects, the first is the subject of the relation).
+/// A word drawn in the image, as a caption states it: capital letters and digits of the
+/// [`crate::font`], 1 to [`MAX_WORD_LEN`] of them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct WordSpec {
+    pub text: String,
+    /// `Anywhere` for a word alone (a sign); `Top` or `Bottom` beside one object.
+    pub place: Place,
+}
+
+/// What a caption states: 1 to 16 objects whose places follow the layout scheme, or a word alone
+/// or beside one object. The objects keep the caption's order (for two objects, the first is the
+/// subject of the relation).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct SceneSpec {
     objects: Vec<ObjectSpec>,
+    word: Option<WordSpec>,
 }
 
 impl SceneSpec {
     /// Accepts the places the layout scheme allows: one object `Anywhere`; two objects on opposite
-    /// halves (`Top`/`Bottom` or `Left`/`Right`); three or four objects in distinct grid cells.
+    /// halves (`Top`/`Bottom` or `Left`/`Right`); three or four objects in distinct cells of the
+    /// 2x2 grid; or any number of objects in distinct cells of one 3x3 or 4x4 grid.
     pub fn new(objects: Vec<ObjectSpec>) -> Result<SceneSpec, SceneError> {
+        SceneSpec::with_word(objects, None)
+    }
+
+    /// As [`SceneSpec::new`], with a word: alone (`Anywhere`, no objects), or on the half
+    /// opposite a single object's (`Top`/`Bottom`).
+    pub fn with_word(
+        objects: Vec<ObjectSpec>,
+        word: Option<WordSpec>,
+    ) -> Result<SceneSpec, SceneError> {
         let places: Vec<Place> = objects.iter().map(|object| object.place).collect();
-        validate_places(&places)?;
-        Ok(SceneSpec { objects })
+        validate(&places, word.as_ref())?;
+        Ok(SceneSpec { objects, word })
     }
 
     pub fn objects(&self) -> &[ObjectSpec] {
         &self.objects
     }
+
+    pub fn word(&self) -> Option<&WordSpec> {
+        self.word.as_ref()
+    }
+}
+
+/// Whether `text` can be drawn as a word: 1 to [`MAX_WORD_LEN`] characters of the font.
+pub fn validate_word(text: &str) -> Result<(), SceneError> {
+    let length = text.chars().count();
+    if !(1..=MAX_WORD_LEN).contains(&length) {
+        return Err(SceneError::layout(format!(
+            "a word has 1 to {MAX_WORD_LEN} characters, not {length}"
+        )));
+    }
+    match text.chars().find(|c| !crate::font::CHARSET.contains(*c)) {
+        Some(c) => Err(SceneError::layout(format!(
+            "a word holds capital letters A-Z and digits 0-9, not {c:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn validate(places: &[Place], word: Option<&WordSpec>) -> Result<(), SceneError> {
+    let Some(word) = word else {
+        return validate_places(places);
+    };
+    validate_word(&word.text)?;
+    match (places, word.place) {
+        ([], Place::Anywhere) | ([Place::Top], Place::Bottom) | ([Place::Bottom], Place::Top) => {
+            Ok(())
+        }
+        _ => Err(SceneError::layout(format!(
+            "a word stands alone (anywhere) or on the half opposite one object's (top/bottom), \
+             not at {:?} beside objects at {places:?}",
+            word.place
+        ))),
+    }
 }
 
 fn validate_places(places: &[Place]) -> Result<(), SceneError> {
+    if let Some(&Place::Cell { grid, .. }) = places.first() {
+        return validate_grid(places, grid);
+    }
     match places {
         [Place::Anywhere] => Ok(()),
         [single] => Err(SceneError::layout(format!(
@@ -220,10 +369,36 @@ fn validate_places(places: &[Place]) -> Result<(), SceneError> {
             Ok(())
         }
         _ => Err(SceneError::layout(format!(
-            "a scene has 1 to 4 objects, not {}",
+            "a scene has 1 to 4 objects, or up to 16 in the cells of a 3x3 or 4x4 grid, not {}",
             places.len()
         ))),
     }
+}
+
+fn validate_grid(places: &[Place], grid: u8) -> Result<(), SceneError> {
+    if !(3..=4).contains(&grid) {
+        return Err(SceneError::layout(format!(
+            "a grid is 3x3 or 4x4, not {grid}x{grid}"
+        )));
+    }
+    for (i, place) in places.iter().enumerate() {
+        match *place {
+            Place::Cell {
+                grid: g,
+                row,
+                column,
+            } if g == grid && row < grid && column < grid => {}
+            other => {
+                return Err(SceneError::layout(format!(
+                    "the objects of a {grid}x{grid} grid take its cells, not {other:?}"
+                )))
+            }
+        }
+        if places[..i].contains(place) {
+            return Err(SceneError::layout(format!("two objects share {place:?}")));
+        }
+    }
+    Ok(())
 }
 
 /// A drawable object: its spec, plus the centre and side of its square box as fractions of the
@@ -255,19 +430,64 @@ impl Object {
     }
 }
 
-/// A scene ready to render: objects whose places follow the layout scheme and whose boxes lie
-/// inside their places' regions, hence never overlap.
+/// A drawable word: its spec, plus the top left corner of its first character's cell as fractions
+/// of the image side. A font pixel is a 64th of the side, so a word is `8 * len` by 8 of them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlacedWord {
+    pub text: String,
+    pub place: Place,
+    pub origin: [f32; 2],
+}
+
+impl PlacedWord {
+    /// The side of a font pixel as a fraction of the image side.
+    pub const FONT_PIXEL: f32 = 1.0 / 64.0;
+
+    pub fn spec(&self) -> WordSpec {
+        WordSpec {
+            text: self.text.clone(),
+            place: self.place,
+        }
+    }
+
+    /// The word's box `[x0, y0, x1, y1]` as fractions of the image side.
+    pub fn bounds(&self) -> [f32; 4] {
+        let cell = crate::font::CELL as f32 * Self::FONT_PIXEL;
+        let [x, y] = self.origin;
+        [x, y, x + cell * self.text.chars().count() as f32, y + cell]
+    }
+}
+
+/// A scene ready to render: objects (and a word) whose places follow the layout scheme and whose
+/// boxes lie inside their places' regions, hence never overlap.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Scene {
     objects: Vec<Object>,
+    word: Option<PlacedWord>,
 }
 
 impl Scene {
     pub fn new(objects: Vec<Object>) -> Result<Scene, SceneError> {
+        Scene::with_word(objects, None)
+    }
+
+    pub fn with_word(objects: Vec<Object>, word: Option<PlacedWord>) -> Result<Scene, SceneError> {
         let places: Vec<Place> = objects.iter().map(|object| object.place).collect();
-        validate_places(&places)?;
+        validate(&places, word.as_ref().map(PlacedWord::spec).as_ref())?;
         // Float slack only: the sampler keeps a margin inside the region.
         const SLACK: f32 = 1e-4;
+        if let Some(word) = &word {
+            let [x0, y0, x1, y1] = word.bounds();
+            let [rx0, ry0, rx1, ry1] = word.place.region();
+            if !(x0 >= rx0 - SLACK && y0 >= ry0 - SLACK && x1 <= rx1 + SLACK && y1 <= ry1 + SLACK) {
+                return Err(SceneError::layout(format!(
+                    "the word {:?} must lie inside its region {:?}, its box is {:?}",
+                    word.text,
+                    word.place,
+                    word.bounds()
+                )));
+            }
+        }
         for object in &objects {
             let [x0, y0, x1, y1] = object.bounds();
             let [rx0, ry0, rx1, ry1] = object.place.region();
@@ -283,17 +503,22 @@ impl Scene {
                 )));
             }
         }
-        Ok(Scene { objects })
+        Ok(Scene { objects, word })
     }
 
     pub fn objects(&self) -> &[Object] {
         &self.objects
     }
 
+    pub fn word(&self) -> Option<&PlacedWord> {
+        self.word.as_ref()
+    }
+
     /// What the scene's caption states.
     pub fn spec(&self) -> SceneSpec {
         SceneSpec {
             objects: self.objects.iter().map(Object::spec).collect(),
+            word: self.word.as_ref().map(PlacedWord::spec),
         }
     }
 

@@ -49,7 +49,8 @@ pub fn reconstruction(codebook: &PatchCodebook, scenes: &[Scene], size: u32) -> 
         let decoded = codebook.decode(&codes, s, s);
         error += crate::kmeans::rmse(image.pixels(), &decoded);
         let decoded = kiln_scenes::RgbImage::new(size, size, decoded).expect("decoded size");
-        if kiln_scenes::check(&decoded, &scene.spec()).correct {
+        let set = kiln_scenes::SceneSet::Classic;
+        if kiln_scenes::check(&decoded, &scene.spec(), set).correct {
             correct += 1;
         }
     }
