@@ -430,6 +430,13 @@ impl Object {
     }
 }
 
+/// Whether box `[x0, y0, x1, y1]` lies inside `region`, with float slack only (the sampler keeps
+/// a margin inside the region).
+fn lies_inside([x0, y0, x1, y1]: [f32; 4], [rx0, ry0, rx1, ry1]: [f32; 4]) -> bool {
+    const SLACK: f32 = 1e-4;
+    x0 >= rx0 - SLACK && y0 >= ry0 - SLACK && x1 <= rx1 + SLACK && y1 <= ry1 + SLACK
+}
+
 /// A drawable word: its spec, plus the top left corner of its first character's cell as fractions
 /// of the image side. A font pixel is a 64th of the side, so a word is `8 * len` by 8 of them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -474,12 +481,8 @@ impl Scene {
     pub fn with_word(objects: Vec<Object>, word: Option<PlacedWord>) -> Result<Scene, SceneError> {
         let places: Vec<Place> = objects.iter().map(|object| object.place).collect();
         validate(&places, word.as_ref().map(PlacedWord::spec).as_ref())?;
-        // Float slack only: the sampler keeps a margin inside the region.
-        const SLACK: f32 = 1e-4;
         if let Some(word) = &word {
-            let [x0, y0, x1, y1] = word.bounds();
-            let [rx0, ry0, rx1, ry1] = word.place.region();
-            if !(x0 >= rx0 - SLACK && y0 >= ry0 - SLACK && x1 <= rx1 + SLACK && y1 <= ry1 + SLACK) {
+            if !lies_inside(word.bounds(), word.place.region()) {
                 return Err(SceneError::layout(format!(
                     "the word {:?} must lie inside its region {:?}, its box is {:?}",
                     word.text,
@@ -489,10 +492,7 @@ impl Scene {
             }
         }
         for object in &objects {
-            let [x0, y0, x1, y1] = object.bounds();
-            let [rx0, ry0, rx1, ry1] = object.place.region();
-            let inside =
-                x0 >= rx0 - SLACK && y0 >= ry0 - SLACK && x1 <= rx1 + SLACK && y1 <= ry1 + SLACK;
+            let inside = lies_inside(object.bounds(), object.place.region());
             if !(object.size > 0.0 && inside) {
                 return Err(SceneError::layout(format!(
                     "the {} {} must lie inside its region {:?}, its box is {:?}",
