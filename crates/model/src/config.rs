@@ -174,11 +174,9 @@ impl ModelConfig {
             ));
         }
         for (i, word) in self.words.iter().enumerate() {
-            let one_piece =
-                crate::tokenizer::prompt_pieces(word).eq(std::iter::once(word.as_str()));
-            if !one_piece || word.to_lowercase() != *word {
+            if !crate::tokenizer::is_listable_word(word) {
                 return bad(format!(
-                    "words[{i}] ({word:?}) is not one lowercase word or sign"
+                    "words[{i}] ({word:?}) is not one lowercase word or sign, or one capital"
                 ));
             }
             if self.words[..i].contains(word) {
