@@ -1,21 +1,22 @@
 //! Training data from `kiln-scenes`: a scene's caption is the prompt, its rendering encoded by the
 //! patch codebook is the target; and the codebook itself is learned from rendered scenes.
 
-use kiln_scenes::{render, Scene, SceneSampler};
+use kiln_scenes::{render, Scene, SceneSet};
 
 use crate::{Example, PatchCodebook};
 
-/// Learns a `k`-code codebook of `patch`-pixel patches from `images` scenes of `size` pixels.
+/// Learns a `k`-code codebook of `patch`-pixel patches from `scenes` drawn at `size` pixels
+/// (k-means seeded by `seed`).
 pub fn learn_codebook(
-    seed: u64,
-    images: usize,
+    scenes: impl IntoIterator<Item = Scene>,
     size: u32,
     patch: usize,
     k: usize,
     iterations: usize,
+    seed: u64,
 ) -> PatchCodebook {
-    let patches: Vec<Vec<u8>> = SceneSampler::new(seed)
-        .take(images)
+    let patches: Vec<Vec<u8>> = scenes
+        .into_iter()
         .flat_map(|scene| {
             let image = render(&scene, size);
             crate::kmeans::patches_of(image.pixels(), size as usize, size as usize, patch)
@@ -38,8 +39,14 @@ pub fn example(scene: &Scene, codebook: &PatchCodebook, drawn: u32, served: u32)
 }
 
 /// Reconstruction of held-out scenes through the codebook: RMSE per channel value, and the share
-/// the checker still judges correct (the ceiling of any model drawing with these codes).
-pub fn reconstruction(codebook: &PatchCodebook, scenes: &[Scene], size: u32) -> (f64, f64) {
+/// the checker (scoring by `set`) still judges correct: the ceiling of any model drawing with
+/// these codes.
+pub fn reconstruction(
+    codebook: &PatchCodebook,
+    scenes: &[Scene],
+    size: u32,
+    set: SceneSet,
+) -> (f64, f64) {
     let mut error = 0.0;
     let mut correct = 0usize;
     for scene in scenes {
@@ -49,7 +56,6 @@ pub fn reconstruction(codebook: &PatchCodebook, scenes: &[Scene], size: u32) -> 
         let decoded = codebook.decode(&codes, s, s);
         error += crate::kmeans::rmse(image.pixels(), &decoded);
         let decoded = kiln_scenes::RgbImage::new(size, size, decoded).expect("decoded size");
-        let set = kiln_scenes::SceneSet::Classic;
         if kiln_scenes::check(&decoded, &scene.spec(), set).correct {
             correct += 1;
         }
