@@ -62,8 +62,8 @@ pub struct Batch {
     tokens: Tensor,
     pos_a: Tensor,
     pos_b: Tensor,
-    /// `[B, 1, T, T]`: 0 where a query may attend a key, a large negative number elsewhere.
-    mask: Tensor,
+    /// Left padding of each sequence: attention skips it (a padding position sees only itself).
+    pads: Vec<usize>,
     targets: Tensor,
     size: usize,
     prefix: usize,
@@ -271,9 +271,9 @@ impl TrainableModel {
             Vec::with_capacity(b * t),
             Vec::with_capacity(b * t),
         );
-        let mut mask = vec![0f32; b * t * t];
+        let mut pads = Vec::with_capacity(b);
         let mut targets = Vec::with_capacity(b * image);
-        for (s, (e, p)) in examples.iter().zip(&prefixes).enumerate() {
+        for (e, p) in examples.iter().zip(&prefixes) {
             let pad = prefix - p.len();
             for _ in 0..pad {
                 tokens.push(BOS);
@@ -295,20 +295,13 @@ impl TrainableModel {
                 pos_b.push((text_rows + grid + i % grid_w) as u32);
             }
             targets.extend_from_slice(&e.codes);
-            // Causal, and padding is seen by no one but itself (a row with no key would be NaN).
-            let m = &mut mask[s * t * t..(s + 1) * t * t];
-            for q in 0..t {
-                for k in 0..t {
-                    let visible = k == q || (k < q && k >= pad);
-                    m[q * t + k] = if visible { 0.0 } else { -1e9 };
-                }
-            }
+            pads.push(pad);
         }
         Ok(Batch {
             tokens: Tensor::from_vec(tokens, b * t, device)?,
             pos_a: Tensor::from_vec(pos_a, b * t, device)?,
             pos_b: Tensor::from_vec(pos_b, b * t, device)?,
-            mask: Tensor::from_vec(mask, (b, 1, t, t), device)?,
+            pads,
             targets: Tensor::from_vec(targets, b * image, device)?,
             size: b,
             prefix,
@@ -319,7 +312,7 @@ impl TrainableModel {
     /// Mean cross-entropy (nats per image token) of the batch's codes.
     pub fn loss(&self, batch: &Batch) -> Result<Tensor, TrainError> {
         let logits = self.logits(batch)?;
-        Ok(cross_entropy(&logits, &batch.targets)?)
+        Ok(crate::ops::cross_entropy(&logits, &batch.targets)?)
     }
 
     /// Logits over codes at every image position: `[B * image, codebook]`.
@@ -352,9 +345,7 @@ impl TrainableModel {
             let q = qkv.get(0)?.contiguous()?;
             let k = qkv.get(1)?.contiguous()?;
             let v = qkv.get(2)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&batch.mask)?;
-            let att = softmax_last(&scores)?
-                .matmul(&v)?
+            let att = crate::ops::causal_attention(&q, &k, &v, &batch.pads, scale)?
                 .transpose(1, 2)?
                 .reshape((b * t, d))?;
             x = (x + att.matmul(w("wo"))?)?;
@@ -375,21 +366,4 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor
         .sqrt()?
         .recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(weight)
-}
-
-fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    // The maximum only keeps exp in range; the result does not depend on it, so no gradient flows.
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Mean negative log-likelihood of `targets` under `logits` `[N, classes]`.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let log_p = shifted.broadcast_sub(&log_z)?;
-    let picked = log_p.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.mean_all()?.neg()
 }

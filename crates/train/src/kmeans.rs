@@ -174,29 +174,41 @@ impl PatchCodebook {
         self.patches.is_empty()
     }
 
-    /// The code of every patch of an image (nearest patch by squared RGB distance).
+    /// The code of every patch of an image (nearest patch by squared RGB distance, the first code
+    /// of the nearest on a tie). Most patches of a scene are codes exactly: those are looked up,
+    /// and only the rest are compared with every code.
     pub fn encode(&self, pixels: &[u8], width: usize, height: usize) -> Vec<u32> {
         let dim = self.patch * self.patch * 3;
+        let mut exact: HashMap<&[u8], u32> = HashMap::with_capacity(self.len());
+        for (c, code) in self.patches.chunks(dim).enumerate() {
+            exact.entry(code).or_insert(c as u32);
+        }
         patches_of(pixels, width, height, self.patch)
             .iter()
-            .map(|p| {
-                let mut best = (u32::MAX, 0u32);
-                for (c, code) in self.patches.chunks(dim).enumerate() {
-                    let d: u32 = p
-                        .iter()
-                        .zip(code)
-                        .map(|(&a, &b)| {
-                            let d = a as i32 - b as i32;
-                            (d * d) as u32
-                        })
-                        .sum();
-                    if d < best.0 {
-                        best = (d, c as u32);
-                    }
-                }
-                best.1
+            .map(|p| match exact.get(p.as_slice()) {
+                Some(&code) => code,
+                None => self.nearest(p),
             })
             .collect()
+    }
+
+    fn nearest(&self, p: &[u8]) -> u32 {
+        let dim = self.patch * self.patch * 3;
+        let mut best = (u32::MAX, 0u32);
+        for (c, code) in self.patches.chunks(dim).enumerate() {
+            let d: u32 = p
+                .iter()
+                .zip(code)
+                .map(|(&a, &b)| {
+                    let d = a as i32 - b as i32;
+                    (d * d) as u32
+                })
+                .sum();
+            if d < best.0 {
+                best = (d, c as u32);
+            }
+        }
+        best.1
     }
 
     /// The image the codes stand for (RGB bytes, `width` x `height`).
@@ -280,6 +292,30 @@ mod tests {
             PatchCodebook::learn(&patches, 2, 3, 5, 1),
             "one seed, one codebook"
         );
+    }
+
+    #[test]
+    fn looking_up_exact_patches_encodes_as_comparing_with_every_code() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        // Four grey levels make exact matches and near misses; a duplicated code keeps the first.
+        let mut patches: Vec<u8> = (0..40 * 12)
+            .map(|_| [0, 80, 160, 255][rng.random_range(0..4)])
+            .collect();
+        patches.extend_from_within(12..24);
+        let book = PatchCodebook { patch: 2, patches };
+        let pixels: Vec<u8> = (0..8 * 8 * 3)
+            .map(|_| [0, 80, 160, 255, 90][rng.random_range(0..5)])
+            .collect();
+        let mut image = pixels.clone();
+        image[..6].copy_from_slice(&book.patches[12..18]);
+        image[8 * 3..8 * 3 + 6].copy_from_slice(&book.patches[18..24]);
+        let codes = book.encode(&image, 8, 8);
+        let compared: Vec<u32> = patches_of(&image, 8, 8, 2)
+            .iter()
+            .map(|p| book.nearest(p))
+            .collect();
+        assert_eq!(codes, compared);
+        assert_eq!(codes[0], 1, "the first of two equal codes");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod data;
 pub mod graph;
 pub mod kmeans;
+pub mod ops;
 
 use std::collections::HashMap;
 use std::path::Path;
