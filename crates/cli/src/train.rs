@@ -13,8 +13,8 @@ use kiln_model::{
     CandleEngine, Engine, EngineInfo, ModelConfig, NewSequence, SamplingParams, Transformer,
 };
 use kiln_scenes::{
-    held_out, held_out_in, held_out_words, CheckResult, ObjectCountMix, Scene, SceneSampler,
-    SceneSet, SceneSpec,
+    held_out_in, held_out_words, CheckResult, ObjectCountMix, Scene, SceneSampler, SceneSet,
+    SceneSpec,
 };
 use kiln_train::{data, PatchCodebook, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
@@ -430,7 +430,7 @@ pub struct EvalArgs {
     /// Model directory (as `kiln train --out` writes it).
     #[arg(long)]
     pub model: PathBuf,
-    /// Held-out prompts per number of objects.
+    /// Held-out prompts per object count (and per word length, for a model of the full set).
     #[arg(long, default_value_t = 50)]
     pub per_count: usize,
     /// Seed of the held-out prompts (and of sampling).
@@ -533,6 +533,18 @@ struct Drawing {
     next_id: u64,
     save: Option<PathBuf>,
     label: String,
+    /// The scene set the model was trained on, which the checker scores by.
+    set: SceneSet,
+}
+
+/// The scene set a model was trained on, told by its vocabulary: a model that spells quoted words
+/// learned the full set.
+fn scene_set_of(cfg: &ModelConfig) -> SceneSet {
+    if cfg.words.iter().any(|w| w == kiln_model::tokenizer::QUOTE) {
+        SceneSet::Full
+    } else {
+        SceneSet::Classic
+    }
 }
 
 /// Draws each caption in batches, checks each image against its spec and returns the verdicts in
@@ -550,7 +562,7 @@ fn draw_and_check(
         for ((prompt, spec), png) in chunk.iter().zip(&pngs) {
             drawing.next_id += 1;
             let image = kiln_scenes::from_png(png)?;
-            let result = kiln_scenes::check(&image, spec, SceneSet::of(spec));
+            let result = kiln_scenes::check(&image, spec, drawing.set);
             if let Some(dir) = &drawing.save {
                 // Numbered, as prompts repeat (a single object has few held-out captions).
                 let verdict = if result.correct { "ok" } else { "wrong" };
@@ -622,6 +634,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         next_id: 1,
         save: args.save.clone(),
         label: "prompt".into(),
+        set: scene_set_of(&cfg),
     };
     println!(
         "{} ({:.2} M parameters), {}px, temperature {}, top-k {}, guidance {}",
@@ -685,7 +698,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     // Generation time: one image alone, and a batch, the windows in turn round by round (the
     // machine's speed drifts), medians of `--rounds`.
-    let prompt = held_out(args.seed + 1, 2, 1)?[0].caption();
+    let prompt = held_out_in(drawing.set, args.seed + 1, 2, 1)?[0].caption();
     engine.set_speculation_rows((args.speculation_rows > 0).then_some(args.speculation_rows));
     let mut times = vec![(Vec::new(), Vec::new()); windows.len()];
     for _ in 0..args.rounds.max(1) {
@@ -751,33 +764,42 @@ fn evaluate_window(
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut figures = serde_json::Map::new();
     println!("speculation: {} token(s) per pass", engine.speculation());
-    println!("objects  prompts  correct  accuracy  objects right  tokenizer ceiling  passes/image");
-    for n in 1..=4 {
-        let scenes = held_out(args.seed, n, args.per_count)?;
+    println!(
+        "scenes          prompts  correct  accuracy  objects right  tokenizer ceiling  passes/image  ms/image"
+    );
+    for (label, scenes) in held_out_groups(drawing.set, args.seed, args.per_count)? {
         let items: Vec<(String, SceneSpec)> =
             scenes.iter().map(|s| (s.caption(), s.spec())).collect();
-        drawing.label = n.to_string();
+        // Figures are keyed by object count (`accuracy_4`) or word length (`accuracy_word_4`).
+        let key = match scenes[0].spec().word() {
+            Some(word) => format!("word_{}", word.text.len()),
+            None => scenes[0].spec().objects().len().to_string(),
+        };
+        drawing.label = key.clone();
         let passes_before = engine.sequence_passes();
+        let started = Instant::now();
         let results = draw_and_check(engine, info, &items, drawing)?;
+        let per_image = started.elapsed().as_secs_f64() / scenes.len() as f64;
         let passes = (engine.sequence_passes() - passes_before) as f64 / scenes.len() as f64;
         let correct = results.iter().filter(|r| r.correct).count();
         let object_score: f64 = results.iter().map(|r| r.score() as f64).sum();
         let accuracy = correct as f64 / scenes.len() as f64;
         // The same scenes drawn, encoded and decoded by the codebook: the best any model can do.
-        let (_, ceiling) =
-            data::reconstruction(book, &scenes, info.default_size, SceneSet::Classic);
+        let (_, ceiling) = data::reconstruction(book, &scenes, info.default_size, drawing.set);
         println!(
-            "{n:>7}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}",
+            "{label:<14}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}  {:>8.1}",
             scenes.len(),
             accuracy * 100.0,
             object_score / scenes.len() as f64 * 100.0,
-            ceiling * 100.0
+            ceiling * 100.0,
+            per_image * 1e3
         );
-        figures.insert(format!("passes_per_image_{n}"), passes.into());
-        figures.insert(format!("tokenizer_ceiling_{n}"), ceiling.into());
-        figures.insert(format!("accuracy_{n}"), accuracy.into());
+        figures.insert(format!("passes_per_image_{key}"), passes.into());
+        figures.insert(format!("tokenizer_ceiling_{key}"), ceiling.into());
+        figures.insert(format!("accuracy_{key}"), accuracy.into());
+        figures.insert(format!("seconds_per_image_{key}"), per_image.into());
         figures.insert(
-            format!("objects_right_{n}"),
+            format!("objects_right_{key}"),
             (object_score / scenes.len() as f64).into(),
         );
     }
