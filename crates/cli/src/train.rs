@@ -586,9 +586,11 @@ fn draw_and_check(
     Ok(results)
 }
 
+/// A file name's worth of the prompt: a 16-object caption is longer than a name may be.
 fn slug(prompt: &str) -> String {
     prompt
         .chars()
+        .take(120)
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect()
 }
@@ -784,8 +786,15 @@ fn evaluate_window(
         let correct = results.iter().filter(|r| r.correct).count();
         let object_score: f64 = results.iter().map(|r| r.score() as f64).sum();
         let accuracy = correct as f64 / scenes.len() as f64;
-        // The same scenes drawn, encoded and decoded by the codebook: the best any model can do.
-        let (_, ceiling) = data::reconstruction(book, &scenes, info.default_size, drawing.set);
+        // The same scenes drawn at the model's own resolution, encoded and decoded by its codebook:
+        // the best any model can do.
+        let scale = book.pixel_scale();
+        let (_, ceiling) = data::reconstruction(
+            &book.unscaled(scale),
+            &scenes,
+            info.default_size / scale as u32,
+            drawing.set,
+        );
         println!(
             "{label:<14}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}  {:>8.1}",
             scenes.len(),

@@ -166,6 +166,40 @@ impl PatchCodebook {
         PatchCodebook { patch: q, patches }
     }
 
+    /// The largest factor this codebook was [`Self::scaled`] by: every code is made of blocks of
+    /// that many pixels a side (1 for a codebook drawn at its own resolution).
+    pub fn pixel_scale(&self) -> usize {
+        let p = self.patch;
+        let uniform_blocks = |f: usize| {
+            self.patches.chunks(p * p * 3).all(|code| {
+                (0..p * p).all(|i| {
+                    let (y, x) = (i / p, i % p);
+                    let at = ((y / f * f) * p + x / f * f) * 3;
+                    code[i * 3..i * 3 + 3] == code[at..at + 3]
+                })
+            })
+        };
+        (1..=p)
+            .rev()
+            .find(|&f| p.is_multiple_of(f) && uniform_blocks(f))
+            .unwrap_or(1)
+    }
+
+    /// The codebook before [`Self::scaled`] by `factor`: one pixel of each block.
+    pub fn unscaled(&self, factor: usize) -> PatchCodebook {
+        let (q, p) = (self.patch, self.patch / factor);
+        let mut patches = Vec::with_capacity(self.patches.len() / (factor * factor));
+        for code in self.patches.chunks(q * q * 3) {
+            for y in 0..p {
+                for x in 0..p {
+                    let at = (y * factor * q + x * factor) * 3;
+                    patches.extend_from_slice(&code[at..at + 3]);
+                }
+            }
+        }
+        PatchCodebook { patch: p, patches }
+    }
+
     pub fn len(&self) -> usize {
         self.patches.len() / (self.patch * self.patch * 3)
     }
@@ -316,6 +350,21 @@ mod tests {
             .collect();
         assert_eq!(codes, compared);
         assert_eq!(codes[0], 1, "the first of two equal codes");
+    }
+
+    #[test]
+    fn a_scaled_codebook_knows_its_scale_and_unscales_to_the_original() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let book = PatchCodebook {
+            patch: 4,
+            patches: (0..10 * 48).map(|_| rng.random::<u8>()).collect(),
+        };
+        assert_eq!(book.pixel_scale(), 1);
+        for factor in [2, 3] {
+            let scaled = book.scaled(factor);
+            assert_eq!(scaled.pixel_scale(), factor);
+            assert_eq!(scaled.unscaled(factor), book);
+        }
     }
 
     #[test]
