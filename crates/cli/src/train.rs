@@ -373,6 +373,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let first_step = trainer.step_count();
     let mut recent = Vec::new();
+    let (mut since_report, mut steps_since_report) = (Instant::now(), 0usize);
     let last_step = args.until.map_or(args.steps, |until| until.min(args.steps));
     while trainer.step_count() < last_step {
         if args
@@ -387,6 +388,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         }
         let step = trainer.step_count();
         let loss = trainer.train_step(&batch_for(&args, &book, step))?;
+        steps_since_report += 1;
         recent.push(loss);
         if recent.len() > 20 {
             recent.remove(0);
@@ -395,17 +397,20 @@ pub fn train(args: TrainArgs) -> Result<()> {
         bar.set_message(format!("loss {mean:.3}"));
         bar.inc(1);
         if trainer.step_count() % args.checkpoint_every == 0 {
+            // Seconds a step since the last report, the checkpoint and held-out loss excluded.
+            let per_step = since_report.elapsed().as_secs_f64() / steps_since_report as f64;
             trainer.checkpoint(&args.work)?;
             let held = trainer.evaluate(&validation)?;
             say(
                 &bar,
                 format!(
-                    "step {}: train loss {mean:.3}, held-out loss {held:.3}, lr {:.2e}, {:.1} min",
+                    "step {}: train loss {mean:.3}, held-out loss {held:.3}, lr {:.2e}, {per_step:.2} s/step, {:.1} min",
                     trainer.step_count(),
                     trainer.config().learning_rate_at(trainer.step_count()),
                     started.elapsed().as_secs_f64() / 60.0
                 ),
             );
+            (since_report, steps_since_report) = (Instant::now(), 0);
         }
     }
     bar.finish();
@@ -433,9 +438,10 @@ pub struct EvalArgs {
     /// Held-out prompts per object count (and per word length, for a model of the full set).
     #[arg(long, default_value_t = 50)]
     pub per_count: usize,
-    /// Seed of the held-out prompts (and of sampling).
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
+    /// Seeds of the held-out prompts (and of sampling), comma-separated: each seed draws its own
+    /// `--per-count` prompts per group, and a row reports them together and seed by seed.
+    #[arg(long, value_delimiter = ',', default_value = "7")]
+    pub seed: Vec<u64>,
     /// Sampling temperature (0 is greedy). Absent: the model's default, as the gateway applies it.
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -599,6 +605,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if args.batch == 0 || args.per_count == 0 {
         bail!("--batch and --per-count must be positive");
     }
+    let first_seed = *args.seed.first().context("--seed names no seed")?;
+    if args
+        .seed
+        .iter()
+        .enumerate()
+        .any(|(i, s)| args.seed[..i].contains(s))
+    {
+        bail!("--seed {:?} names a seed twice", args.seed);
+    }
     let mut model = Transformer::load(&args.model, &candle_core::Device::Cpu)
         .with_context(|| format!("loading --model {}", args.model.display()))?;
     if let Some(guidance) = args.guidance {
@@ -623,7 +638,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let sampling = SamplingParams {
         temperature,
         top_k,
-        seed: args.seed,
+        seed: first_seed,
         ..Default::default()
     };
     if let Some(dir) = &args.save {
@@ -700,7 +715,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     // Generation time: one image alone, and a batch, the windows in turn round by round (the
     // machine's speed drifts), medians of `--rounds`.
-    let prompt = held_out_in(drawing.set, args.seed + 1, 2, 1)?[0].caption();
+    let prompt = held_out_in(drawing.set, first_seed + 1, 2, 1)?[0].caption();
     engine.set_speculation_rows((args.speculation_rows > 0).then_some(args.speculation_rows));
     let mut times = vec![(Vec::new(), Vec::new()); windows.len()];
     for _ in 0..args.rounds.max(1) {
@@ -769,18 +784,36 @@ fn evaluate_window(
     println!(
         "scenes          prompts  correct  accuracy  objects right  tokenizer ceiling  passes/image  ms/image"
     );
-    for (label, scenes) in held_out_groups(drawing.set, args.seed, args.per_count)? {
-        let items: Vec<(String, SceneSpec)> =
-            scenes.iter().map(|s| (s.caption(), s.spec())).collect();
+    let per_seed = args
+        .seed
+        .iter()
+        .map(|&seed| held_out_groups(drawing.set, seed, args.per_count))
+        .collect::<Result<Vec<_>>>()?;
+    let first_seed = drawing.sampling.seed;
+    for (group, (label, first_scenes)) in per_seed[0].iter().enumerate() {
         // Figures are keyed by object count (`accuracy_4`) or word length (`accuracy_word_4`).
-        let key = match scenes[0].spec().word() {
+        let key = match first_scenes[0].spec().word() {
             Some(word) => format!("word_{}", word.text.len()),
-            None => scenes[0].spec().objects().len().to_string(),
+            None => first_scenes[0].spec().objects().len().to_string(),
         };
         drawing.label = key.clone();
         let passes_before = engine.sequence_passes();
         let started = Instant::now();
-        let results = draw_and_check(engine, info, &items, drawing)?;
+        let (mut results, mut scenes, mut seed_accuracy) = (Vec::new(), Vec::new(), Vec::new());
+        for (&seed, groups) in args.seed.iter().zip(&per_seed) {
+            let seed_scenes = &groups[group].1;
+            let items: Vec<(String, SceneSpec)> = seed_scenes
+                .iter()
+                .map(|s| (s.caption(), s.spec()))
+                .collect();
+            drawing.sampling.seed = seed;
+            let seed_results = draw_and_check(engine, info, &items, drawing)?;
+            let correct = seed_results.iter().filter(|r| r.correct).count();
+            seed_accuracy.push(correct as f64 / seed_scenes.len() as f64);
+            results.extend(seed_results);
+            scenes.extend(seed_scenes.iter().cloned());
+        }
+        drawing.sampling.seed = first_seed;
         let per_image = started.elapsed().as_secs_f64() / scenes.len() as f64;
         let passes = (engine.sequence_passes() - passes_before) as f64 / scenes.len() as f64;
         let correct = results.iter().filter(|r| r.correct).count();
@@ -795,8 +828,17 @@ fn evaluate_window(
             info.default_size / scale as u32,
             drawing.set,
         );
+        let by_seed = if args.seed.len() > 1 {
+            let each: Vec<String> = seed_accuracy
+                .iter()
+                .map(|a| format!("{:.1}", a * 100.0))
+                .collect();
+            format!("  by seed {} %", each.join(" / "))
+        } else {
+            String::new()
+        };
         println!(
-            "{label:<14}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}  {:>8.1}",
+            "{label:<14}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}  {:>8.1}{by_seed}",
             scenes.len(),
             accuracy * 100.0,
             object_score / scenes.len() as f64 * 100.0,
@@ -804,6 +846,7 @@ fn evaluate_window(
             per_image * 1e3
         );
         figures.insert(format!("passes_per_image_{key}"), passes.into());
+        figures.insert(format!("accuracy_by_seed_{key}"), seed_accuracy.into());
         figures.insert(format!("tokenizer_ceiling_{key}"), ceiling.into());
         figures.insert(format!("accuracy_{key}"), accuracy.into());
         figures.insert(format!("seconds_per_image_{key}"), per_image.into());
@@ -946,6 +989,27 @@ mod tests {
             longest > 250 && longest <= cfg.max_prompt_bytes,
             "{longest}"
         );
+    }
+
+    #[test]
+    fn eval_refuses_a_seed_named_twice_before_loading_the_model() {
+        #[derive(Parser)]
+        struct EvalCli {
+            #[command(flatten)]
+            eval: EvalArgs,
+        }
+        let parsed = |seeds: &str| {
+            EvalCli::parse_from(["kiln", "--model", "/nonexistent", "--seed", seeds]).eval
+        };
+        assert_eq!(parsed("7,11").seed, [7, 11]);
+        let error = eval(parsed("7,11,7")).unwrap_err().to_string();
+        assert!(
+            error.contains("--seed") && error.contains("twice"),
+            "{error}"
+        );
+        // Distinct seeds get as far as the model.
+        let error = format!("{:#}", eval(parsed("7,11")).unwrap_err());
+        assert!(error.contains("--model"), "{error}");
     }
 
     #[test]
