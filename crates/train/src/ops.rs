@@ -174,6 +174,20 @@ struct Head<'a> {
     pad: usize,
 }
 
+impl<'a> Head<'a> {
+    /// The head whose `[t, hd]` rows lie at `range` of the flat queries and keys.
+    fn of(q: &'a [f32], k: &'a [f32], range: std::ops::Range<usize>, pad: usize, t: usize) -> Self {
+        let hd = range.len() / t;
+        Head {
+            q: &q[range.clone()],
+            k: &k[range],
+            t,
+            hd,
+            pad,
+        }
+    }
+}
+
 impl CausalAttention {
     /// The keys query `i` of a sequence padded by `pad` sees.
     fn keys(pad: usize, i: usize) -> std::ops::RangeInclusive<usize> {
@@ -261,13 +275,7 @@ impl CustomOp3 for CausalAttention {
             || vec![0f32; t * t],
             |p, (bh, out)| {
                 let range = bh * size..(bh + 1) * size;
-                let head = Head {
-                    q: &q[range.clone()],
-                    k: &k[range.clone()],
-                    t,
-                    hd,
-                    pad: self.pads[bh / h],
-                };
+                let head = Head::of(q, k, range.clone(), self.pads[bh / h], t);
                 self.probabilities(&head, p);
                 let v = &v[range];
                 for rows in query_blocks(t) {
@@ -311,13 +319,7 @@ impl CustomOp3 for CausalAttention {
                 || (vec![0f32; t * t], vec![0f32; t * t]),
                 |(p, ds), (bh, ((dq, dk), dv))| {
                     let range = bh * size..(bh + 1) * size;
-                    let head = Head {
-                        q: &q[range.clone()],
-                        k: &k[range.clone()],
-                        t,
-                        hd,
-                        pad: self.pads[bh / h],
-                    };
+                    let head = Head::of(&q, &k, range.clone(), self.pads[bh / h], t);
                     self.probabilities(&head, p);
                     let (v, o, go) = (&v[range.clone()], &o[range.clone()], &go[range]);
                     for rows in query_blocks(t) {
