@@ -1,5 +1,6 @@
 //! Training Kiln's image model on the CPU: the k-means patch tokenizer ([`kmeans`]), the
-//! transformer as a differentiable graph with the weights a worker serves ([`graph`]), and the
+//! transformer as a differentiable graph with the weights a worker serves ([`graph`]) and its fused
+//! attention and cross-entropy with hand-written gradients ([`ops`]), and the
 //! [`Trainer`]: AdamW with warm-up and cosine decay, gradient clipping, resumable checkpoints, and
 //! the export of a servable model directory. The data comes from `kiln-scenes` ([`data`]).
 
