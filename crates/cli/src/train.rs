@@ -817,7 +817,13 @@ fn evaluate_window(
         let per_image = started.elapsed().as_secs_f64() / scenes.len() as f64;
         let passes = (engine.sequence_passes() - passes_before) as f64 / scenes.len() as f64;
         let correct = results.iter().filter(|r| r.correct).count();
-        let object_score: f64 = results.iter().map(|r| r.score() as f64).sum();
+        // Only prompts with objects count: a sign alone has no object score.
+        let object_scores: Vec<f64> = results
+            .iter()
+            .filter_map(|r| r.score().map(f64::from))
+            .collect();
+        let objects_right = (!object_scores.is_empty())
+            .then(|| object_scores.iter().sum::<f64>() / object_scores.len() as f64);
         let accuracy = correct as f64 / scenes.len() as f64;
         // The same scenes drawn at the model's own resolution, encoded and decoded by its codebook:
         // the best any model can do.
@@ -837,11 +843,14 @@ fn evaluate_window(
         } else {
             String::new()
         };
+        let objects_column = match objects_right {
+            Some(right) => format!("{:.1}%", right * 100.0),
+            None => "-".to_string(),
+        };
         println!(
-            "{label:<14}  {:>7}  {correct:>7}  {:>7.1}%  {:>12.1}%  {:>16.1}%  {passes:>12.1}  {:>8.1}{by_seed}",
+            "{label:<14}  {:>7}  {correct:>7}  {:>7.1}%  {objects_column:>13}  {:>16.1}%  {passes:>12.1}  {:>8.1}{by_seed}",
             scenes.len(),
             accuracy * 100.0,
-            object_score / scenes.len() as f64 * 100.0,
             ceiling * 100.0,
             per_image * 1e3
         );
@@ -850,10 +859,9 @@ fn evaluate_window(
         figures.insert(format!("tokenizer_ceiling_{key}"), ceiling.into());
         figures.insert(format!("accuracy_{key}"), accuracy.into());
         figures.insert(format!("seconds_per_image_{key}"), per_image.into());
-        figures.insert(
-            format!("objects_right_{key}"),
-            (object_score / scenes.len() as f64).into(),
-        );
+        if let Some(right) = objects_right {
+            figures.insert(format!("objects_right_{key}"), right.into());
+        }
     }
     Ok(figures)
 }

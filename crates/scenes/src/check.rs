@@ -104,10 +104,14 @@ pub struct WordOutcome {
 }
 
 impl CheckResult {
-    /// The fraction of prompted objects found with the right colour, shape and place.
-    pub fn score(&self) -> f32 {
+    /// The fraction of prompted objects found with the right colour, shape and place, or `None`
+    /// for a prompt with no objects (a sign alone), which a count of objects says nothing about.
+    pub fn score(&self) -> Option<f32> {
+        if self.objects.is_empty() {
+            return None;
+        }
         let matched = self.objects.iter().filter(|o| o.matched.is_some()).count();
-        matched as f32 / self.objects.len().max(1) as f32
+        Some(matched as f32 / self.objects.len() as f32)
     }
 
     /// Detected objects that match nothing in the prompt.
@@ -464,7 +468,17 @@ mod tests {
         );
         assert!(result.detected.is_empty());
         assert!(!result.correct);
-        assert_eq!(result.score(), 0.0);
+        assert_eq!(result.score(), Some(0.0));
+    }
+
+    #[test]
+    fn a_sign_alone_has_no_object_score() {
+        let blank = RgbImage::filled(64, 64, BACKGROUND);
+        let sign = parse_caption("a sign that says \"KILN\"").unwrap();
+        let result = check(&blank, &sign, SceneSet::Full);
+        assert!(result.objects.is_empty());
+        assert!(!result.correct, "no ink reads as no word");
+        assert_eq!(result.score(), None);
     }
 
     #[test]
